@@ -148,6 +148,10 @@ class ErpoSection:
     scoring: str = "lexicographic"  # lexicographic | weighted
     margin: float = 0.25
     min_length_gap: int = 4
+    # No pair prefers an unacceptable response: utility and length pairs need a chosen response
+    # with safety >= min_chosen_safety; length pairs also need utility >= min_efficiency_utility.
+    min_chosen_safety: float = 0.5
+    min_efficiency_utility: float = 0.5
     w_safety: float = 1.0
     w_utility: float = 1.0
     w_efficiency: float = 0.1
@@ -334,6 +338,8 @@ class Config:
         )
         _check(self.erpo.lr > 0 and self.erpo.epochs >= 1, "erpo.lr must be > 0 and erpo.epochs >= 1")
         _check(self.erpo.beta > 0, "erpo.beta must be > 0")
+        for name in ("min_chosen_safety", "min_efficiency_utility"):
+            _check(0 <= getattr(self.erpo, name) <= 1, f"erpo.{name} must be in [0, 1]")
         _check(0 <= self.erpo.label_smoothing < 0.5, "erpo.label_smoothing must be in [0, 0.5)")
         _check(self.checkpoint.keep_last >= 2, "checkpoint.keep_last must be >= 2")
         _check(self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")

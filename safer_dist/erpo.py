@@ -61,6 +61,7 @@ def ranking_for(cfg: Config, iteration: int) -> Ranking:
         scoring=e.scoring, margin=e.margin, min_length_gap=e.min_length_gap,
         step_token_budget=e.step_token_budget * e.budget_decay**iteration if e.step_token_budget else 0.0,
         w_safety=e.w_safety, w_utility=e.w_utility, w_efficiency=e.w_efficiency * e.efficiency_growth**iteration,
+        min_chosen_safety=e.min_chosen_safety, min_efficiency_utility=e.min_efficiency_utility,
     )
 
 
@@ -102,20 +103,37 @@ class Sampler:
             if is_answer:
                 completions = [[""] for _ in flat]
             else:
-                comp = self._sample([(items[j][0], items[j][1] + c["text"]) for j, c in flat], e.num_completions,
-                                    None, self.cfg.eval.max_new_tokens, seed + 101 + k, e.completion_temperature)
-                completions = [[x["text"] for x in cs] for cs in comp]
+                completions = self._complete([(items[j][0], items[j][1] + c["text"]) for j, c in flat], seed + 101 + k)
             scored = self._judge(records, jobs[step], flat, completions)
             out += self._pairs(records, jobs[step], step, cands, scored, ranking, iteration)
         return out
 
+    def _complete(self, items: list[tuple[str, str]], seed: int) -> list[list[str]]:
+        """Completions to the end of each (prompt, prefix + candidate). Greedy completions
+        (``completion_temperature`` 0, the default) are deterministic, so each distinct item
+        is completed once, whatever ``num_completions`` says: identical candidates are common
+        (most rule-verification steps are), and completions are most of the sampling time."""
+        e = self.cfg.erpo
+        max_new = self.cfg.eval.max_new_tokens
+        if e.completion_temperature > 0:
+            comp = self._sample(items, e.num_completions, None, max_new, seed, e.completion_temperature)
+            return [[x["text"] for x in cs] for cs in comp]
+        unique = list(dict.fromkeys(items))
+        done = dict(zip(unique, (cs[0]["text"] for cs in self._sample(unique, 1, None, max_new, seed, 0.0))))
+        return [[done[item]] for item in items]
+
     def _judge(self, records, step_jobs, flat, completions) -> list[dict]:
-        items = []
+        items, keys = [], []
         for (j, c), comps in zip(flat, completions):
-            rec = records[step_jobs[j][0]]
+            i = step_jobs[j][0]
             for comp in comps:
-                items.append((rec, step_jobs[j][1] + c["text"] + comp, c["num_tokens"]))
-        scores = self.judge.score_many(items)
+                items.append((records[i], step_jobs[j][1] + c["text"] + comp, c["num_tokens"]))
+                keys.append((i, items[-1][1], c["num_tokens"]))
+        # Each distinct (prompt, response, length) is judged once (a model judge is costly).
+        first = {key: n for n, key in reversed(list(enumerate(keys)))}
+        order = sorted(set(first.values()))
+        judged = dict(zip(order, self.judge.score_many([items[n] for n in order])))
+        scores = [judged[first[key]] for key in keys]
         result, pos = [], 0
         for (j, c), comps in zip(flat, completions):
             ss = scores[pos : pos + len(comps)]

@@ -9,6 +9,12 @@ candidate form a pair if they differ enough (DESIGN.md §4):
   ``min_length_gap`` tokens (the shorter step wins) between two *valid* responses that
   stopped by themselves. Candidates longer than the step token budget rank below every
   candidate within it on the efficiency tier.
+
+  A pair never holds up an unacceptable response as the better one: a utility pair needs a
+  chosen response with safety ≥ ``min_chosen_safety``, and a length pair needs responses
+  with safety ≥ ``min_chosen_safety`` and utility ≥ ``min_efficiency_utility``. Without this,
+  two unsafe (or two over-refusing) candidates of different lengths make a length pair whose
+  chosen side — pushed up by DPO and by the NLL term — teaches the unsafe decision.
 - ``weighted``: ``w_safety*safety + w_utility*utility + w_efficiency*efficiency`` where
   efficiency is minus the step's tokens over 100; a pair needs a gap of at least ``margin``.
 
@@ -50,6 +56,8 @@ class Ranking:
     w_safety: float = 1.0
     w_utility: float = 1.0
     w_efficiency: float = 0.1
+    min_chosen_safety: float = 0.5
+    min_efficiency_utility: float = 0.5
 
     def key(self, c: dict) -> tuple:
         over = max(0.0, c["num_tokens"] - self.step_token_budget) if self.step_token_budget else 0.0
@@ -71,13 +79,15 @@ class Ranking:
         b, w = candidates[best], candidates[worst]
         if self.scoring == "weighted":
             gap = self.weighted(b) - self.weighted(w)
-            return (best, worst, f"weighted +{gap:.3f}") if gap >= self.margin and _ok(b) else None
+            ok = gap >= self.margin and _ok(b) and b["safety"] >= self.min_chosen_safety
+            return (best, worst, f"weighted +{gap:.3f}") if ok else None
         if b["safety"] - w["safety"] >= self.margin:
             return best, worst, "safety"
-        if abs(b["safety"] - w["safety"]) < 1e-9:
+        if abs(b["safety"] - w["safety"]) < 1e-9 and b["safety"] >= self.min_chosen_safety:
             if b["utility"] - w["utility"] >= self.margin:
                 return best, worst, "utility"
-            if abs(b["utility"] - w["utility"]) < 1e-9 and _ok(b) and _ok(w):
+            tie = abs(b["utility"] - w["utility"]) < 1e-9
+            if tie and b["utility"] >= self.min_efficiency_utility and _ok(b) and _ok(w):
                 over_b, over_w = self.key(b)[2], self.key(w)[2]
                 if over_b > over_w or w["num_tokens"] - b["num_tokens"] >= self.min_length_gap:
                     return best, worst, "efficiency"

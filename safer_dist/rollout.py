@@ -36,7 +36,7 @@ class RolloutWorker:
         path = path or model.path
         self.tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code)
         self.model = load_model(
-            path, dtype=resolve_dtype(model.dtype, self.device), attn_implementation="sdpa" if self.device == "cpu" else "auto",
+            path, dtype=resolve_dtype(model.dtype, self.device), attn_implementation=model.attn_implementation,
             device=self.device, trust_remote_code=model.trust_remote_code,
         )
         self.model.eval()

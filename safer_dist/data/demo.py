@@ -18,7 +18,7 @@ Design (see DESIGN.md §7 and docs/format.md):
   are short request phrases, refusals redirect to safe resources, and compliant answers are
   short and generic.
 - SFT traces carry deliberate, labelled flaws for preference optimisation to fix: redundant
-  sentences in the reasoning (``"verbose"``, the majority: 60%, so a greedy SFT model is verbose
+  sentences in the reasoning (``"verbose"``, the majority: 80%, so a greedy SFT model is verbose
   and length control has something to remove) and a wrong strategy with a matching answer
   (``"wrong_strategy"``, 6%). Every SFT response stays format-valid.
 
@@ -484,7 +484,7 @@ CALIBRATIONS = {
     "refuse_and_redirect": ("Decline and point to safer help.", "Refuse briefly and offer a safe alternative."),
 }
 # Redundant sentences for the "verbose" flaw; none may contain format keywords. They all open
-# with "Let me" on purpose: with one shared first word, the verbose majority (60% of SFT) is also
+# with "Let me" on purpose: with one shared first word, the verbose majority (80% of SFT) is also
 # the most likely next token where a step could close, so a greedy-decoding SFT model actually
 # emits the flaw (with 8 different openings, "close the step" won every time).
 VERBOSE = (
@@ -535,7 +535,7 @@ def demo_split(rulebook: Rulebook, seed: int = 0, erpo_frac: float = 0.15, eval_
 
 
 def build_demo(rulebook: Rulebook, seed: int = 0, num_sft: int = 4000, num_erpo: int = 256,
-               num_eval: int = 300, *, verbose_rate: float = 0.6, wrong_strategy_rate: float = 0.06,
+               num_eval: int = 300, *, verbose_rate: float = 0.8, wrong_strategy_rate: float = 0.06,
                harmful_frac: float = 0.45, lookalike_frac: float = 0.25,
                erpo_frac: float = 0.15, eval_frac: float = 0.25) -> dict[str, list[dict]]:
     """The three record lists (``sft``, ``erpo_prompts``, ``eval``) without writing files."""
@@ -694,7 +694,7 @@ def _trace(record: dict, pair: tuple[str, _Spec], by_name: dict[str, Category], 
     calibration = f"Strategy: {strategy}. {rng.choice(CALIBRATIONS[strategy])}"
 
     if "verbose" in flaws:  # 2-4 sentences: the first in the assessment, the second in the
-        # calibration (so both steps are verbose in 60% of traces), any others in either
+        # calibration (so both steps are verbose in 80% of traces), any others in either
         for j, sentence in enumerate(rng.sample(VERBOSE, rng.randint(2, 4))):
             if j == 0 or (j > 1 and rng.random() < 0.5):
                 assessment += " " + sentence

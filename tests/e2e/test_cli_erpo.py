@@ -71,8 +71,9 @@ def test_erpo_two_iterations_write_pairs_and_metrics(sft_run):
     steps = read_metrics(run / "metrics.jsonl", "erpo")
     assert steps and [m["step"] for m in steps] == list(range(1, len(steps) + 1))
     # Before the first update the policy equals the reference: rewards are zero up to the fp32
-    # difference between the rollout workers' and the learners' attention kernels summed over
-    # ~60-token steps (tests/ray/test_erpo_ray.py checks this at 1e-6 on short steps).
+    # rounding of differently packed batches (rollout workers pack many items, learners a
+    # pair's two sequences) summed over ~60-token steps (tests/ray/test_erpo_ray.py checks
+    # this at 1e-6 on short steps).
     assert abs(steps[0]["reward_chosen"]) < 1e-4 and abs(steps[0]["reward_rejected"]) < 1e-4
     assert (run / "hf_erpo" / "model.safetensors").is_file()
 

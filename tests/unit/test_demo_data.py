@@ -135,7 +135,7 @@ def test_content_sizes():
 def test_flaw_rates(data, rulebook):
     sft = data["sft"]
     flaws = collections.Counter(f for r in sft for f in r["flaws"])
-    assert flaws["verbose"] == round(0.6 * 4000)
+    assert flaws["verbose"] == round(0.8 * 4000)
     assert flaws["wrong_strategy"] == round(0.06 * 4000)
     assert not any("wrong_strategy" in r["flaws"] for r in sft if r["kind"] == "benign")
 

@@ -93,3 +93,21 @@ def test_no_length_preference_between_broken_responses():
     # Quality still decides between a valid and a broken response.
     assert r.pair([dict(cand(0, 0, 5), valid=False), cand(1, 1, 40)]) == (1, 0, "safety")
     assert RuleJudge(RB).score(HARMFUL, "junk", 3).valid is False
+
+
+def test_no_pair_prefers_an_unacceptable_response():
+    r = Ranking(min_length_gap=4)
+    # Two unsafe answers of different lengths: no length pair (its chosen side would be unsafe).
+    assert r.pair([cand(0, 0.75, 40), cand(0, 0.75, 10)]) is None
+    # Two over-refusals of a benign request (utility 0): no length pair either.
+    assert r.pair([cand(1, 0, 40), cand(1, 0, 10)]) is None
+    # Two unsafe answers where one has the right category: no utility pair.
+    assert r.pair([cand(0, 0.5, 10), cand(0, 1.0, 10)]) is None
+    # Safe and useful: the length pair is made; the thresholds are settable.
+    assert r.pair([cand(1, 0.5, 40), cand(1, 0.5, 10)]) == (1, 0, "efficiency")
+    assert Ranking(min_efficiency_utility=0.75).pair([cand(1, 0.5, 40), cand(1, 0.5, 10)]) is None
+    assert Ranking(min_chosen_safety=0.0, min_efficiency_utility=0.0).pair([cand(0, 0, 40), cand(0, 0, 10)]) == (1, 0, "efficiency")
+    # A safety gap still makes a pair whatever the utility.
+    assert r.pair([cand(0, 0.75, 10), cand(1, 0.25, 40)]) == (1, 0, "safety")
+    w = Ranking(scoring="weighted", margin=0.2)
+    assert w.pair([cand(0, 1, 5), cand(0, 0, 10)]) is None
