@@ -185,20 +185,15 @@ def varlen_attention_forward(
     """
     if dropout:
         raise ValueError(f"{VARLEN_NAME} does not support attention dropout (got {dropout}); set attention_dropout=0")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
+    if _fallback_needed(module, query, key, attention_mask, is_causal) or not _use_varlen_kernel(query):
+        # padding, KV-cache decoding, non-causal, fp32 or CPU: exactly what safer_segments does
+        return segments_attention_forward(module, query, key, value, attention_mask, 0.0, scaling, is_causal, **kwargs)
     batch_size, num_q_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
-    position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or q_len != kv_len or not is_causal:
-        return _sdpa_fallback(module, query, key, value, attention_mask, scaling, position_ids, is_causal)
-    if not _use_varlen_kernel(query):  # fp32 or CPU: no T x T mask either
-        return _sdpa_segments(query, key, value, scaling, kwargs)
-
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
         cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"].to(torch.int32), int(kwargs["max_length_q"])
     else:
-        cu_seqlens, max_seqlen = packed_cu_seqlens(position_ids, batch_size, q_len)
+        cu_seqlens, max_seqlen = packed_cu_seqlens(kwargs.get("position_ids"), batch_size, q_len)
         cu_seqlens = cu_seqlens.to(query.device)
     # [B, H, T, D] -> [B*T, H, D], the kernel's packed layout
     q = query.transpose(1, 2).reshape(batch_size * q_len, num_q_heads, head_dim)
@@ -238,11 +233,17 @@ def segments_attention_forward(
     """
     if dropout:
         raise ValueError(f"{SEGMENTS_NAME} does not support attention dropout (got {dropout}); set attention_dropout=0")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    if attention_mask is not None or query.shape[2] != key.shape[2] or not is_causal:
-        return _sdpa_fallback(module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"), is_causal)
+    if _fallback_needed(module, query, key, attention_mask, is_causal):
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        return _sdpa_fallback(module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"), causal)
     return _sdpa_segments(query, key, value, scaling, kwargs)
+
+
+def _fallback_needed(module, query, key, attention_mask, is_causal) -> bool:
+    """Whether a call is one the packed paths do not take: a padding mask, KV-cache decoding
+    (``q_len != kv_len``) or non-causal attention."""
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    return attention_mask is not None or query.shape[2] != key.shape[2] or not causal
 
 
 def _sdpa_segments(

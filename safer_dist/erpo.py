@@ -130,10 +130,11 @@ class Sampler:
                 items.append((records[i], step_jobs[j][1] + c["text"] + comp, c["num_tokens"]))
                 keys.append((i, items[-1][1], c["num_tokens"]))
         # Each distinct (prompt, response, length) is judged once (a model judge is costly).
-        first = {key: n for n, key in reversed(list(enumerate(keys)))}
-        order = sorted(set(first.values()))
-        judged = dict(zip(order, self.judge.score_many([items[n] for n in order])))
-        scores = [judged[first[key]] for key in keys]
+        first: dict[tuple, int] = {}
+        for n, key in enumerate(keys):
+            first.setdefault(key, n)
+        judged = dict(zip(first, self.judge.score_many([items[n] for n in first.values()])))
+        scores = [judged[key] for key in keys]
         result, pos = [], 0
         for (j, c), comps in zip(flat, completions):
             ss = scores[pos : pos + len(comps)]

@@ -175,17 +175,22 @@ def test_sdpa_packing_needs_use_cache_false(tiny_model_dir, sequences):
     assert not torch.allclose(good, cached, atol=1e-3)  # sequences attended across boundaries
 
 
-def test_varlen_kernel_path_gqa_and_grads(fake_varlen_kernel):
-    """4 query heads over 2 kv heads; gradients match per-sequence SDPA too."""
+def _gqa_model(num_layers: int):
+    """A random Llama with 4 query heads over 2 kv heads, SEQ_LENS random sequences and their pack."""
     register_varlen_attention()
     config = LlamaConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=50, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa",
     )  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     seqs = [torch.randint(0, 50, (n,)).tolist() for n in SEQ_LENS]
-    input_ids, position_ids = _packed(seqs)
+    return (model, seqs, *_packed(seqs))
+
+
+def test_varlen_kernel_path_gqa_and_grads(fake_varlen_kernel):
+    """4 query heads over 2 kv heads; gradients match per-sequence SDPA too."""
+    model, seqs, input_ids, position_ids = _gqa_model(num_layers=1)
 
     alone = torch.cat([model(input_ids=torch.tensor([s])).logits[0] for s in seqs])
     alone.square().sum().backward()
@@ -243,15 +248,7 @@ def test_varlen_rejects_dropout():
 def test_segments_packed_equals_per_sequence_logits_and_grads():
     """Forward and backward of a packed row equal per-sequence SDPA (fp32, within 1e-5), GQA
     (4 query heads over 2 kv heads), and no T x T mask is built: SDPA sees one sequence at a time."""
-    register_varlen_attention()
-    config = LlamaConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    seqs = [torch.randint(0, 50, (n,)).tolist() for n in SEQ_LENS]
-    input_ids, position_ids = _packed(seqs)
+    model, seqs, input_ids, position_ids = _gqa_model(num_layers=2)
 
     alone = torch.cat([model(input_ids=torch.tensor([s])).logits[0] for s in seqs])
     alone.square().sum().backward()
