@@ -167,7 +167,10 @@ class ErpoSection:
     label_smoothing: float = 0.0
     # Reference model: the policy at the start of each iteration, or the fixed SFT model.
     reference: str = "iteration"  # iteration | sft
-    # Optimisation on the pairs of an iteration.
+    # Optimisation on the pairs of an iteration. Each safety pair (the chosen response is safe,
+    # the rejected one is not) appears safety_pair_repeats times per epoch, so that pairs
+    # against over-refusal, which are usually more numerous, do not outweigh them.
+    safety_pair_repeats: int = 1
     epochs: int = 2
     lr: float = 1e-4
     warmup_steps: int = 0
@@ -328,6 +331,7 @@ class Config:
         _check(self.erpo.num_candidates >= 2, "erpo.num_candidates must be >= 2")
         _check(self.erpo.num_completions >= 1, "erpo.num_completions must be >= 1")
         _check(self.erpo.chunk_size >= 1, "erpo.chunk_size must be >= 1")
+        _check(self.erpo.safety_pair_repeats >= 1, "erpo.safety_pair_repeats must be >= 1")
         bad = [x for x in self.erpo.steps.split(",") if x.strip() not in ("assessment", "rules", "calibration", "answer")]
         _check(not bad and bool(self.erpo.steps.strip()), f"erpo.steps: unknown step(s) {bad}; use assessment,rules,calibration,answer")
         per = self.erpo.micro_batch_size * self.learner.num_learners

@@ -270,9 +270,10 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
         rows = _read_jsonl(pairs_path)
         stats = iteration_stats(rows)
         sample_s = time.perf_counter() - t0
-        n_pairs = learners.load_pairs(str(pairs_path), hash_seed(cfg.run.seed, t)) if stats["pairs"] else 0
+        n_pairs = learners.load_pairs(str(pairs_path), hash_seed(cfg.run.seed, t), e.safety_pair_repeats) if stats["pairs"] else 0
         steps = max(1, math.ceil(e.epochs * n_pairs / e.global_batch_size)) if n_pairs else 0
-        log.info("iteration %d: %d prefixes, %d pairs %s -> %d DPO steps", t, stats["prefixes"], n_pairs, stats["pairs_by_reason"], steps)
+        log.info("iteration %d: %d prefixes, %d pairs %s, %d with repeats -> %d DPO steps", t, stats["prefixes"], stats["pairs"],
+                 stats["pairs_by_reason"], n_pairs, steps)
         train_metrics = []
         progress = Progress(steps, initial=state.extra["iter_step"], desc=f"erpo train iter {t}")
         while state.extra["iter_step"] < steps:

@@ -215,8 +215,8 @@ class LearnerGroup:
     def sft_step(self, step: int) -> dict:
         return self._call("sft_step", lambda r: (step,))[0]
 
-    def load_pairs(self, path: str, seed: int) -> int:
-        return self._call("load_pairs", lambda r: (path, seed))[0]
+    def load_pairs(self, path: str, seed: int, safety_repeats: int = 1) -> int:
+        return self._call("load_pairs", lambda r: (path, seed, safety_repeats))[0]
 
     def dpo_step(self, step: int, erpo) -> dict:
         return self._call("dpo_step", lambda r: (step, erpo))[0]

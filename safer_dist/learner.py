@@ -289,14 +289,16 @@ class Learner:
         return self._data
 
     # -- step-level DPO -------------------------------------------------------------------
-    def load_pairs(self, path: str, seed: int) -> int:
-        """Read an iteration's pairs (written by the driver before training); returns their count."""
+    def load_pairs(self, path: str, seed: int, safety_repeats: int = 1) -> int:
+        """Read an iteration's pairs (written by the driver before training); returns how many
+        the learner trains on per epoch (safety pairs count ``safety_repeats`` times)."""
         import json
 
         from safer_dist.pairs import PairData
 
         recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        self._pairs = PairData([r for r in recs if r.get("chosen") is not None], self.tokenizer, seed=seed)
+        self._pairs = PairData([r for r in recs if r.get("chosen") is not None], self.tokenizer, seed=seed,
+                               safety_repeats=safety_repeats)
         return len(self._pairs)
 
     def dpo_step(self, step: int, erpo) -> dict:

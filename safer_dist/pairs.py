@@ -103,12 +103,14 @@ class PairData:
     """Pairs of one ERPO iteration as packed micro-batches, in a step-derived order.
 
     ``pairs`` are pair records (see erpo.py) with ``prompt``, ``prefix``, ``step``,
-    ``chosen_text``, ``rejected_text``, ``ref_chosen``, ``ref_rejected``.
+    ``chosen_text``, ``rejected_text``, ``ref_chosen``, ``ref_rejected``. A pair whose ``why``
+    is ``"safety"`` appears ``safety_repeats`` times per epoch.
     """
 
-    def __init__(self, pairs: list[dict], tokenizer, *, seed: int):
+    def __init__(self, pairs: list[dict], tokenizer, *, seed: int, safety_repeats: int = 1):
         if not pairs:
             raise ValueError("no preference pairs to train on")
+        pairs = [p for p in pairs for _ in range(safety_repeats if p.get("why") == "safety" else 1)]
         self.pairs, self.tokenizer, self.seed = pairs, tokenizer, seed
         self._perm: tuple[int, list[int]] | None = None
 

@@ -46,6 +46,8 @@ def test_inconsistent_values_say_what_to_change(tmp_path):
         load_config(None, ["checkpoint.keep_last=1"])
     with pytest.raises(ConfigError, match="learner.offload_params needs learner.zero_stage=3"):
         load_config(None, ["learner.offload_params=true"])
+    with pytest.raises(ConfigError, match="erpo.safety_pair_repeats must be >= 1"):
+        load_config(None, ["erpo.safety_pair_repeats=0"])
 
 
 def test_overrides_are_typed():

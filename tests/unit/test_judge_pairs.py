@@ -2,7 +2,7 @@ import pytest
 
 from safer_dist.exante import Trace, render
 from safer_dist.judge import RuleJudge, is_refusal, parse_model_verdict
-from safer_dist.pairs import Ranking, pack_pairs
+from safer_dist.pairs import PairData, Ranking, pack_pairs
 from safer_dist.rules import Rulebook
 
 RB = Rulebook.load("configs/rules/default.yaml")
@@ -111,3 +111,13 @@ def test_no_pair_prefers_an_unacceptable_response():
     assert r.pair([cand(0, 0.75, 10), cand(1, 0.25, 40)]) == (1, 0, "safety")
     w = Ranking(scoring="weighted", margin=0.2)
     assert w.pair([cand(0, 1, 5), cand(0, 0, 10)]) is None
+
+
+def test_safety_pairs_repeat_within_each_epoch():
+    pairs = [{"why": why, "id": i} for i, why in enumerate(("safety", "utility", "efficiency", "utility"))]
+    data = PairData(pairs, tokenizer=None, seed=3, safety_repeats=3)
+    assert len(data) == 6
+    for epoch in range(2):
+        ids = [data.pairs[i]["id"] for i in data.global_batch(epoch, 6)]
+        assert sorted(ids) == [0, 0, 0, 1, 2, 3]
+    assert len(PairData(pairs, tokenizer=None, seed=3)) == 4
