@@ -169,7 +169,8 @@ class ErpoSection:
     reference: str = "iteration"  # iteration | sft
     # Optimisation on the pairs of an iteration. Each safety pair (the chosen response is safe,
     # the rejected one is not) appears safety_pair_repeats times per epoch, so that pairs
-    # against over-refusal, which are usually more numerous, do not outweigh them.
+    # against over-refusal, which are usually more numerous, do not outweigh them. Only
+    # lexicographic scoring names safety pairs; weighted pairs are never repeated.
     safety_pair_repeats: int = 1
     epochs: int = 2
     lr: float = 1e-4
