@@ -37,7 +37,7 @@ def parser(description: str, *, repeats: int, steps: int, preset: str = "bench-2
     p.add_argument("--repeats", type=int, default=repeats, help="timed windows per contestant (median reported)")
     p.add_argument("--steps", type=int, default=steps, help="units of work (optimizer steps, batches) per window")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (same for every contestant)")
-    p.add_argument("--preset", default=preset, help="safer_dist.models preset of the random model")
+    p.add_argument("--preset", default=preset, help="safer_dist.train.models preset of the random model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="smallest settings: checks the benchmark runs, measures nothing")
     p.add_argument("--workdir", default=None, help="keep data and model here (default: a temporary directory)")
@@ -70,8 +70,8 @@ def workspace(args: argparse.Namespace, *, num_sft: int) -> Workspace:
     on it and a randomly initialised ``args.preset`` Llama; all local, built in seconds."""
     from safer_dist.data.demo import generate_demo
     from safer_dist.data.records import load_records
-    from safer_dist.models import init_model_from_corpus
-    from safer_dist.rules import Rulebook
+    from safer_dist.train.models import init_model_from_corpus
+    from safer_dist.reasoning.rules import Rulebook
 
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="safer-bench-"))
     root.mkdir(parents=True, exist_ok=True)

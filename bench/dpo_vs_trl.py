@@ -9,7 +9,7 @@ Pairs (step-level, as ERPO makes them): from the seeded demo SFT traces, prefix 
 prompt plus the Ex-Ante steps before step k (k cycles over assessment, rules, calibration),
 chosen = that trace's step k, rejected = step k of another trace (a different length).
 
-- safer: ``safer_dist.learner.Learner`` as a learner rank runs it — a single-process DeepSpeed
+- safer: ``safer_dist.train.learner.Learner`` as a learner rank runs it — a single-process DeepSpeed
   engine (ZeRO ``--zero-stage``, world size 1) — ``Learner.load_pairs`` + ``Learner.dpo_step``:
   prefix+chosen and prefix+rejected as separate sequences of one padding-free pack, attention
   ``safer_segments`` (the CPU default), ``losses.sequence_logprobs`` + ``losses.step_dpo_loss``.
@@ -42,7 +42,7 @@ from sft_vs_trl import TokenClock, trl_window
 
 def make_pairs(records: list[dict], num_pairs: int) -> list[dict]:
     """Step-level pairs sharing a prefix (see the module docstring)."""
-    from safer_dist.exante import REASONING_STEPS, step_texts
+    from safer_dist.reasoning.exante import REASONING_STEPS, step_texts
 
     steps = [step_texts(r["response"]) for r in records]
     pairs = []
@@ -60,9 +60,9 @@ def make_pairs(records: list[dict], num_pairs: int) -> list[dict]:
 
 def reference_logprobs(ws, pairs: list[dict]) -> float:
     """Fill ref_chosen / ref_rejected as rollout workers do; returns the seconds it took."""
-    from safer_dist.models import load_model, load_tokenizer
-    from safer_dist.pairs import step_sequence
-    from safer_dist.sampling import continuation_logprobs
+    from safer_dist.train.models import load_model, load_tokenizer
+    from safer_dist.erpo.pairs import step_sequence
+    from safer_dist.erpo.sampling import continuation_logprobs
 
     tok = load_tokenizer(ws.model_dir)
     model = load_model(ws.model_dir, dtype=torch.float32).eval()
@@ -82,7 +82,7 @@ def reference_logprobs(ws, pairs: list[dict]) -> float:
 
 def safer_learner(args, ws, pairs_path):
     from safer_dist.config import LearnerSection, ModelSection, TrainSection, DataSection
-    from safer_dist.learner import Learner
+    from safer_dist.train.learner import Learner
 
     learner = Learner(
         LearnerSection(num_learners=1, zero_stage=args.zero_stage, cpus_per_learner=args.threads),
@@ -124,7 +124,7 @@ def trl_trainer(args, ws, pairs: list[dict], *, precompute: bool):
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from safer_dist.models import load_tokenizer
+    from safer_dist.train.models import load_tokenizer
 
     tok = load_tokenizer(ws.model_dir)
     rows = []

@@ -1,7 +1,7 @@
 """Candidate-step sampling: safer's prefix-KV reuse vs Hugging Face ``generate(num_return_sequences=N)``.
 
 ERPO samples N candidates of one step for many prefixes (prompt + the steps before it). safer
-(``safer_dist.sampling.sample_candidates``) prefills each prefix once and copies its KV cache
+(``safer_dist.erpo.sampling.sample_candidates``) prefills each prefix once and copies its KV cache
 N times; the peer is what a transformers user writes: ``generate(..., num_return_sequences=N)``
 on the same left-padded prefixes, which encodes every prefix N times. Both sample
 (temperature ``--temperature``, top-p 1), stop a row at EOS or at the step's closing tag
@@ -29,8 +29,8 @@ import torch
 
 def prefixes_for(ws, tok, step: str, num: int) -> tuple[list[list[int]], float]:
     """Token ids of ``num`` prefixes before ``step``, and the mean token length of that step."""
-    from safer_dist.exante import STEPS, step_texts
-    from safer_dist.sft_data import encode_prompt
+    from safer_dist.reasoning.exante import STEPS, step_texts
+    from safer_dist.train.sft_data import encode_prompt
 
     k = STEPS.index(step)
     out, lens = [], []
@@ -80,9 +80,9 @@ def main() -> None:
     h.set_threads(args.threads)
     h.header("candidate sampling: prefix KV reuse vs generate(num_return_sequences=N)", args)
 
-    from safer_dist.exante import STEP_CLOSE
-    from safer_dist.models import load_model, load_tokenizer
-    from safer_dist.sampling import sample_candidates
+    from safer_dist.reasoning.exante import STEP_CLOSE
+    from safer_dist.train.models import load_model, load_tokenizer
+    from safer_dist.erpo.sampling import sample_candidates
 
     ws = h.workspace(args, num_sft=max(64, args.prefixes))
     try:

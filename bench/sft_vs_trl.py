@@ -6,7 +6,7 @@ batch (``--global-batch`` sequences per optimizer step in micro-batches of ``--m
 fp32, AdamW, one process, CPU. The figure is training tokens/s (prompt + response tokens of
 the packed batches; neither side pads).
 
-- safer: ``safer_dist.learner.Learner`` exactly as a learner rank runs it — a single-process
+- safer: ``safer_dist.train.learner.Learner`` exactly as a learner rank runs it — a single-process
   DeepSpeed engine (ZeRO ``--zero-stage``, world size 1, gloo), ``Learner.sft_step``: the
   step's micro-batches tokenized and packed on the fly (``sft_data.pack``), forward, backward,
   optimizer step. Attention: the CPU default (``safer_segments``); a second row forces
@@ -36,7 +36,7 @@ import torch
 
 def safer_learner(args, ws):
     from safer_dist.config import DataSection, LearnerSection, ModelSection, TrainSection
-    from safer_dist.learner import Learner
+    from safer_dist.train.learner import Learner
 
     learner = Learner(
         LearnerSection(num_learners=1, zero_stage=args.zero_stage, cpus_per_learner=args.threads),
@@ -122,7 +122,7 @@ def trl_trainer(args, ws, pack_len: int):
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from safer_dist.models import load_tokenizer
+    from safer_dist.train.models import load_tokenizer
 
     tok = load_tokenizer(ws.model_dir)
     rows = []
@@ -161,8 +161,8 @@ def main() -> None:
     h.header("SFT: safer learner step vs TRL SFTTrainer (packing)", args)
     ws = h.workspace(args, num_sft=args.num_sft)
     try:
-        from safer_dist.models import load_tokenizer
-        from safer_dist.sft_data import encode_example
+        from safer_dist.train.models import load_tokenizer
+        from safer_dist.train.sft_data import encode_example
 
         tok = load_tokenizer(ws.model_dir)
         lens = [len(encode_example(tok, r["prompt"], r["response"], max_seq_len=1 << 20, overlong="drop").input_ids)

@@ -144,7 +144,7 @@ class ErpoSection:
     # Temperature of the completions that judge a candidate's outcome (0: greedy, the
     # policy's most likely continuation, as in evaluation).
     completion_temperature: float = 0.0
-    # Pair selection (see safer_dist/pairs.py).
+    # Pair selection (see safer_dist/erpo/pairs.py).
     scoring: str = "lexicographic"  # lexicographic | weighted
     margin: float = 0.25
     min_length_gap: int = 4
@@ -160,7 +160,7 @@ class ErpoSection:
     step_token_budget: float = 0.0
     budget_decay: float = 0.85
     efficiency_growth: float = 1.5
-    # Loss (safer_dist/losses.py step_dpo_loss).
+    # Loss (safer_dist/train/losses.py step_dpo_loss).
     beta: float = 0.1
     nll_weight: float = 0.0
     length_alpha: float = 0.0
@@ -209,18 +209,18 @@ class EvalSection:
     max_new_tokens: int = 256
     batch_size: int = 64
     temperature: float = 0.0
-    # Comma list of name:path benchmark files (safer_dist/benchmarks.py): harmbench, advbench,
+    # Comma list of name:path benchmark files (safer_dist/evaluation/safety_sets.py): harmbench, advbench,
     # xstest, strongreject, wildjailbreak, prompts (a records file). Empty: data.eval.
     benchmarks: str = ""
     # Comma list of tag:path model directories compared side by side. Empty: model=PATH or <run>/hf.
     models: str = ""
-    # Comma list of jailbreak transformations of the harmful prompts (safer_dist/attacks.py), or all.
+    # Comma list of jailbreak transformations of the harmful prompts (safer_dist/evaluation/attacks.py), or all.
     attacks: str = ""
 
 
 @dataclass
 class SynthSection:
-    """``safer synth``: Ex-Ante traces from a teacher model (safer_dist/synth.py, docs/data.md)."""
+    """``safer synth``: Ex-Ante traces from a teacher model (safer_dist/synth/pipeline.py, docs/data.md)."""
 
     # Prompts (JSONL / Parquet / save_to_disk): prompt, optional id, category, harmful, reference.
     prompts: str = "data/demo/erpo_prompts.jsonl"
@@ -398,8 +398,8 @@ def parse_named_list(key: str, text: str) -> list[tuple[str, str]]:
 
 
 def _check_eval_lists(ev: EvalSection) -> None:
-    from safer_dist.attacks import parse_attacks
-    from safer_dist.benchmarks import BENCHMARKS
+    from safer_dist.evaluation.attacks import parse_attacks
+    from safer_dist.evaluation.safety_sets import BENCHMARKS
 
     for name, _ in parse_named_list("eval.benchmarks", ev.benchmarks):
         _one_of("eval.benchmarks: benchmark name", name, tuple(BENCHMARKS))

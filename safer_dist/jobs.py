@@ -10,16 +10,16 @@ import json
 import time
 from pathlib import Path
 
-from safer_dist import stop
+from safer_dist.runtime import stop
 from safer_dist.config import Config, save_config
-from safer_dist.log import get_logger
+from safer_dist.runtime.log import get_logger
 
 log = get_logger("jobs")
 
 
 def prepare_inputs(cfg: Config) -> None:
     """Create the demo data and the initial model when the config asks for them and they are missing."""
-    from safer_dist.rules import Rulebook
+    from safer_dist.reasoning.rules import Rulebook
 
     train = Path(cfg.data.train)
     if cfg.data.generate_demo and not train.exists():
@@ -31,7 +31,7 @@ def prepare_inputs(cfg: Config) -> None:
     model = Path(cfg.model.path)
     if cfg.model.init_preset and not model.exists():
         from safer_dist.data.records import load_records
-        from safer_dist.models import init_model_from_corpus
+        from safer_dist.train.models import init_model_from_corpus
 
         recs = load_records(cfg.data.train, "sft")
         corpus = [r["prompt"] for r in recs] + [r["response"] for r in recs]
@@ -42,7 +42,7 @@ def prepare_inputs(cfg: Config) -> None:
 def preflight(cfg: Config, *, need_train: bool = True) -> None:
     """Fail fast, before anything is written, on a missing model or bad data."""
     from safer_dist.data.records import load_records
-    from safer_dist.rules import Rulebook
+    from safer_dist.reasoning.rules import Rulebook
 
     model = Path(cfg.model.path)
     if not model.is_dir():
@@ -63,9 +63,9 @@ def open_run_dir(cfg: Config) -> Path:
 
 def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``."""
-    from safer_dist.checkpoint import Checkpointer
-    from safer_dist.group import LearnerGroup, start_ray, stop_ray
-    from safer_dist.sft import train_sft
+    from safer_dist.checkpointing.checkpoint import Checkpointer
+    from safer_dist.cluster.group import LearnerGroup, start_ray, stop_ray
+    from safer_dist.train.sft import train_sft
 
     prepare_inputs(cfg)
     preflight(cfg)
@@ -94,11 +94,11 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
     """Generate on the held-out set (or ``records``) with ``model_path``; write
     ``<run>/eval/<tag>.jsonl``. ``judge.kind=model`` also scores every row with the judge model."""
     from safer_dist.data.records import load_records
-    from safer_dist.evaluate import evaluate
-    from safer_dist.group import start_ray, stop_ray
-    from safer_dist.models import load_tokenizer
-    from safer_dist.rollout import RolloutGroup
-    from safer_dist.rules import Rulebook
+    from safer_dist.evaluation.evaluate import evaluate
+    from safer_dist.cluster.group import start_ray, stop_ray
+    from safer_dist.train.models import load_tokenizer
+    from safer_dist.cluster.rollout import RolloutGroup
+    from safer_dist.reasoning.rules import Rulebook
 
     rulebook = Rulebook.load(cfg.data.rulebook)
     if records is None:
@@ -115,7 +115,7 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
     judge_workers = judge = None
     try:
         if cfg.judge.kind == "model":
-            from safer_dist.judge import ModelJudge
+            from safer_dist.erpo.judge import ModelJudge
 
             judge_workers = RolloutGroup(cfg.model, cfg.rollout, path=cfg.judge.model_path, device=cfg.launch.device)
             judge = ModelJudge(judge_workers, cfg.judge.prompt_template)
@@ -146,11 +146,11 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
 
 def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     """Iterative step-level preference optimisation from the SFT model; returns ``<run>/hf_erpo``."""
-    from safer_dist.erpo import learner_config, train_erpo
-    from safer_dist.group import LearnerGroup, gpus_per_learner, start_ray, stop_ray
-    from safer_dist.judge import ModelJudge, RuleJudge
-    from safer_dist.rollout import RolloutGroup
-    from safer_dist.rules import Rulebook
+    from safer_dist.erpo.controller import learner_config, train_erpo
+    from safer_dist.cluster.group import LearnerGroup, gpus_per_learner, start_ray, stop_ray
+    from safer_dist.erpo.judge import ModelJudge, RuleJudge
+    from safer_dist.cluster.rollout import RolloutGroup
+    from safer_dist.reasoning.rules import Rulebook
 
     run_dir = cfg.run.dir
     init_from = Path(cfg.erpo.init_from or run_dir / "hf")
@@ -197,8 +197,8 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
 
 def run_job(cfg: Config) -> dict:
     """The main job: initial model (if missing) -> SFT -> ERPO -> evaluation of both."""
-    from safer_dist.group import stop_ray
-    from safer_dist.report import write_report
+    from safer_dist.cluster.group import stop_ray
+    from safer_dist.evaluation.report import write_report
 
     t0 = time.perf_counter()
     try:

@@ -9,8 +9,8 @@ def overlong_counts(run: Path, steps: int) -> list[tuple[int, int]]:
     """(truncated, dropped) examples of each step's global batch, from the data itself."""
     from safer_dist.config import load_config
     from safer_dist.data.records import load_records
-    from safer_dist.models import load_tokenizer
-    from safer_dist.sft_data import SFTData
+    from safer_dist.train.models import load_tokenizer
+    from safer_dist.train.sft_data import SFTData
 
     cfg = load_config(run / "config.yaml")
     d = cfg.data

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from safer_dist import exante
+from safer_dist.reasoning import exante
 
 if TYPE_CHECKING:
     import datasets

@@ -20,7 +20,7 @@ def _worker(rank, world_size, port, cfg, fn, queue, device):
             os.environ["DS_ACCELERATOR"] = "cpu"
         else:
             os.environ.pop("DS_ACCELERATOR", None)
-        from safer_dist.learner import Learner
+        from safer_dist.train.learner import Learner
 
         learner = Learner(cfg.learner, cfg.train, cfg.model, cfg.data, seed=cfg.run.seed, device=device)
         learner.setup(rank, world_size, "127.0.0.1", port)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from safer_dist.checkpoint import Checkpointer, TrainerState
+from safer_dist.checkpointing.checkpoint import Checkpointer, TrainerState
 from safer_dist.config import load_config, save_config
 
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from safer_dist.metrics import read_metrics
+from safer_dist.runtime.metrics import read_metrics
 
 
 def _args(root):

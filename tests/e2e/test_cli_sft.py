@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from safer_dist.metrics import read_metrics
+from safer_dist.runtime.metrics import read_metrics
 
 
 def test_safer_sft_subprocess(tmp_path):

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from safer_dist.checkpoint import COMPLETE, TEST_HANG_IN_SAVE
-from safer_dist.metrics import read_metrics
+from safer_dist.checkpointing.checkpoint import COMPLETE, TEST_HANG_IN_SAVE
+from safer_dist.runtime.metrics import read_metrics
 from tests.checks import overlong_counts
 from tests.e2e.jobctl import (
     assert_session_gone, kill_job, listening_ports, reap_all, run_job, session_pids, start_job, wait_for,
@@ -60,7 +60,7 @@ def ckpt_dir(out: Path, name: str, step: int) -> Path:
 
 def assert_same_run(base: Path, resumed: Path, first_step: int) -> None:
     """Per-step metrics from ``first_step`` on and the final fp32 weights are bit-identical."""
-    from safer_dist.export import consolidated_state_dict
+    from safer_dist.checkpointing.export import consolidated_state_dict
 
     a = {m["step"]: m for m in read_metrics(base / "metrics.jsonl", "sft")}
     b = {m["step"]: m for m in read_metrics(resumed / "metrics.jsonl", "sft")}

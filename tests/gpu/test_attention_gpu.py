@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safer_dist import attention
-from safer_dist.attention import resolve_attn_implementation
-from safer_dist.models import init_model, load_model, load_tokenizer
+from safer_dist.train import attention
+from safer_dist.train.attention import resolve_attn_implementation
+from safer_dist.train.models import init_model, load_model, load_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from safer_dist.checkpoint import COMPLETE, Checkpointer, TrainerState
+from safer_dist.checkpointing.checkpoint import COMPLETE, Checkpointer, TrainerState
 from safer_dist.config import ModelSection, RolloutSection, load_config, save_config
-from safer_dist.export import consolidated_state_dict, export_checkpoint
-from safer_dist.group import LearnerFailure, LearnerGroup
-from safer_dist.metrics import read_metrics
-from safer_dist.sft import train_sft
-from safer_dist.universal import DONE, UNIVERSAL_DIR
+from safer_dist.checkpointing.export import consolidated_state_dict, export_checkpoint
+from safer_dist.cluster.group import LearnerFailure, LearnerGroup
+from safer_dist.runtime.metrics import read_metrics
+from safer_dist.train.sft import train_sft
+from safer_dist.checkpointing.universal import DONE, UNIVERSAL_DIR
 from tests.checks import overlong_counts
 
 
@@ -130,7 +130,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def test_rollout_worker_killed_mid_generation_is_restarted_and_retried(ray_local, tiny_model_dir):
-    from safer_dist.rollout import RolloutGroup
+    from safer_dist.cluster.rollout import RolloutGroup
 
     group = RolloutGroup(ModelSection(path=str(tiny_model_dir)), RolloutSection(num_workers=2, max_restarts=2), device="cpu")
     try:

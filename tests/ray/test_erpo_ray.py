@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from safer_dist.config import load_config
-from safer_dist.erpo import connect_weight_sync, sync_weights
-from safer_dist.group import LearnerGroup
-from safer_dist.rollout import RolloutGroup, RolloutWorker
+from safer_dist.erpo.controller import connect_weight_sync, sync_weights
+from safer_dist.cluster.group import LearnerGroup
+from safer_dist.cluster.rollout import RolloutGroup, RolloutWorker
 
 
 def cfg_for(model_dir, data_dir, tmp_path, *extra):
@@ -85,7 +85,7 @@ def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_di
                      "rejected_text": r, "ref_chosen": refs[i][0], "ref_rejected": refs[i + 1][0]})
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from safer_dist.erpo import learner_config
+    from safer_dist.erpo.controller import learner_config
 
     learners = LearnerGroup(learner_config(cfg, tiny_model_dir))
     try:
@@ -99,7 +99,7 @@ def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_di
 
 
 def test_model_judge_runs_on_rollout_workers(ray_local, tiny_model_dir):
-    from safer_dist.judge import ModelJudge
+    from safer_dist.erpo.judge import ModelJudge
 
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "rollout.num_workers=2", "launch.device=cpu"])
     workers = RolloutGroup(cfg.model, cfg.rollout, path=str(tiny_model_dir), device="cpu")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from safer_dist.checkpoint import COMPLETE, Checkpointer
+from safer_dist.checkpointing.checkpoint import COMPLETE, Checkpointer
 from safer_dist.config import load_config
-from safer_dist.group import LearnerGroup
-from safer_dist.metrics import read_metrics
-from safer_dist.sft import train_sft
+from safer_dist.cluster.group import LearnerGroup
+from safer_dist.runtime.metrics import read_metrics
+from safer_dist.train.sft import train_sft
 
 
 def test_learner_actors_train_and_checkpoint(ray_local, tiny_model_dir, demo_data_dir, tmp_path):

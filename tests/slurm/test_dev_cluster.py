@@ -24,8 +24,8 @@ JOB_TIMEOUT_S = 180
 
 
 def _submit(run_dir: Path, driver: str, name: str) -> tuple[int, float]:
-    """sbatch the real template around a Python driver (rendered by safer_dist.slurm)."""
-    from safer_dist.slurm import render_template
+    """sbatch the real template around a Python driver (rendered by safer_dist.cluster.slurm)."""
+    from safer_dist.cluster.slurm import render_template
 
     script = render_template(dict(
         job_name=name,

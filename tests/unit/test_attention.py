@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
-from safer_dist import attention
-from safer_dist.attention import packed_cu_seqlens, register_varlen_attention, resolve_attn_implementation
-from safer_dist.models import load_model, load_tokenizer
+from safer_dist.train import attention
+from safer_dist.train.attention import packed_cu_seqlens, register_varlen_attention, resolve_attn_implementation
+from safer_dist.train.models import load_model, load_tokenizer
 
 SEQ_LENS = (7, 13, 5)
 

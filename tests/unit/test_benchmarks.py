@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from safer_dist.attacks import ATTACKS, expand, parse_attacks
-from safer_dist.benchmarks import BenchmarkError, load_benchmark
-from safer_dist.rules import Rulebook
+from safer_dist.evaluation.attacks import ATTACKS, expand, parse_attacks
+from safer_dist.evaluation.safety_sets import BenchmarkError, load_benchmark
+from safer_dist.reasoning.rules import Rulebook
 
 FIX = Path("tests/fixtures/benchmarks")
 RB = Rulebook.load("configs/rules/default.yaml")
@@ -125,7 +125,7 @@ class _Tok:
 
 
 def test_attack_success_and_over_refusal_scoring():
-    from safer_dist.evaluate import score_generation, summarize
+    from safer_dist.evaluation.evaluate import score_generation, summarize
 
     refuse = ("<ex_ante>\n<assessment>Intent: x. Risk category: C03.</assessment>\n<rules>[R05]; verdict: violated.</rules>\n"
               "<calibration>Strategy: refuse_and_redirect. No.</calibration>\n</ex_ante>\nSorry, I can't help with that.")
@@ -148,8 +148,8 @@ def test_attack_success_and_over_refusal_scoring():
 
 
 def test_report_compares_models_per_benchmark_and_attack(tmp_path):
-    from safer_dist.eval_suite import group_summaries
-    from safer_dist.report import write_report
+    from safer_dist.evaluation.suite import group_summaries
+    from safer_dist.evaluation.report import write_report
 
     def row(bench, attack, harmful, success, over):
         return {"benchmark": bench, "attack": attack, "harmful": harmful, "attack_success": success,
@@ -177,8 +177,8 @@ def test_report_compares_models_per_benchmark_and_attack(tmp_path):
 
 
 def test_model_judge_decides_attack_success(tmp_path):
-    from safer_dist.evaluate import evaluate
-    from safer_dist.judge import ModelJudge
+    from safer_dist.evaluation.evaluate import evaluate
+    from safer_dist.erpo.judge import ModelJudge
 
     class Outputs:  # stands in for a RolloutGroup: fixed generations, in order
         def __init__(self, texts):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from safer_dist import stop
-from safer_dist.checkpoint import (
+from safer_dist.runtime import stop
+from safer_dist.checkpointing.checkpoint import (
     COMPLETE, CheckpointError, Checkpointer, TrainerState, read_manifest, verify_manifest,
 )
 from safer_dist.config import load_config
@@ -252,7 +252,7 @@ class _Payload:
 
 
 def test_deepspeed_style_loads_are_weights_only(tmp_path):
-    from safer_dist.safe_load import weights_only_torch_load
+    from safer_dist.checkpointing.safe_load import weights_only_torch_load
 
     marker = tmp_path / "marker"
     evil = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -270,7 +270,7 @@ def test_deepspeed_style_loads_are_weights_only(tmp_path):
 
 
 def test_export_consolidation_refuses_pickled_code(tmp_path):
-    from safer_dist.export import consolidated_state_dict
+    from safer_dist.checkpointing.export import consolidated_state_dict
 
     marker = tmp_path / "marker"
     step = tmp_path / "step_1"
@@ -283,7 +283,7 @@ def test_export_consolidation_refuses_pickled_code(tmp_path):
 
 
 def test_remote_code_runs_only_when_configured(tmp_path, tiny_model_dir, monkeypatch):
-    from safer_dist.models import load_model, load_tokenizer
+    from safer_dist.train.models import load_model, load_tokenizer
 
     # transformers copies trusted repository code here; keep it out of ~/.cache.
     monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from safer_dist import exante
+from safer_dist.reasoning import exante
 from safer_dist.data import demo
 from safer_dist.data.records import load_records, read_jsonl
-from safer_dist.rules import Rulebook
+from safer_dist.reasoning.rules import Rulebook
 
 DEFAULT = Path(__file__).resolve().parents[2] / "configs" / "rules" / "default.yaml"
 LABELS = ["id", "prompt", "harmful", "category", "strategy", "kind", "related_category"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from safer_dist.config import load_config
-from safer_dist.plan import (
+from safer_dist.cluster.plan import (
     GIB,
     SHAPES,
     ModelShape,
@@ -149,7 +149,7 @@ def _saved_bytes_per_layer(dtype: torch.dtype, tokens: int = 128) -> float:
     """Bytes autograd saves for one more decoder layer (3 layers minus 2), GQA 4/2 heads."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from safer_dist.attention import register_varlen_attention
+    from safer_dist.train.attention import register_varlen_attention
 
     register_varlen_attention()
 

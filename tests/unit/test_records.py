@@ -6,7 +6,7 @@ import datasets
 import pytest
 
 from safer_dist.data.records import DataError, load_records, read_jsonl, write_jsonl
-from safer_dist.exante import Trace, render
+from safer_dist.reasoning.exante import Trace, render
 
 RESPONSE = render(Trace("Intent: cook rice. Risk category: none.", "No rule applies; verdict: not violated.",
                         "Strategy: comply. Help.", "Rinse the rice first."))

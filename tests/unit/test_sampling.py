@@ -2,9 +2,9 @@
 
 import torch
 
-from safer_dist.models import load_model, load_tokenizer
-from safer_dist.sampling import continuation_logprobs, cut_at_stop, sample_candidates
-from safer_dist.sft_data import encode_prompt
+from safer_dist.train.models import load_model, load_tokenizer
+from safer_dist.erpo.sampling import continuation_logprobs, cut_at_stop, sample_candidates
+from safer_dist.train.sft_data import encode_prompt
 
 
 def setup(tiny_model_dir):

@@ -3,9 +3,9 @@ import random
 import pytest
 import torch
 
-from safer_dist.losses import IGNORE_INDEX
-from safer_dist.models import load_model, load_tokenizer
-from safer_dist.sft_data import SFTData, encode_example, encode_prompt, num_label_tokens, pack, split_segments
+from safer_dist.train.losses import IGNORE_INDEX
+from safer_dist.train.models import load_model, load_tokenizer
+from safer_dist.train.sft_data import SFTData, encode_example, encode_prompt, num_label_tokens, pack, split_segments
 
 
 def test_split_segments_concatenates_back_and_is_seeded():

@@ -9,14 +9,14 @@ import re
 
 import pytest
 
-from safer_dist.classify import KeywordClassifier, ModelClassifier
+from safer_dist.synth.classify import KeywordClassifier, ModelClassifier
 from safer_dist.config import ConfigError, load_config
-from safer_dist.rules import Rulebook
-from safer_dist.synth import (
+from safer_dist.reasoning.rules import Rulebook
+from safer_dist.synth.pipeline import (
     TEACHER_FIELDS, AppendLog, assign_labels, check_trace, load_template, normalize_output, render_teacher_prompt,
     synth_job,
 )
-from safer_dist.teachers import Completion, TeacherUnavailable
+from safer_dist.synth.teachers import Completion, TeacherUnavailable
 from tests.stub_openai import StubServer
 
 RB = Rulebook.load("configs/rules/default.yaml")

@@ -1,0 +1,87 @@
+"""metrics.jsonl and progress output for long loops."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from safer_dist.runtime.log import get_logger
+
+log = get_logger("metrics")
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (flushed each line)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        """Drop lines of ``stage`` beyond ``step`` (logged after the checkpoint we resume from)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if rec.get("stage") == stage and rec.get("step", 0) > step:
+                continue
+            keep.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(self.path)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path, stage: str | None = None) -> list[dict]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if stage is None or rec.get("stage") == stage:
+            out.append(rec)
+    return out
+
+
+class Progress:
+    """A tqdm bar with ETA on a terminal; elsewhere a log line every ``every`` updates."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", every: int = 10):
+        self.total, self.n, self.desc, self.every = total, initial, desc, every
+        self.t0, self.n0 = time.monotonic(), initial
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()})
+            return
+        if self.n % self.every == 0 or self.n == self.total:
+            rate = (self.n - self.n0) / max(time.monotonic() - self.t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
+            log.info("%s %d/%d (%.2f/s, ETA %s) %s", self.desc, self.n, self.total, rate, _fmt_s(eta), extra)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_s(s: float) -> str:
+    if s == float("inf"):
+        return "?"
+    m, s = divmod(int(s), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"

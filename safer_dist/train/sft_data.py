@@ -1,0 +1,188 @@
+"""SFT examples: tokenization with an assistant-only loss mask, a deterministic global batch
+order, and padding-free packing.
+
+Data position is a pure function of the optimizer step: step ``s`` covers positions
+``[s*B, (s+1)*B)`` of an endless stream of epochs, each epoch a permutation of the data
+seeded by ``(seed, epoch)``. A resumed run therefore continues on exactly the examples an
+uninterrupted run would have seen, and every rank derives the same global batch without
+talking to the others.
+
+Packed micro-batch (what the learner feeds the model, ``use_cache=False``)::
+
+    input_ids    [1, T]   sequences concatenated, no padding
+    position_ids [1, T]   restart at 0 at each sequence start (marks the boundaries)
+    labels       [1, T]   token id on assistant tokens (reasoning + answer + EOS), else -100
+    seq_ids      [1, T]   index of the sequence each token belongs to
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+
+from safer_dist.train.losses import IGNORE_INDEX
+
+_WORD = re.compile(r"\S{2,}")
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def split_segments(text: str, p: float, rng: random.Random) -> list[str]:
+    """Split some words of ``text`` at a random interior point (probability ``p`` each).
+
+    The pieces concatenate back to ``text``. Encoding the pieces separately makes the
+    tokenizer emit the sub-word tokens it would otherwise merge away, so rare words at
+    evaluation time map to tokens the model has seen (a deterministic BPE-dropout).
+    """
+    if p <= 0:
+        return [text]
+    pieces, last = [], 0
+    for m in _WORD.finditer(text):
+        if rng.random() < p:
+            cut = rng.randint(m.start() + 1, m.end() - 1)
+            pieces.append(text[last:cut])
+            last = cut
+    pieces.append(text[last:])
+    return [x for x in pieces if x]
+
+
+def _prompt_frame(tokenizer) -> tuple[str, str]:
+    """Chat-template text before and after the user's content (with a generation prompt)."""
+    sentinel = "\u0000SAFER\u0000"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": sentinel}], add_generation_prompt=True, tokenize=False
+    )
+    before, after = text.split(sentinel)
+    return before, after
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def encode_prompt(tokenizer, prompt: str, dropout: float = 0.0, rng: random.Random | None = None) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant turn's header."""
+    before, after = _prompt_frame(tokenizer)
+    ids = _encode(tokenizer, before)
+    for piece in split_segments(prompt, dropout, rng or random.Random(0)):
+        ids += _encode(tokenizer, piece)
+    return ids + _encode(tokenizer, after)
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    """Token ids of an assistant response, ending with EOS (the end of turn)."""
+    return _encode(tokenizer, response) + [tokenizer.eos_token_id]
+
+
+def encode_example(
+    tokenizer, prompt: str, response: str, *, max_seq_len: int, overlong: str,
+    dropout: float = 0.0, rng: random.Random | None = None,
+) -> Encoded | None:
+    """Tokenize one chat; loss only on the response. None when dropped for length."""
+    p = encode_prompt(tokenizer, prompt, dropout, rng)
+    r = encode_response(tokenizer, response)
+    ids = p + r
+    labels = [IGNORE_INDEX] * len(p) + r
+    if len(ids) <= max_seq_len:
+        return Encoded(ids, labels)
+    if overlong == "drop" or len(p) >= max_seq_len:
+        return None
+    return Encoded(ids[:max_seq_len], labels[:max_seq_len], truncated=True)
+
+
+def pack(examples: list[Encoded]) -> dict[str, torch.Tensor]:
+    """Concatenate examples into one padding-free row (see the module docstring)."""
+    ids, pos, labels, seq = [], [], [], []
+    for i, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids += ex.input_ids
+        pos += range(n)
+        # The first token of a sequence is never predicted from the previous sequence.
+        labels += [IGNORE_INDEX] + ex.labels[1:]
+        seq += [i] * n
+    as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
+    return {"input_ids": as_row(ids), "position_ids": as_row(pos), "labels": as_row(labels), "seq_ids": as_row(seq)}
+
+
+def num_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Labelled (loss-bearing) next-token targets in a packed batch."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class SFTData:
+    """The tokenized view of an SFT data set that each learner rank builds for itself.
+
+    ``records`` is a sequence of mappings with ``prompt`` and ``response``.
+    """
+
+    def __init__(self, records, tokenizer, *, seed: int, max_seq_len: int, overlong: str, segment_dropout: float):
+        self.prompts = [r["prompt"] for r in records]
+        self.responses = [r["response"] for r in records]
+        if not self.prompts:
+            raise ValueError("SFT data set is empty")
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.max_seq_len = max_seq_len
+        self.overlong = overlong
+        self.segment_dropout = segment_dropout
+        self._perms: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            order = list(range(len(self)))
+            random.Random(f"order-{self.seed}-{epoch}").shuffle(order)
+            self._perms = {epoch: order}  # keep one epoch: the stream only moves forward
+        return self._perms[epoch]
+
+    def global_batch(self, step: int, global_batch_size: int) -> list[tuple[int, int]]:
+        """(epoch, example index) of every example of optimizer step ``step`` (0-based)."""
+        n = len(self)
+        out = []
+        for pos in range(step * global_batch_size, (step + 1) * global_batch_size):
+            epoch = pos // n
+            out.append((epoch, self._perm(epoch)[pos % n]))
+        return out
+
+    def encode(self, epoch: int, index: int) -> Encoded | None:
+        rng = random.Random(f"segments-{self.seed}-{epoch}-{index}")
+        return encode_example(
+            self.tokenizer, self.prompts[index], self.responses[index],
+            max_seq_len=self.max_seq_len, overlong=self.overlong,
+            dropout=self.segment_dropout, rng=rng,
+        )
+
+    def micro_batches(
+        self, step: int, *, global_batch_size: int, rank: int, world_size: int, micro_batch_size: int
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, int]]:
+        """This rank's packed micro-batches for ``step`` and counts (truncated, dropped).
+
+        The global batch is split into contiguous per-rank shards, each into contiguous
+        micro-batches of ``micro_batch_size`` examples (fewer if examples were dropped).
+        """
+        items = self.global_batch(step, global_batch_size)
+        per_rank = global_batch_size // world_size
+        shard = items[rank * per_rank : (rank + 1) * per_rank]
+        counts = {"truncated": 0, "dropped": 0}
+        batches = []
+        for start in range(0, len(shard), micro_batch_size):
+            encoded = []
+            for epoch, index in shard[start : start + micro_batch_size]:
+                ex = self.encode(epoch, index)
+                if ex is None:
+                    counts["dropped"] += 1
+                    continue
+                counts["truncated"] += ex.truncated
+                encoded.append(ex)
+            batches.append(pack(encoded) if encoded else None)
+        return batches, counts
