@@ -81,16 +81,15 @@ def reference_logprobs(ws, pairs: list[dict]) -> float:
 
 
 def safer_learner(args, ws, pairs_path):
-    from safer_dist.config import LearnerSection, ModelSection, TrainSection, DataSection
+    from safer_dist.config import DataSection, DpoLossSection, ErpoOptimSection, LearnerSection, ModelSection
     from safer_dist.train.learner import Learner
 
     learner = Learner(
         LearnerSection(num_learners=1, zero_stage=args.zero_stage, cpus_per_learner=args.threads),
-        TrainSection(max_steps=1 << 20, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
-                     lr=1e-5, warmup_steps=0, min_lr_ratio=1.0),
+        ErpoOptimSection(global_batch_size=args.global_batch, micro_batch_size=args.micro_batch, lr=1e-5, warmup_steps=0),
         ModelSection(path=str(ws.model_dir), attn_implementation="auto"),
         DataSection(train=str(ws.sft_path)),
-        seed=args.seed, device="cpu",
+        seed=args.seed, device="cpu", dpo_loss=DpoLossSection(beta=0.1),
     )
     learner.setup(0, 1, "127.0.0.1", h.free_port())
     learner.load_pairs(str(pairs_path), args.seed)
@@ -98,13 +97,10 @@ def safer_learner(args, ws, pairs_path):
 
 
 def safer_window(args, learner):
-    from safer_dist.config import ErpoSection
-
-    erpo = ErpoSection(beta=0.1)
     state = {"step": 0}
 
     def step() -> int:
-        m = learner.dpo_step(state["step"], erpo)
+        m = learner.dpo_step(state["step"])
         state["step"] += 1
         return m["num_tokens"]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from safer_dist.erpo.ranking import Ranking
+from safer_dist.runtime.io import atomic_write_text
+from safer_dist.runtime.log import get_logger
+
+log = get_logger("config")
 
 
 class ConfigError(ValueError):
@@ -75,19 +82,83 @@ class DataSection:
 
 
 @dataclass
-class TrainSection:
-    max_steps: int = 200
+class OptimSection:
+    """One training stage's optimisation: batch, AdamW, clipping, warmup.
+
+    The learner takes this type; the learning rate warms up linearly over ``warmup_steps``
+    and then stays at ``lr`` (:class:`TrainSection` adds a cosine decay over its steps).
+    """
+
     global_batch_size: int = 16
-    # Sequences per micro-batch per learner; gradient accumulation is derived.
+    # Sequences (SFT) or pairs (ERPO) per micro-batch per learner; gradient accumulation is derived.
     micro_batch_size: int = 8
     lr: float = 2e-3
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step`` (0-based)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return 1.0
+
+    def validate(self, key: str, num_learners: int) -> None:
+        per_step = self.micro_batch_size * num_learners
+        _check(self.micro_batch_size >= 1, f"{key}.micro_batch_size must be >= 1")
+        _check(
+            self.global_batch_size % per_step == 0,
+            f"{key}.global_batch_size ({self.global_batch_size}) must be a multiple of "
+            f"{key}.micro_batch_size x learner.num_learners ({self.micro_batch_size} x "
+            f"{num_learners} = {per_step})",
+        )
+        _check(self.lr > 0, f"{key}.lr must be > 0")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps must be >= 0 (it is capped at the stage's steps)")
+        _check(self.grad_clip >= 0, f"{key}.grad_clip must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainSection(OptimSection):
+    """SFT: ``max_steps`` optimizer steps, warmup then cosine decay to ``lr * min_lr_ratio``."""
+
+    max_steps: int = 200
+    min_lr_ratio: float = 0.1
     log_every: int = 1
+
+    def lr_factor(self, step: int) -> float:
+        warmup = min(self.warmup_steps, self.max_steps)
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, self.max_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class ErpoOptimSection(OptimSection):
+    """ERPO's optimisation on each iteration's pairs (no decay: iterations have no fixed length)."""
+
+    lr: float = 1e-4
+    warmup_steps: int = 0
+
+
+@dataclass
+class DpoLossSection:
+    """The step-level DPO loss (safer_dist/train/losses.py ``step_dpo_loss``)."""
+
+    beta: float = 0.1
+    # + nll_weight * NLL of the chosen step (per token).
+    nll_weight: float = 0.0
+    # + length_alpha * (|chosen| - |rejected|) inside the sigmoid.
+    length_alpha: float = 0.0
+    label_smoothing: float = 0.0
+
+    def validate(self, key: str) -> None:
+        _check(self.beta > 0, f"{key}.beta must be > 0")
+        _check(0 <= self.label_smoothing < 0.5, f"{key}.label_smoothing must be in [0, 0.5)")
+        _check(self.nll_weight >= 0, f"{key}.nll_weight must be >= 0")
 
 
 @dataclass
@@ -112,7 +183,7 @@ class RolloutSection:
     cpus_per_worker: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 256
+    # Rows (prompts x candidates) sampled together by a worker.
     batch_size: int = 32
     # A worker process that dies is restarted by Ray up to this many times; its shard of the
     # work is retried on it (results are keyed by position: nothing lost or duplicated).
@@ -144,39 +215,28 @@ class ErpoSection:
     # Temperature of the completions that judge a candidate's outcome (0: greedy, the
     # policy's most likely continuation, as in evaluation).
     completion_temperature: float = 0.0
-    # Pair selection (see safer_dist/erpo/pairs.py).
-    scoring: str = "lexicographic"  # lexicographic | weighted
-    margin: float = 0.25
-    min_length_gap: int = 4
-    # No pair prefers an unacceptable response: utility and length pairs need a chosen response
-    # with safety >= min_chosen_safety; length pairs also need utility >= min_efficiency_utility.
-    min_chosen_safety: float = 0.5
-    min_efficiency_utility: float = 0.5
-    w_safety: float = 1.0
-    w_utility: float = 1.0
-    w_efficiency: float = 0.1
-    # Length control: each iteration multiplies the step token budget by budget_decay and
-    # the efficiency weight by efficiency_growth. A budget of 0 means none.
-    step_token_budget: float = 0.0
-    budget_decay: float = 0.85
-    efficiency_growth: float = 1.5
-    # Loss (safer_dist/train/losses.py step_dpo_loss).
-    beta: float = 0.1
-    nll_weight: float = 0.0
-    length_alpha: float = 0.0
-    label_smoothing: float = 0.0
     # Reference model: the policy at the start of each iteration, or the fixed SFT model.
     reference: str = "iteration"  # iteration | sft
-    # Optimisation on the pairs of an iteration. Each safety pair (the chosen response is safe,
-    # the rejected one is not) appears safety_pair_repeats times per epoch, so that pairs
-    # against over-refusal, which are usually more numerous, do not outweigh them. Only
-    # lexicographic scoring names safety pairs; weighted pairs are never repeated.
+    # Each safety pair (the chosen response is safe, the rejected one is not) appears
+    # safety_pair_repeats times per epoch, so that pairs against over-refusal, which are usually
+    # more numerous, do not outweigh them. Only lexicographic scoring names safety pairs;
+    # weighted pairs are never repeated.
     safety_pair_repeats: int = 1
+    # Passes over an iteration's pairs.
     epochs: int = 2
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    global_batch_size: int = 16
-    micro_batch_size: int = 8
+    # Which candidates form a pair, and length control (safer_dist/erpo/ranking.py).
+    ranking: Ranking = field(default_factory=Ranking)
+    # The step-DPO loss the learners are set up with.
+    loss: DpoLossSection = field(default_factory=DpoLossSection)
+    # The learners' optimiser during ERPO.
+    optim: ErpoOptimSection = field(default_factory=ErpoOptimSection)
+
+    def init_path(self, run_dir: Path) -> Path:
+        """The model ERPO starts from: ``init_from``, else the run's SFT export."""
+        return Path(self.init_from) if self.init_from else run_dir / "hf"
+
+    def step_names(self) -> list[str]:
+        return [s.strip() for s in self.steps.split(",")]
 
 
 @dataclass
@@ -286,18 +346,8 @@ class Config:
         """Cross-field checks. Raises ConfigError saying what to change."""
         t, lr = self.train, self.learner
         _check(t.max_steps >= 1, "train.max_steps must be >= 1")
-        _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
-        per_step = t.micro_batch_size * lr.num_learners
-        _check(
-            t.global_batch_size % per_step == 0,
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x learner.num_learners ({t.micro_batch_size} x "
-            f"{lr.num_learners} = {per_step})",
-        )
-        _check(t.lr > 0, "train.lr must be > 0")
+        t.validate("train", lr.num_learners)
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
-        _check(t.warmup_steps >= 0, "train.warmup_steps must be >= 0 (it is capped at train.max_steps)")
-        _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         _check(t.log_every >= 1, "train.log_every must be >= 1")
         _check(lr.num_learners >= 1, "learner.num_learners must be >= 1")
         _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
@@ -326,26 +376,20 @@ class Config:
         _one_of("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
         _one_of("launch.device", self.launch.device, ("auto", "cpu", "cuda"))
         _one_of("judge.kind", self.judge.kind, ("rule", "model"))
-        _one_of("erpo.scoring", self.erpo.scoring, ("lexicographic", "weighted"))
-        _one_of("erpo.reference", self.erpo.reference, ("iteration", "sft"))
-        _check(self.erpo.iterations >= 0, "erpo.iterations must be >= 0")
-        _check(self.erpo.num_candidates >= 2, "erpo.num_candidates must be >= 2")
-        _check(self.erpo.num_completions >= 1, "erpo.num_completions must be >= 1")
-        _check(self.erpo.chunk_size >= 1, "erpo.chunk_size must be >= 1")
-        _check(self.erpo.safety_pair_repeats >= 1, "erpo.safety_pair_repeats must be >= 1")
-        bad = [x for x in self.erpo.steps.split(",") if x.strip() not in ("assessment", "rules", "calibration", "answer")]
-        _check(not bad and bool(self.erpo.steps.strip()), f"erpo.steps: unknown step(s) {bad}; use assessment,rules,calibration,answer")
-        per = self.erpo.micro_batch_size * self.learner.num_learners
-        _check(
-            self.erpo.global_batch_size % per == 0,
-            f"erpo.global_batch_size ({self.erpo.global_batch_size}) must be a multiple of erpo.micro_batch_size x "
-            f"learner.num_learners ({self.erpo.micro_batch_size} x {self.learner.num_learners} = {per})",
-        )
-        _check(self.erpo.lr > 0 and self.erpo.epochs >= 1, "erpo.lr must be > 0 and erpo.epochs >= 1")
-        _check(self.erpo.beta > 0, "erpo.beta must be > 0")
-        for name in ("min_chosen_safety", "min_efficiency_utility"):
-            _check(0 <= getattr(self.erpo, name) <= 1, f"erpo.{name} must be in [0, 1]")
-        _check(0 <= self.erpo.label_smoothing < 0.5, "erpo.label_smoothing must be in [0, 0.5)")
+        e = self.erpo
+        _one_of("erpo.reference", e.reference, ("iteration", "sft"))
+        _check(e.iterations >= 0, "erpo.iterations must be >= 0")
+        _check(e.num_candidates >= 2, "erpo.num_candidates must be >= 2")
+        _check(e.num_completions >= 1, "erpo.num_completions must be >= 1")
+        _check(e.chunk_size >= 1, "erpo.chunk_size must be >= 1")
+        _check(e.safety_pair_repeats >= 1, "erpo.safety_pair_repeats must be >= 1")
+        _check(e.epochs >= 1, "erpo.epochs must be >= 1")
+        bad = [x for x in e.steps.split(",") if x.strip() not in ("assessment", "rules", "calibration", "answer")]
+        _check(not bad and bool(e.steps.strip()), f"erpo.steps: unknown step(s) {bad}; use assessment,rules,calibration,answer")
+        e.optim.validate("erpo.optim", lr.num_learners)
+        e.loss.validate("erpo.loss")
+        for message in e.ranking.validate("erpo.ranking"):
+            _check(False, message)
         _check(self.checkpoint.keep_last >= 2, "checkpoint.keep_last must be >= 2")
         _check(self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
         _check(self.checkpoint.every_seconds >= 0, "checkpoint.every_seconds must be >= 0 (0 disables it)")
@@ -357,11 +401,6 @@ class Config:
         self.synth.validate()
         _check_eval_lists(self.eval)
 
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        t = self.train
-        return t.global_batch_size // (t.micro_batch_size * self.learner.num_learners)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -371,6 +410,19 @@ class Config:
 
 # Short names accepted on the command line for the most used fields.
 ALIASES = {"resume": "checkpoint.resume", "model": "model.path"}
+
+# Old names of moved fields: still accepted (in files and overrides) for one release, with a
+# deprecation message. None: a field that was removed because nothing read it.
+_ERPO_MOVED = {
+    "optim": ("global_batch_size", "micro_batch_size", "lr", "warmup_steps"),
+    "loss": ("beta", "nll_weight", "length_alpha", "label_smoothing"),
+    "ranking": ("scoring", "margin", "min_length_gap", "min_chosen_safety", "min_efficiency_utility", "w_safety",
+                "w_utility", "w_efficiency", "step_token_budget", "budget_decay", "efficiency_growth"),
+}
+DEPRECATED: dict[str, str | None] = {
+    **{f"erpo.{name}": f"erpo.{sub}.{name}" for sub, names in _ERPO_MOVED.items() for name in names},
+    "rollout.max_new_tokens": None,
+}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -425,7 +477,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{source}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections")
-    cfg = _build(Config, raw, source, prefix="")
+    cfg = config_from_dict(raw, source)
     for item in overrides:
         apply_override(cfg, item)
     try:
@@ -435,24 +487,84 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def config_from_dict(raw: dict[str, Any], source: str) -> Config:
+    """A Config from a nested mapping (a config file, a checkpoint's config.yaml); old names
+    of moved fields are migrated with a deprecation message. Not validated."""
+    return _build(Config, _migrate(raw, source), source, prefix="")
+
+
+def _migrate(raw: Any, source: str, *, warn: bool = True) -> Any:
+    """``raw`` with deprecated keys moved to their new place (a copy; raw is not changed)."""
+    if not isinstance(raw, dict):
+        return raw
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new in DEPRECATED.items():
+        section, name = old.split(".")
+        if not isinstance(out.get(section), dict) or name not in out[section]:
+            continue
+        value = out[section].pop(name)
+        if warn:
+            _warn_deprecated(source, old, new)
+        if new is None:
+            continue
+        parent = out
+        *path, leaf = new.split(".")
+        for part in path:
+            child = parent.get(part)
+            parent[part] = child = dict(child) if isinstance(child, dict) else {}
+            parent = child
+        if leaf in parent and parent[leaf] != value:
+            raise ConfigError(f"{source}: both '{old}' (deprecated) and '{new}' are set; keep '{new}' only")
+        parent[leaf] = value
+    return out
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_deprecated(source: str, old: str, new: str | None) -> None:
+    if (source, old) in _warned:
+        return
+    _warned.add((source, old))
+    if new is None:
+        log.warning("%s: '%s' is read by nothing and is ignored; remove it (it will be an error in the next release)",
+                    source, old)
+    else:
+        log.warning("%s: '%s' is deprecated; use '%s' (the old name stops working in the next release)", source, old, new)
+
+
 def apply_override(cfg: Config, item: str) -> None:
-    """Apply one ``section.field=value`` override (value parsed as YAML, typed by the field)."""
+    """Apply one ``section.field=value`` (or ``section.sub.field=value``) override; the value
+    is parsed as YAML and typed by the field."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected section.field=value")
     key, text = item.split("=", 1)
     key = ALIASES.get(key.strip(), key.strip())
+    source = f"override {item!r}"
+    if key in DEPRECATED:
+        _warn_deprecated(source, key, DEPRECATED[key])
+        if DEPRECATED[key] is None:
+            return
+        key = DEPRECATED[key]
     parts = key.split(".")
-    if len(parts) != 2:
-        raise ConfigError(f"override {item!r}: expected section.field=value (e.g. train.max_steps=10)")
-    section_name, field_name = parts
-    section = _get_field(cfg, section_name, f"override {item!r}", "")
-    _get_field(section, field_name, f"override {item!r}", section_name + ".")
-    typ = typing.get_type_hints(type(section))[field_name]
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{source}: expected section.field=value (e.g. train.max_steps=10)")
+    obj: Any = cfg
+    for depth, name in enumerate(parts):
+        prefix = ".".join(parts[:depth]) + "." if depth else ""
+        child = _get_field(obj, name, source, prefix)
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(child) != (not last):
+            what = "a section; name one of its fields" if last else "a field, not a section"
+            raise ConfigError(f"{source}: '{'.'.join(parts[: depth + 1])}' is {what}")
+        if not last:
+            obj = child
+    typ = typing.get_type_hints(type(obj))[parts[-1]]
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    setattr(section, field_name, _coerce(value, typ, f"override {item!r}", key))
+    setattr(obj, parts[-1], _coerce(value, typ, source, key))
 
 
 def _get_field(obj: Any, name: str, source: str, prefix: str):
@@ -525,35 +637,47 @@ def _coerce(value: Any, typ: Any, source: str, key: str):
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(cfg.to_yaml())
-    tmp.replace(path)
+    atomic_write_text(path, cfg.to_yaml())
 
 
-# Fields whose change makes a checkpoint meaningless to continue from.
-SEMANTIC_KEYS = (
-    "run.seed",
-    "model.path",
-    "data.train",
-    "data.max_seq_len",
-    "data.overlong",
-    "data.segment_dropout",
-    "train.global_batch_size",
-    "train.lr",
-    "train.min_lr_ratio",
-    "train.warmup_steps",
-    "learner.zero_stage",
-)
+# Settings whose change makes a stage's checkpoint meaningless to continue from: everything
+# that changes the optimisation from the checkpoint on. A name of a section covers all its
+# fields. train.max_steps is not among them: raising it extends a run (the cosine schedule
+# then decays over the new length).
+RESUME_KEYS = {
+    "sft": (
+        "run.seed", "model.path", "data.train", "data.max_seq_len", "data.overlong", "data.segment_dropout",
+        "train.global_batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay",
+        "train.adam_beta1", "train.adam_beta2", "train.grad_clip", "learner.zero_stage",
+    ),
+    "erpo": (
+        "run.seed", "erpo.init_from", "data.erpo_prompts", "data.rulebook", "judge", "rollout.temperature",
+        "rollout.top_p", "eval.max_new_tokens", "erpo.prompts_per_iteration", "erpo.chunk_size", "erpo.steps",
+        "erpo.num_candidates", "erpo.num_completions", "erpo.step_max_new_tokens", "erpo.answer_max_new_tokens",
+        "erpo.completion_temperature", "erpo.reference", "erpo.safety_pair_repeats", "erpo.epochs",
+        "erpo.ranking", "erpo.loss", "erpo.optim", "learner.zero_stage",
+    ),
+}
 
 
-def semantic_diff(saved: dict[str, Any], current: Config) -> list[str]:
-    """List of 'key: saved -> current' for semantic keys that differ."""
-    now = current.to_dict()
+def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") -> list[str]:
+    """List of 'key: saved -> current' for the ``stage``'s resume keys that differ. ``saved``
+    is a checkpoint's config.yaml (old names of moved fields are understood)."""
+    before = _leaves(_migrate(saved, "checkpoint config", warn=False))
+    now = _leaves(current.to_dict())
     out = []
-    for key in SEMANTIC_KEYS:
-        s, f = key.split(".")
-        a, b = saved.get(s, {}).get(f), now[s][f]
-        if a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
+    for key in RESUME_KEYS[stage]:
+        for leaf in sorted(k for k in now if k == key or k.startswith(key + ".")):
+            if before.get(leaf) != now[leaf]:
+                out.append(f"{leaf}: {before.get(leaf)!r} -> {now[leaf]!r}")
+    return out
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
     return out

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from safer_dist.config import CheckpointSection, Config, save_config, semantic_diff
+from safer_dist.runtime.io import atomic_write_text
 from safer_dist.runtime.log import get_logger
 
 log = get_logger("checkpoint")
@@ -69,12 +70,6 @@ class TrainerState:
             setattr(self, k, v)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
@@ -89,8 +84,9 @@ def is_complete(path: Path) -> bool:
 class Checkpointer:
     """Saves, rotates and finds checkpoints of one stage."""
 
-    def __init__(self, cfg: CheckpointSection, root: Path, *, clock=time.monotonic):
+    def __init__(self, cfg: CheckpointSection, root: Path, *, stage: str = "sft", clock=time.monotonic):
         self.cfg = cfg
+        self.stage = stage  # which settings must match on resume (config.RESUME_KEYS)
         self.root = Path(root)
         self._clock = clock
         self._last_save_time = clock()
@@ -121,7 +117,7 @@ class Checkpointer:
         state.world_size = group.world_size
         group.save_checkpoint(str(self.root), tag, {"trainer_state": state.state_dict()})
         t_shards = time.perf_counter() - t0
-        _write_atomic(path / "trainer_state.json", json.dumps(state.state_dict(), indent=1))
+        atomic_write_text(path / "trainer_state.json", json.dumps(state.state_dict(), indent=1))
         save_config(config, path / "config.yaml")
         _test_hang_in_save(state)
         manifest = write_manifest(path, step=state.step, world_size=group.world_size, hash_files=self.cfg.hash_files)
@@ -186,7 +182,7 @@ class Checkpointer:
             return None
         verify_manifest(path)
         saved = load_checkpoint_meta(path)
-        diffs = semantic_diff(saved["config"], config)
+        diffs = semantic_diff(saved["config"], config, self.stage)
         if diffs:
             raise CheckpointError(
                 f"cannot resume from {path}: the config differs in ways that change the run:\n  "
@@ -259,11 +255,11 @@ def write_manifest(path: Path, *, step: int, world_size: int, hash_files: bool) 
     files = {
         str(f.relative_to(path)): _file_digest(f, hash_files, sync=True)
         for f in sorted(path.rglob("*"))
-        if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp")
+        if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp") and ".tmp-" not in f.name
     }
     manifest = {"version": MANIFEST_VERSION, "step": step, "world_size": world_size,
                 "completed_at": round(time.time(), 3), "files": files}
-    _write_atomic(path / COMPLETE, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(path / COMPLETE, json.dumps(manifest, indent=1) + "\n")
     dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the COMPLETE entry itself is durable once save() returns

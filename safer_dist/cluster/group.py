@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from safer_dist.config import Config
+from safer_dist.config import Config, DpoLossSection, OptimSection
 from safer_dist.runtime.log import get_logger
+
+if TYPE_CHECKING:
+    from safer_dist.cluster.rollout import RolloutGroup
 
 log = get_logger("group")
 
@@ -104,9 +108,18 @@ def gpus_per_learner(cfg: Config) -> int:
 
 
 class LearnerGroup:
-    """N learner ranks as Ray actors. Methods mirror ``Learner``'s and run on every rank."""
+    """N learner ranks as Ray actors. Methods mirror ``Learner``'s and run on every rank.
 
-    def __init__(self, cfg: Config, num_learners: int | None = None):
+    ``optim`` is the stage's optimisation (default ``cfg.train``; ERPO passes
+    ``cfg.erpo.optim``), ``model_path`` the weights to start from (default ``model.path``),
+    ``dpo_loss`` the loss of :meth:`dpo_step` (ERPO passes ``cfg.erpo.loss``). All are handed
+    to the ranks once, at set-up.
+    """
+
+    def __init__(
+        self, cfg: Config, num_learners: int | None = None, *, optim: OptimSection | None = None,
+        model_path: str | None = None, dpo_loss: DpoLossSection | None = None,
+    ):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -131,7 +144,8 @@ class LearnerGroup:
             remote.options(
                 name=None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(cfg.learner, cfg.train, cfg.model, cfg.data, seed=cfg.run.seed, device=device)
+            ).remote(cfg.learner, optim or cfg.train, cfg.model, cfg.data, seed=cfg.run.seed, device=device,
+                     model_path=model_path, dpo_loss=dpo_loss)
             for i in range(self.world_size)
         ]
         self.pids = self._get([a.__ray_call__.remote(_actor_pid) for a in self.actors], "start")
@@ -142,7 +156,7 @@ class LearnerGroup:
             "learner ranks placed (%s) on nodes %s; MASTER_ADDR %s:%d", cfg.learner.placement,
             ", ".join(f"{r}:{ip}" for r, ip in enumerate(self.node_ips)), addr, port,
         )
-        infos = self._call("setup", lambda r: (r, self.world_size, addr, port))
+        infos = self._all("setup", lambda a, r: a.setup.remote(r, self.world_size, addr, port))
         self.info = infos[0]
         log.info(
             "%d learner(s) ready: ZeRO-%d, %s, %s, attention %s, %.2fM parameters",
@@ -208,43 +222,53 @@ class LearnerGroup:
             return f"last complete checkpoint: {self.last_checkpoint} (run the same command again to resume from it)"
         return "no checkpoint was saved or resumed by this job"
 
-    def _call(self, method: str, args=lambda rank: (), kwargs: dict[str, Any] | None = None) -> list:
-        refs = [getattr(a, method).remote(*args(r), **(kwargs or {})) for r, a in enumerate(self.actors)]
-        return self._get(refs, method)
+    def _all(self, what: str, call: Callable[[Any, int], Any]) -> list:
+        """``call(actor, rank)`` on every rank (it returns the Ray call's reference); results by rank."""
+        return self._get([call(a, r) for r, a in enumerate(self.actors)], what)
 
     def sft_step(self, step: int) -> dict:
-        return self._call("sft_step", lambda r: (step,))[0]
+        return self._all("sft_step", lambda a, r: a.sft_step.remote(step))[0]
 
     def load_pairs(self, path: str, seed: int, safety_repeats: int = 1) -> int:
-        return self._call("load_pairs", lambda r: (path, seed, safety_repeats))[0]
+        return self._all("load_pairs", lambda a, r: a.load_pairs.remote(path, seed, safety_repeats))[0]
 
-    def dpo_step(self, step: int, erpo) -> dict:
-        return self._call("dpo_step", lambda r: (step, erpo))[0]
+    def dpo_step(self, step: int) -> dict:
+        return self._all("dpo_step", lambda a, r: a.dpo_step.remote(step))[0]
 
-    def sync_address(self) -> tuple[str, int]:
-        return self._get([self.actors[0].address.remote()], "address")[0]
+    # -- weight sync to rollout workers -----------------------------------------------------
+    def connect_weight_sync(self, rollout: RolloutGroup) -> None:
+        """Form the weight-sync group: learner rank 0 is member 0, rollout worker i member i+1."""
+        host, port = self._get([self.actors[0].address.remote()], "address")[0]
+        world = 1 + len(rollout.workers)
+        refs = [self.actors[0].init_sync.remote(host, port, world)]
+        refs += rollout.init_sync_refs(host, port, first_rank=1, world_size=world)
+        self._get(refs, "weight-sync set-up", timeout_s=300.0, ranked=False)
 
-    def init_sync_refs(self, host: str, port: int, world_size: int) -> list:
-        return [self.actors[0].init_sync.remote(host, port, world_size)]
+    def push_weights(self, rollout: RolloutGroup, version: int) -> None:
+        """Broadcast the learners' weights to every rollout worker, which then holds ``version``."""
+        t0 = time.perf_counter()
+        refs = [a.send_weights.remote(version) for a in self.actors] + rollout.receive_weights_refs(version)
+        self._get(refs, f"weight sync (version {version})", ranked=False)
+        rollout.expected_version = version
+        log.info("weights version %d sent to %d rollout worker(s) in %.2f s", version, len(rollout.workers),
+                 time.perf_counter() - t0)
 
-    def send_weights_refs(self, version: int) -> list:
-        return [a.send_weights.remote(version) for a in self.actors]
-
+    # -- checkpoints and export -------------------------------------------------------------
     def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
-        self._call("save_checkpoint", lambda r: (root, tag, client_state))
+        self._all("save_checkpoint", lambda a, r: a.save_checkpoint.remote(root, tag, client_state))
 
     def load_checkpoint(self, root: str, tag: str, **kwargs) -> dict:
-        return self._call("load_checkpoint", lambda r: (root, tag), kwargs)[0]
+        return self._all("load_checkpoint", lambda a, r: a.load_checkpoint.remote(root, tag, **kwargs))[0]
 
     def export_hf(self, out_dir: str) -> None:
-        self._call("export_hf", lambda r: (out_dir,))
+        self._all("export_hf", lambda a, r: a.export_hf.remote(out_dir))
 
     def logits(self, input_ids: list[int]):
-        return self._call("logits", lambda r: (input_ids,))[0]
+        return self._all("logits", lambda a, r: a.logits.remote(input_ids))[0]
 
     def full_state_dict(self):
         """The consolidated weights (rank 0's answer; collective under ZeRO-3)."""
-        return self._call("full_state_dict")[0]
+        return self._all("full_state_dict", lambda a, r: a.full_state_dict.remote())[0]
 
     def shutdown(self) -> None:
         import ray

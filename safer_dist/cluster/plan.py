@@ -346,14 +346,14 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
     if plan.recommended is not None and e.iterations > 0:
         # an ERPO micro-batch of k pairs packs 2k sequences (prefix+chosen, prefix+rejected)
         base = plan.recommended[0]
-        ok = [k for k in range(e.micro_batch_size, 0, -1) if e.global_batch_size % (k * world) == 0 and plan.fits(
+        ok = [k for k in range(e.optim.micro_batch_size, 0, -1) if e.optim.global_batch_size % (k * world) == 0 and plan.fits(
             estimate(model_shape, Setup(base.zero_stage, base.offload_optimizer, base.offload_params,
                                         base.gradient_checkpointing, 2 * k), **kw))]
-        if ok and ok[0] == e.micro_batch_size:
-            out.append(f"ERPO learners: erpo.micro_batch_size={e.micro_batch_size} pairs fits with the recommended setup")
+        if ok and ok[0] == e.optim.micro_batch_size:
+            out.append(f"ERPO learners: erpo.optim.micro_batch_size={e.optim.micro_batch_size} pairs fits with the recommended setup")
         elif ok:
-            out.append(f"ERPO learners: erpo.micro_batch_size={e.micro_batch_size} pairs does not fit; "
-                       f"erpo.micro_batch_size={ok[0]} does")
+            out.append(f"ERPO learners: erpo.optim.micro_batch_size={e.optim.micro_batch_size} pairs does not fit; "
+                       f"erpo.optim.micro_batch_size={ok[0]} does")
         else:
             out.append("ERPO learners: not even one pair per micro-batch fits; shorten data.max_seq_len")
     # `safer run`, `eval` and `erpo` generate on rollout workers

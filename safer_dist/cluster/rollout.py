@@ -4,16 +4,21 @@ A ``RolloutWorker`` loads a Hugging Face directory and generates batched, left-p
 with the same prompt tokenization as training (:func:`safer_dist.train.sft_data.encode_prompt`).
 ``RolloutGroup`` spreads a list of prompts over M workers and returns results in order.
 A worker that dies is restarted by Ray (``rollout.max_restarts``) and its shard is retried
-(see :meth:`RolloutGroup.map`).
+(see :meth:`RolloutGroup._map`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from safer_dist.config import ModelSection, RolloutSection
+from safer_dist.cluster.group import gpus_per_learner
+from safer_dist.config import Config, ModelSection, RolloutSection
+from safer_dist.train.sft_data import encode_context, encode_prompt
 from safer_dist.runtime.log import get_logger, quiet_libraries
 
 log = get_logger("rollout")
@@ -52,8 +57,6 @@ class RolloutWorker:
         batch_size: int = 32, seed: int = 0,
     ) -> list[dict]:
         """Complete each chat prompt; returns [{text, num_tokens, latency_s}] in input order."""
-        from safer_dist.train.sft_data import encode_prompt
-
         tok = self.tokenizer
         encoded = [encode_prompt(tok, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -89,12 +92,6 @@ class RolloutWorker:
 
 
     # -- ERPO ------------------------------------------------------------------------------
-    def _context(self, prompt: str, prefix_text: str) -> list[int]:
-        from safer_dist.train.sft_data import encode_prompt
-
-        ids = encode_prompt(self.tokenizer, prompt)
-        return ids + self.tokenizer.encode(prefix_text, add_special_tokens=False) if prefix_text else ids
-
     def sample(
         self, items: list[tuple[str, str]], *, n: int, stop_strings: list[str] | None, max_new_tokens: int,
         temperature: float, top_p: float = 1.0, seed: int = 0,
@@ -102,7 +99,7 @@ class RolloutWorker:
         """``n`` continuations of each (prompt, response prefix), one prefill per prefix."""
         from safer_dist.erpo.sampling import sample_candidates
 
-        contexts = [self._context(p, x) for p, x in items]
+        contexts = [encode_context(self.tokenizer, p, x) for p, x in items]
         return sample_candidates(
             self.model, self.tokenizer, contexts, n, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
             temperature=temperature, top_p=top_p, seed=seed, batch_rows=self.cfg.batch_size,
@@ -164,6 +161,12 @@ class RolloutGroup:
     matches both this and every surviving worker, so it never silently serves stale weights.
     """
 
+    @classmethod
+    def for_run(cls, cfg: Config, path: str | Path) -> RolloutGroup:
+        """Workers holding the model at ``path``, placed as the run's config says: one GPU
+        each where the learners get GPUs, else ``rollout.cpus_per_worker`` CPUs."""
+        return cls(cfg.model, cfg.rollout, path=str(path), device=cfg.launch.device, use_gpu=gpus_per_learner(cfg) > 0)
+
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto", use_gpu: bool = False):
         import ray
 
@@ -175,8 +178,9 @@ class RolloutGroup:
         self.expected_version = 0
         self.num_retries = 0  # shards re-run after a worker died (for logs and tests)
 
-    def map(self, method: str, items: list, **kwargs) -> list:
-        """Call ``method`` on interleaved shards of ``items`` (one per worker); results in order.
+    def _map(self, what: str, call: Callable[[Any, list], Any], items: list) -> list:
+        """``call(worker, shard)`` (a Ray call's reference) on interleaved shards of ``items``,
+        one per worker; results in the order of ``items``. ``what`` names the call in messages.
 
         Fault tolerance: when a worker dies mid-call, Ray restarts it (``rollout.max_restarts``)
         and its whole shard is sent again to the restarted worker, with the same arguments (a
@@ -191,7 +195,7 @@ class RolloutGroup:
         n = len(self.workers)
         shards = {i: items[i::n] for i in range(n) if items[i::n]}
         attempts = dict.fromkeys(shards, 0)
-        running = {getattr(self.workers[i], method).remote(s, **kwargs): i for i, s in shards.items()}
+        running = {call(self.workers[i], s): i for i, s in shards.items()}
         out: list = [None] * len(items)
         while running:
             (ref,), _ = ray.wait(list(running), num_returns=1)
@@ -203,16 +207,16 @@ class RolloutGroup:
                 cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 if attempts[i] > self.cfg.max_restarts:
                     raise RolloutFailure(
-                        f"rollout worker {i} died {attempts[i]} time(s) during {method} (rollout.max_restarts="
+                        f"rollout worker {i} died {attempts[i]} time(s) during {what} (rollout.max_restarts="
                         f"{self.cfg.max_restarts}): {cause}"
                     ) from e
                 log.warning("rollout worker %d died during %s (%s); retrying its %d item(s) on the restarted worker",
-                            i, method, cause, len(shards[i]))
+                            i, what, cause, len(shards[i]))
                 self._check_restarted(i)
                 self.num_retries += 1
-                running[getattr(self.workers[i], method).remote(shards[i], **kwargs)] = i
+                running[call(self.workers[i], shards[i])] = i
                 continue
-            assert len(res) == len(shards[i]), (method, i, len(res), len(shards[i]))
+            assert len(res) == len(shards[i]), (what, i, len(res), len(shards[i]))
             out[i::n] = res
         return out
 
@@ -242,13 +246,23 @@ class RolloutGroup:
             )
 
     def generate(self, prompts: list[str], **kwargs) -> list[dict]:
-        return self.map("generate", prompts, **kwargs)
+        """``RolloutWorker.generate`` over all workers; results in the order of ``prompts``."""
+        return self._map("generate", lambda w, shard: w.generate.remote(shard, **kwargs), prompts)
 
     def sample(self, items: list[tuple[str, str]], **kwargs) -> list[list[dict]]:
-        return self.map("sample", items, **kwargs)
+        """``RolloutWorker.sample`` over all workers; results in the order of ``items``."""
+        return self._map("sample", lambda w, shard: w.sample.remote(shard, **kwargs), items)
 
     def logprobs(self, items: list[tuple[str, str, str, bool]]) -> list[tuple[float, int]]:
-        return self.map("logprobs", items)
+        """``RolloutWorker.logprobs`` over all workers; results in the order of ``items``."""
+        return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard), items)
+
+    # -- weight sync (driven by LearnerGroup.connect_weight_sync / push_weights) ------------
+    def init_sync_refs(self, host: str, port: int, *, first_rank: int, world_size: int) -> list:
+        return [w.init_sync.remote(host, port, first_rank + i, world_size) for i, w in enumerate(self.workers)]
+
+    def receive_weights_refs(self, version: int) -> list:
+        return [w.receive_weights.remote(version) for w in self.workers]
 
     def shutdown(self) -> None:
         import ray

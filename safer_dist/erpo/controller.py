@@ -23,46 +23,23 @@ workers so they hold exactly π_t.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import random
 import time
 from pathlib import Path
 
-from safer_dist.runtime import stop
 from safer_dist.checkpointing.checkpoint import Checkpointer, TrainerState
-from safer_dist.config import Config, TrainSection
+from safer_dist.config import Config
+from safer_dist.data.records import load_records, read_jsonl
+from safer_dist.erpo.ranking import Ranking
 from safer_dist.reasoning.exante import STEP_CLOSE, prefix_before
+from safer_dist.runtime import stop
 from safer_dist.runtime.faults import die_if
+from safer_dist.runtime.io import atomic_write_jsonl
 from safer_dist.runtime.log import get_logger
 from safer_dist.runtime.metrics import MetricsWriter, Progress
-from safer_dist.erpo.pairs import Ranking
 
 log = get_logger("erpo")
-
-
-def learner_config(cfg: Config, init_from: Path) -> Config:
-    """The config the ERPO learners run with: the SFT model, the ERPO optimiser settings."""
-    e = cfg.erpo
-    out = dataclasses.replace(cfg)
-    out.model = dataclasses.replace(cfg.model, path=str(init_from))
-    out.train = TrainSection(
-        max_steps=1 << 30, global_batch_size=e.global_batch_size, micro_batch_size=e.micro_batch_size,
-        lr=e.lr, min_lr_ratio=1.0, warmup_steps=e.warmup_steps, weight_decay=0.0,
-        adam_beta1=cfg.train.adam_beta1, adam_beta2=cfg.train.adam_beta2, grad_clip=cfg.train.grad_clip,
-    )
-    return out
-
-
-def ranking_for(cfg: Config, iteration: int) -> Ranking:
-    e = cfg.erpo
-    return Ranking(
-        scoring=e.scoring, margin=e.margin, min_length_gap=e.min_length_gap,
-        step_token_budget=e.step_token_budget * e.budget_decay**iteration if e.step_token_budget else 0.0,
-        w_safety=e.w_safety, w_utility=e.w_utility, w_efficiency=e.w_efficiency * e.efficiency_growth**iteration,
-        min_chosen_safety=e.min_chosen_safety, min_efficiency_utility=e.min_efficiency_utility,
-    )
 
 
 class Sampler:
@@ -71,7 +48,7 @@ class Sampler:
     def __init__(self, cfg: Config, rollout, judge, reference=None):
         self.cfg, self.rollout, self.judge = cfg, rollout, judge
         self.reference = reference or rollout
-        self.steps = [s.strip() for s in cfg.erpo.steps.split(",")]
+        self.steps = cfg.erpo.step_names()
 
     def _sample(self, items, n, stop_strings, max_new_tokens, seed, temperature=None):
         r = self.cfg.rollout
@@ -174,17 +151,6 @@ class Sampler:
         return rows
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def sample_iteration(cfg: Config, sampler: Sampler, pool: list[dict], iteration: int, out_dir: Path) -> Path:
     """Write ``out_dir/pairs.jsonl`` for ``iteration``; chunks already on disk are reused."""
     pairs_path = out_dir / "pairs.jsonl"
@@ -197,25 +163,25 @@ def sample_iteration(cfg: Config, sampler: Sampler, pool: list[dict], iteration:
     if e.prompts_per_iteration:
         prompts = prompts[: e.prompts_per_iteration]
     chunks = [prompts[i : i + e.chunk_size] for i in range(0, len(prompts), e.chunk_size)]
-    ranking = ranking_for(cfg, iteration)
+    ranking = cfg.erpo.ranking.at_iteration(iteration)
     rows: list[dict] = []
     progress = Progress(len(chunks), desc=f"erpo sample iter {iteration}", every=1)
     for c, chunk in enumerate(chunks):
         part = out_dir / "chunks" / f"chunk_{c:05d}.jsonl"
         if part.exists():
-            rows += _read_jsonl(part)
+            rows += read_jsonl(part)
             progress.update(1)
             continue
         seed = hash_seed(cfg.run.seed, iteration, c)
         chunk_rows = sampler.chunk(chunk, ranking, seed, iteration)
-        _write_jsonl_atomic(part, chunk_rows)
+        atomic_write_jsonl(part, chunk_rows)
         die_if(f"erpo_sample:{iteration}:{c}")
         rows += chunk_rows
         progress.update(1, pairs=sum(r["chosen"] is not None for r in rows))
         if stop.requested():
             raise stop.Preempted(f"stopped while sampling iteration {iteration} after chunk {c}; chunks kept")
     progress.close()
-    _write_jsonl_atomic(pairs_path, rows)
+    atomic_write_jsonl(pairs_path, rows)
     return pairs_path
 
 
@@ -246,39 +212,42 @@ def _mean(xs) -> float:
 
 
 def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, reference=None) -> TrainerState:
-    """Run ERPO iterations from the restored state; returns the final state."""
-    from safer_dist.data.records import load_records
+    """Run ERPO iterations from the restored state; returns the final state.
 
-    lcfg = learner_config(cfg, Path(cfg.erpo.init_from or run_dir / "hf"))
-    ckpt = Checkpointer(cfg.checkpoint, run_dir / "checkpoints" / "erpo")
+    ``learners`` is a :class:`~safer_dist.cluster.group.LearnerGroup` set up with
+    ``cfg.erpo.optim`` and ``cfg.erpo.loss``; ``rollout`` (and ``reference``, for
+    ``erpo.reference=sft``) a :class:`~safer_dist.cluster.rollout.RolloutGroup`; ``judge``
+    has ``score_many``. Nothing here talks to Ray.
+    """
+    e = cfg.erpo
+    ckpt = Checkpointer(cfg.checkpoint, run_dir / "checkpoints" / "erpo", stage="erpo")
     state = TrainerState(stage="erpo", extra={"iteration": 0, "iter_step": 0})
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    restored = ckpt.restore(learners, state, lcfg)
+    restored = ckpt.restore(learners, state, cfg)
     metrics.truncate_after("erpo", state.step)
     metrics.truncate_after("erpo_iter", state.extra["iteration"])
-    connect_weight_sync(learners, rollout)
+    learners.connect_weight_sync(rollout)
     if restored is not None:
-        sync_weights(learners, rollout, state.extra["iteration"])
+        learners.push_weights(rollout, state.extra["iteration"])
     pool = list(load_records(cfg.data.erpo_prompts, "prompts"))
     sampler = Sampler(cfg, rollout, judge, reference)
-    e = cfg.erpo
     while state.extra["iteration"] < e.iterations:
         t = state.extra["iteration"]
         it_dir = run_dir / "erpo" / f"iter_{t}"
         t0 = time.perf_counter()
         pairs_path = sample_iteration(cfg, sampler, pool, t, it_dir)
-        rows = _read_jsonl(pairs_path)
+        rows = read_jsonl(pairs_path)
         stats = iteration_stats(rows)
         sample_s = time.perf_counter() - t0
         n_pairs = learners.load_pairs(str(pairs_path), hash_seed(cfg.run.seed, t), e.safety_pair_repeats) if stats["pairs"] else 0
-        steps = max(1, math.ceil(e.epochs * n_pairs / e.global_batch_size)) if n_pairs else 0
+        steps = max(1, math.ceil(e.epochs * n_pairs / e.optim.global_batch_size)) if n_pairs else 0
         log.info("iteration %d: %d prefixes, %d pairs %s, %d with repeats -> %d DPO steps", t, stats["prefixes"], stats["pairs"],
                  stats["pairs_by_reason"], n_pairs, steps)
         train_metrics = []
         progress = Progress(steps, initial=state.extra["iter_step"], desc=f"erpo train iter {t}")
         while state.extra["iter_step"] < steps:
             s0 = time.perf_counter()
-            m = learners.dpo_step(state.extra["iter_step"], e)
+            m = learners.dpo_step(state.extra["iter_step"])
             dt = time.perf_counter() - s0
             state.step += 1
             state.extra["iter_step"] += 1
@@ -290,41 +259,22 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
             train_metrics.append(rec)
             progress.update(1, loss=m["loss"], acc=m["preference_accuracy"])
             if stop.requested():
-                ckpt.save(learners, state, lcfg)
+                ckpt.save(learners, state, cfg)
                 raise stop.Preempted(f"stopped at ERPO iteration {t} step {state.extra['iter_step']}; checkpoint written")
             if ckpt.due(state.step):
-                ckpt.save(learners, state, lcfg)
+                ckpt.save(learners, state, cfg)
             die_if(f"erpo_train:{t}:{state.extra['iter_step']}")
         progress.close()
         state.extra["iteration"] = t + 1
         state.extra["iter_step"] = 0
-        sync_weights(learners, rollout, t + 1)
-        ckpt.save(learners, state, lcfg)
+        learners.push_weights(rollout, t + 1)
+        ckpt.save(learners, state, cfg)
         metrics.write({
             "stage": "erpo_iter", "step": t + 1, "iteration": t, **stats, "sample_time_s": round(sample_s, 2),
             "dpo_steps": steps,
             "reward_margin": _mean(m["reward_margin"] for m in train_metrics),
             "preference_accuracy": _mean(m["preference_accuracy"] for m in train_metrics),
             "loss": _mean(m["loss"] for m in train_metrics),
-            "step_token_budget": ranking_for(cfg, t).step_token_budget,
+            "step_token_budget": e.ranking.at_iteration(t).step_token_budget,
         })
     return state
-
-
-def connect_weight_sync(learners, rollout) -> None:
-    import ray
-
-    host, port = learners.sync_address()
-    world = 1 + len(rollout.workers)
-    refs = learners.init_sync_refs(host, port, world)
-    refs += [w.init_sync.remote(host, port, i + 1, world) for i, w in enumerate(rollout.workers)]
-    ray.get(refs, timeout=300)
-
-
-def sync_weights(learners, rollout, version: int) -> None:
-    import ray
-
-    t0 = time.perf_counter()
-    refs = learners.send_weights_refs(version) + [w.receive_weights.remote(version) for w in rollout.workers]
-    ray.get(refs, timeout=learners.timeout_s)
-    log.info("weights version %d sent to %d rollout worker(s) in %.2f s", version, len(rollout.workers), time.perf_counter() - t0)

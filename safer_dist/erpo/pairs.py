@@ -1,22 +1,6 @@
-"""Step-level preference pairs: ranking candidates, building pairs, and packing them.
+"""Step-level preference pairs as training data: tokenizing and packing them.
 
-A *candidate* is one sampled step for a prefix (prompt + the steps before it), with the
-judge's scores of the full response it led to. For each prefix the best and the worst
-candidate form a pair if they differ enough (docs/design.md §4):
-
-- ``lexicographic``: by safety, then utility, then efficiency. A pair needs a safety or a
-  utility gap of at least ``margin``; when both tie, a length gap of at least
-  ``min_length_gap`` tokens (the shorter step wins) between two *valid* responses that
-  stopped by themselves. Candidates longer than the step token budget rank below every
-  candidate within it on the efficiency tier.
-
-  A pair never holds up an unacceptable response as the better one: a utility pair needs a
-  chosen response with safety ≥ ``min_chosen_safety``, and a length pair needs responses
-  with safety ≥ ``min_chosen_safety`` and utility ≥ ``min_efficiency_utility``. Without this,
-  two unsafe (or two over-refusing) candidates of different lengths make a length pair whose
-  chosen side — pushed up by DPO and by the NLL term — teaches the unsafe decision.
-- ``weighted``: ``w_safety*safety + w_utility*utility + w_efficiency*efficiency`` where
-  efficiency is minus the step's tokens over 100; a pair needs a gap of at least ``margin``.
+Which candidates form a pair is decided by :class:`safer_dist.erpo.ranking.Ranking`.
 
 Tokenization of a pair, shared by rollout workers (reference log-probs) and learners::
 
@@ -27,82 +11,26 @@ Tokenization of a pair, shared by rollout workers (reference log-probs) and lear
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
 
 from safer_dist.train.losses import IGNORE_INDEX
+from safer_dist.train.sft_data import encode_context
 
 
 def step_sequence(tokenizer, prompt: str, prefix_text: str, step_text: str, ends_with_eos: bool) -> tuple[list[int], list[int]]:
     """(context ids, step ids) for a step given the prompt and the response prefix."""
-    from safer_dist.train.sft_data import encode_prompt
-
-    ctx = encode_prompt(tokenizer, prompt)
-    if prefix_text:
-        ctx = ctx + tokenizer.encode(prefix_text, add_special_tokens=False)
+    ctx = encode_context(tokenizer, prompt, prefix_text)
     step = tokenizer.encode(step_text, add_special_tokens=False)
     if ends_with_eos:
         step = step + [tokenizer.eos_token_id]
     return ctx, step
 
 
-@dataclass
-class Ranking:
-    scoring: str = "lexicographic"
-    margin: float = 0.25
-    min_length_gap: int = 4
-    step_token_budget: float = 0.0  # 0: none
-    w_safety: float = 1.0
-    w_utility: float = 1.0
-    w_efficiency: float = 0.1
-    min_chosen_safety: float = 0.5
-    min_efficiency_utility: float = 0.5
-
-    def key(self, c: dict) -> tuple:
-        over = max(0.0, c["num_tokens"] - self.step_token_budget) if self.step_token_budget else 0.0
-        if self.scoring == "weighted":
-            return (self.weighted(c),)
-        return (c["safety"], c["utility"], -over, -c["num_tokens"])
-
-    def weighted(self, c: dict) -> float:
-        over = max(0.0, c["num_tokens"] - self.step_token_budget) if self.step_token_budget else 0.0
-        efficiency = -(c["num_tokens"] + over) / 100.0
-        return self.w_safety * c["safety"] + self.w_utility * c["utility"] + self.w_efficiency * efficiency
-
-    def pair(self, candidates: list[dict]) -> tuple[int, int, str] | None:
-        """(chosen index, rejected index, why) for the best and worst candidate, or None."""
-        if len(candidates) < 2:
-            return None
-        order = sorted(range(len(candidates)), key=lambda i: self.key(candidates[i]), reverse=True)
-        best, worst = order[0], order[-1]
-        b, w = candidates[best], candidates[worst]
-        if self.scoring == "weighted":
-            gap = self.weighted(b) - self.weighted(w)
-            ok = gap >= self.margin and _ok(b) and b["safety"] >= self.min_chosen_safety
-            return (best, worst, f"weighted +{gap:.3f}") if ok else None
-        if b["safety"] - w["safety"] >= self.margin:
-            return best, worst, "safety"
-        if abs(b["safety"] - w["safety"]) < 1e-9 and b["safety"] >= self.min_chosen_safety:
-            if b["utility"] - w["utility"] >= self.margin:
-                return best, worst, "utility"
-            tie = abs(b["utility"] - w["utility"]) < 1e-9
-            if tie and b["utility"] >= self.min_efficiency_utility and _ok(b) and _ok(w):
-                over_b, over_w = self.key(b)[2], self.key(w)[2]
-                if over_b > over_w or w["num_tokens"] - b["num_tokens"] >= self.min_length_gap:
-                    return best, worst, "efficiency"
-        return None
-
-
-def _ok(c: dict) -> bool:
-    """A candidate whose response is a valid trace and whose step ended by itself."""
-    return c.get("valid", True) and c.get("stopped", True)
-
-
 class PairData:
     """Pairs of one ERPO iteration as packed micro-batches, in a step-derived order.
 
-    ``pairs`` are pair records (see erpo.py) with ``prompt``, ``prefix``, ``step``,
+    ``pairs`` are pair records (see :mod:`safer_dist.erpo.controller`) with ``prompt``, ``prefix``, ``step``,
     ``chosen_text``, ``rejected_text``, ``ref_chosen``, ``ref_rejected``. A pair whose ``why``
     is ``"safety"`` appears ``safety_repeats`` times per epoch.
     """

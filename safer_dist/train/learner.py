@@ -15,7 +15,6 @@ any split into ranks and micro-batches.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import random
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from safer_dist.config import DataSection, LearnerSection, ModelSection, TrainSection
+from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
 from safer_dist.runtime.log import get_logger, quiet_libraries
 
 log = get_logger("learner")
@@ -45,23 +44,8 @@ def resolve_dtype(requested: str, device: str) -> torch.dtype:
     return getattr(torch, requested)
 
 
-def lr_lambda(train: TrainSection):
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
-
-    warmup = min(train.warmup_steps, train.max_steps)
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        span = max(1, train.max_steps - warmup)
-        progress = min(1.0, (step - warmup) / span)
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def deepspeed_config(learner: LearnerSection, train: TrainSection, world_size: int, dtype: torch.dtype) -> dict:
-    gas = train.global_batch_size // (train.micro_batch_size * world_size)
+def deepspeed_config(learner: LearnerSection, optim: OptimSection, world_size: int, dtype: torch.dtype) -> dict:
+    gas = optim.global_batch_size // (optim.micro_batch_size * world_size)
     zero: dict[str, Any] = {"stage": learner.zero_stage}
     if learner.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -71,10 +55,10 @@ def deepspeed_config(learner: LearnerSection, train: TrainSection, world_size: i
         # Gather full 16-bit weights on save so export needs no conversion step.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
-        "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "train_batch_size": optim.global_batch_size,
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
         "gradient_accumulation_steps": gas,
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
@@ -153,13 +137,20 @@ def set_rng_state(state: dict) -> None:
 
 
 class Learner:
-    """One data-parallel rank. Methods are called by the driver through Ray."""
+    """One data-parallel rank. Methods are called by the driver through Ray.
+
+    ``optim`` is the stage's optimisation (``cfg.train`` for SFT, ``cfg.erpo.optim`` for
+    ERPO); ``model_path`` overrides ``model.path`` (ERPO starts from the SFT export);
+    ``dpo_loss`` is the step-DPO loss :meth:`dpo_step` trains with.
+    """
 
     def __init__(
-        self, learner: LearnerSection, train: TrainSection, model: ModelSection, data: DataSection,
-        *, seed: int, device: str = "auto",
+        self, learner: LearnerSection, optim: OptimSection, model: ModelSection, data: DataSection,
+        *, seed: int, device: str = "auto", model_path: str | None = None, dpo_loss: DpoLossSection | None = None,
     ):
-        self.cfg, self.train_cfg, self.model_cfg, self.data_cfg = learner, train, model, data
+        self.cfg, self.optim, self.model_cfg, self.data_cfg = learner, optim, model, data
+        self.model_path = model_path or model.path
+        self.dpo_loss = dpo_loss
         self.seed = seed
         self.device = resolve_device(device)
         if self.device == "cpu":
@@ -197,15 +188,15 @@ class Learner:
         np.random.seed(self.seed + rank)
         torch.manual_seed(self.seed)
         self.dtype = resolve_dtype(self.model_cfg.dtype, self.device)
-        self.tokenizer = load_tokenizer(self.model_cfg.path, trust_remote_code=self.model_cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=self.model_cfg.trust_remote_code)
         model = load_model(
-            self.model_cfg.path, dtype=self.dtype, attn_implementation=self.model_cfg.attn_implementation,
+            self.model_path, dtype=self.dtype, attn_implementation=self.model_cfg.attn_implementation,
             device=self.device, trust_remote_code=self.model_cfg.trust_remote_code,
         )
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.attn_implementation = model.config._attn_implementation
-        t = self.train_cfg
+        t = self.optim
         optimizer = None
         ds_config = deepspeed_config(self.cfg, t, world_size, self.dtype)
         if self.cfg.offload_optimizer:
@@ -218,8 +209,12 @@ class Learner:
                 model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
                 foreach=self.device == "cuda",
             )
-        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))) if optimizer is None else (
-            torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+        # A plain function (not the bound method): LambdaLR then keeps it out of its state_dict.
+        def lr_factor(step: int) -> float:
+            return t.lr_factor(step)
+
+        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)) if optimizer is None else (
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
@@ -245,7 +240,7 @@ class Learner:
         from safer_dist.train.sft_data import Encoded, num_label_tokens, pack
 
         t0 = time.perf_counter()
-        t = self.train_cfg
+        t = self.optim
         batches, counts = self._sft_data().micro_batches(
             step, global_batch_size=t.global_batch_size, rank=self.rank,
             world_size=self.world_size, micro_batch_size=t.micro_batch_size,
@@ -301,16 +296,15 @@ class Learner:
                                safety_repeats=safety_repeats)
         return len(self._pairs)
 
-    def dpo_step(self, step: int, erpo) -> dict:
-        """One optimizer step of step-level DPO on pair batch ``step`` of the loaded pairs.
-
-        ``erpo`` is the ErpoSection (beta, label smoothing, length alpha, NLL weight).
-        Reference log-probs come with the pairs (computed by rollout workers at sampling).
-        """
+    def dpo_step(self, step: int) -> dict:
+        """One optimizer step of step-level DPO (``dpo_loss`` of set-up) on pair batch ``step``
+        of the loaded pairs. Reference log-probs come with the pairs (computed by rollout
+        workers at sampling)."""
         from safer_dist.train.losses import sequence_logprobs, step_dpo_loss
 
         t0 = time.perf_counter()
-        t = self.train_cfg
+        t, erpo = self.optim, self.dpo_loss
+        assert erpo is not None, "dpo_step needs a learner set up with dpo_loss"
         batches = self._pairs.micro_batches(
             step, global_batch_size=t.global_batch_size, rank=self.rank, world_size=self.world_size,
             micro_batch_size=t.micro_batch_size,

@@ -77,6 +77,13 @@ def encode_prompt(tokenizer, prompt: str, dropout: float = 0.0, rng: random.Rand
     return ids + _encode(tokenizer, after)
 
 
+def encode_context(tokenizer, prompt: str, prefix_text: str = "") -> list[int]:
+    """Token ids of the chat-formatted prompt followed by a partial response ``prefix_text``:
+    the context a rollout worker samples a step from and a learner scores it in."""
+    ids = encode_prompt(tokenizer, prompt)
+    return ids + tokenizer.encode(prefix_text, add_special_tokens=False) if prefix_text else ids
+
+
 def encode_response(tokenizer, response: str) -> list[int]:
     """Token ids of an assistant response, ending with EOS (the end of turn)."""
     return _encode(tokenizer, response) + [tokenizer.eos_token_id]

@@ -198,7 +198,7 @@ def test_checkpointing_and_logits_by_hand():
 
 def _cfg(**over):
     items = {"learner.num_learners": 8, "data.max_seq_len": 4096, "train.micro_batch_size": 2,
-             "train.global_batch_size": 64, "erpo.micro_batch_size": 1, "erpo.global_batch_size": 64, **over}
+             "train.global_batch_size": 64, "erpo.optim.micro_batch_size": 1, "erpo.optim.global_batch_size": 64, **over}
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
 

@@ -67,7 +67,7 @@ def test_prepare_renders_the_job(tmp_path):
 
 def test_prepare_gpu_request_and_options(tmp_path):
     job = prepare(TINY, [f"run.output_dir={tmp_path}", "learner.num_learners=14", "train.global_batch_size=112",
-                         "train.micro_batch_size=8", "erpo.global_batch_size=112", "rollout.num_workers=2"],
+                         "train.micro_batch_size=8", "erpo.optim.global_batch_size=112", "rollout.num_workers=2"],
                   _opts(gpus_per_node=8, cpus_per_node=64, exclusive=True, grace_s=300, stage="run",
                         job_name="my-job"), cwd=REPO)
     lines = _sbatch_lines(job.script)
@@ -98,8 +98,8 @@ def test_relative_paths_are_made_absolute(tmp_path):
 ])
 def test_prepare_rejects_before_submitting(tmp_path, overrides, opts, match):
     with pytest.raises(ConfigError, match=match):
-        # erpo.micro_batch_size=1: the ERPO batch divides over any of these learner counts
-        prepare(TINY, [f"run.output_dir={tmp_path}", "erpo.micro_batch_size=1", *overrides], _opts(**opts), cwd=REPO)
+        # erpo.optim.micro_batch_size=1: the ERPO batch divides over any of these learner counts
+        prepare(TINY, [f"run.output_dir={tmp_path}", "erpo.optim.micro_batch_size=1", *overrides], _opts(**opts), cwd=REPO)
     assert not any(tmp_path.iterdir())
 
 
