@@ -56,7 +56,7 @@ VARLEN_NAME = "safer_varlen"
 SEGMENTS_NAME = "safer_segments"
 EXPLICIT_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", VARLEN_NAME, SEGMENTS_NAME)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_INSTALL_HINT = "pip install 'safer[gpu]'"
+_INSTALL_HINT = "pip install flash-attn --no-build-isolation (README: On GPUs)"
 
 
 @functools.cache
@@ -185,7 +185,7 @@ def resolve_attn_implementation(requested: str, device_type: str) -> str:
             "auto-segments",
             f"attention 'auto' on CUDA: no varlen flash kernel ({reason}); using {SEGMENTS_NAME} (SDPA once "
             f"per packed sequence) rather than SDPA with a dense T x T mask over the packed row, which ran "
-            f"4.6x slower than varlen on an H200. For a varlen kernel: {_INSTALL_HINT} (flash-attn), or a "
+            f"4.6x slower than varlen on an H200. For a varlen kernel: {_INSTALL_HINT}, or a "
             "torch with torch.nn.attention.varlen on an sm80+ GPU",
         )
         return SEGMENTS_NAME
