@@ -12,7 +12,12 @@ for each sequence, ``attention_mask=None``, ``use_cache=False``. Every backend c
   without a KV cache, hence ``use_cache=False`` in training.
 - ``safer_varlen`` (ours, CUDA only): derives ``cu_seqlens`` from ``position_ids`` and calls
   ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's bundled flash kernel) — no ``T x T``
-  mask is materialised. It is registered with transformers' ``AttentionInterface`` and, for
+  mask is materialised. Its arguments changed across torch releases: the first take
+  ``is_causal`` and no ``scale``; 2.11 takes ``scale`` and ``window_size`` but no
+  ``enable_gqa``; later ones also ``enable_gqa``. What the installed function accepts is read
+  once from its signature (:func:`varlen_api`); without ``enable_gqa`` the KV heads are
+  repeated to the query head count before the call, without ``scale`` the query is
+  pre-scaled. It is registered with transformers' ``AttentionInterface`` and, for
   mask creation, reuses transformers' ``flash_attention_mask`` (returns ``None`` when there is
   no padding, else the 2D padding mask), so the model never builds a 4D mask for it. Cases
   the kernel cannot take fall back: fp32 or CPU tensors of a packed batch to per-sequence
@@ -25,21 +30,33 @@ for each sequence, ``attention_mask=None``, ``use_cache=False``. Every backend c
   thread run 1.7x faster for the tiny model and 1.5x for the 20M one
   (``bench/packed_attention.py``, docs/BENCHMARKS.md). Same mask function and same fallback as
   ``safer_varlen`` for padding and KV-cache decoding.
+
+On CUDA a packed row is never run silently through SDPA with a dense block-diagonal mask (it
+ran 4.6x slower than varlen on an H200): ``auto`` without a usable varlen kernel picks
+``safer_segments`` and warns once with the reason; an explicit ``sdpa``/``eager`` on CUDA, and
+the explicit-mask fallback meeting a packed CUDA row, warn once too.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from safer_dist.log import get_logger
+
+log = get_logger("attention")
 
 VARLEN_NAME = "safer_varlen"
 SEGMENTS_NAME = "safer_segments"
 EXPLICIT_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", VARLEN_NAME, SEGMENTS_NAME)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_INSTALL_HINT = "pip install 'safer[gpu]'"
+_INSTALL_HINT = "pip install flash-attn --no-build-isolation (README: On GPUs)"
 
 
 @functools.cache
@@ -52,14 +69,89 @@ def flash_attn_available() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class VarlenApi:
+    """What an installed ``varlen_attn`` accepts, read from its signature.
+
+    ``causal_arg``: ``"window_size"`` (takes ``window_size=(-1, 0)`` for causal) or
+    ``"is_causal"``; ``takes_scale``: has a ``scale`` argument (else the kernel uses
+    ``head_dim ** -0.5``); ``takes_gqa``: has ``enable_gqa`` (else key/value need as many heads
+    as the query).
+    """
+
+    causal_arg: str
+    takes_scale: bool
+    takes_gqa: bool
+
+
 @functools.cache
-def torch_varlen_available() -> bool:
-    """Whether this torch ships ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10)."""
+def _torch_varlen_attn() -> Callable | None:
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return None
+    return varlen_attn
+
+
+def _varlen_kernel() -> Callable | None:
+    """The varlen kernel to call, ``None`` when this torch has none. An indirection so CPU tests
+    can substitute kernels with each released signature, implemented in plain PyTorch."""
+    return _torch_varlen_attn()
+
+
+@functools.cache
+def _read_varlen_api(kernel: Callable) -> VarlenApi | str:
+    """The kernel's :class:`VarlenApi`, or why it cannot run causal packed attention. Cached per
+    kernel object, so the signature is read once per process, never per call."""
+    try:
+        params = inspect.signature(kernel).parameters
+    except (TypeError, ValueError) as exc:
+        return f"the signature of {getattr(kernel, '__qualname__', kernel)!r} cannot be read ({exc})"
+    if "window_size" in params:
+        causal_arg = "window_size"
+    elif "is_causal" in params:
+        causal_arg = "is_causal"
+    else:
+        return (
+            f"torch {torch.__version__}'s varlen_attn{inspect.signature(kernel)} takes neither window_size nor "
+            "is_causal, so it cannot run causal attention"
+        )
+    return VarlenApi(causal_arg=causal_arg, takes_scale="scale" in params, takes_gqa="enable_gqa" in params)
+
+
+def varlen_unavailable_reason() -> str | None:
+    """Why ``safer_varlen`` cannot use a varlen kernel on this torch (``None`` when it can)."""
+    kernel = _varlen_kernel()
+    if kernel is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+    api = _read_varlen_api(kernel)
+    return api if isinstance(api, str) else None
+
+
+def varlen_api() -> VarlenApi | None:
+    """The installed kernel's :class:`VarlenApi`; ``None`` when there is no usable kernel."""
+    kernel = _varlen_kernel()
+    api = None if kernel is None else _read_varlen_api(kernel)
+    return api if isinstance(api, VarlenApi) else None
+
+
+def torch_varlen_available() -> bool:
+    """Whether this torch ships a ``torch.nn.attention.varlen.varlen_attn`` we can call."""
+    return varlen_unavailable_reason() is None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
+
+
+def _is_cuda(tensor: torch.Tensor) -> bool:
+    # Indirection so CPU tests can exercise the CUDA-only decisions.
+    return tensor.is_cuda
 
 
 def _cuda_supports_flash() -> bool:
@@ -73,9 +165,10 @@ def resolve_attn_implementation(requested: str, device_type: str) -> str:
     ``requested`` is ``"auto"`` or one of :data:`EXPLICIT_IMPLEMENTATIONS`; ``device_type`` is
     ``"cpu"``, ``"cuda"`` (a ``torch.device`` or ``"cuda:1"`` also works). ``"auto"`` picks
     ``flash_attention_2`` on CUDA with flash-attn installed, else ``safer_varlen`` on CUDA when
-    this torch has the varlen kernel and the GPU supports it, else ``sdpa`` on CUDA and
-    ``safer_segments`` elsewhere. ``auto`` never picks ``eager``. Raises ``ValueError`` for
-    unknown names and for backends the device cannot run.
+    this torch has a usable varlen kernel and the GPU supports it, else ``safer_segments`` (on
+    CUDA with a one-time warning naming the reason). ``auto`` never picks ``sdpa`` or ``eager``,
+    which run a packed row with a dense mask; asking for them on CUDA warns once. Raises
+    ``ValueError`` for unknown names and for backends the device cannot run.
     """
     device = torch.device(device_type).type
     if requested == "auto":
@@ -83,9 +176,19 @@ def resolve_attn_implementation(requested: str, device_type: str) -> str:
             return SEGMENTS_NAME
         if flash_attn_available():
             return "flash_attention_2"
-        if torch_varlen_available() and _cuda_supports_flash():
+        reason = varlen_unavailable_reason()
+        if reason is None and not _cuda_supports_flash():
+            reason = "this GPU is older than sm80 (Ampere), which PyTorch's flash kernels need"
+        if reason is None:
             return VARLEN_NAME
-        return "sdpa"
+        _warn_once(
+            "auto-segments",
+            f"attention 'auto' on CUDA: no varlen flash kernel ({reason}); using {SEGMENTS_NAME} (SDPA once "
+            f"per packed sequence) rather than SDPA with a dense T x T mask over the packed row, which ran "
+            f"4.6x slower than varlen on an H200. For a varlen kernel: {_INSTALL_HINT}, or a "
+            "torch with torch.nn.attention.varlen on an sm80+ GPU",
+        )
+        return SEGMENTS_NAME
     if requested not in EXPLICIT_IMPLEMENTATIONS:
         raise ValueError(
             f"unknown attention implementation {requested!r}; choose one of "
@@ -104,11 +207,18 @@ def resolve_attn_implementation(requested: str, device_type: str) -> str:
             raise ValueError(
                 f"attn_implementation {VARLEN_NAME!r} runs only on CUDA (got {device!r}); use 'sdpa' or 'auto'"
             )
-        if not torch_varlen_available():
+        reason = varlen_unavailable_reason()
+        if reason is not None:
             raise ValueError(
-                f"attn_implementation {VARLEN_NAME!r} needs torch.nn.attention.varlen "
-                f"(torch >= 2.10); this is torch {torch.__version__}"
+                f"attn_implementation {VARLEN_NAME!r} needs a usable torch.nn.attention.varlen.varlen_attn: "
+                f"{reason}; use 'auto' or {SEGMENTS_NAME!r}"
             )
+    if requested in ("sdpa", "eager") and device == "cuda":
+        _warn_once(
+            f"dense-{requested}",
+            f"attn_implementation {requested!r} on CUDA runs each packed row with a dense T x T "
+            f"block-diagonal mask (SDPA so ran 4.6x slower than varlen on an H200); 'auto' avoids it",
+        )
     return requested
 
 
@@ -154,15 +264,8 @@ def packed_cu_seqlens(position_ids: torch.Tensor | None, batch_size: int, seq_le
     return cu_seqlens, max_seqlen
 
 
-def _varlen_kernel(*args, **kwargs) -> torch.Tensor:
-    # Indirection so CPU tests can substitute a reference implementation.
-    from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn(*args, **kwargs)
-
-
 def _use_varlen_kernel(query: torch.Tensor) -> bool:
-    return query.is_cuda and query.dtype in _HALF_DTYPES
+    return _is_cuda(query) and query.dtype in _HALF_DTYPES
 
 
 def varlen_attention_forward(
@@ -185,9 +288,22 @@ def varlen_attention_forward(
     """
     if dropout:
         raise ValueError(f"{VARLEN_NAME} does not support attention dropout (got {dropout}); set attention_dropout=0")
-    if _fallback_needed(module, query, key, attention_mask, is_causal) or not _use_varlen_kernel(query):
-        # padding, KV-cache decoding, non-causal, fp32 or CPU: exactly what safer_segments does
+    api = None
+    if not _fallback_needed(module, query, key, attention_mask, is_causal) and _use_varlen_kernel(query):
+        api = varlen_api()
+        if api is None:  # only reachable by switching a loaded model to safer_varlen by hand
+            _warn_once("varlen-missing", f"{VARLEN_NAME}: {varlen_unavailable_reason()}; running {SEGMENTS_NAME}")
+    if api is None:
+        # padding, KV-cache decoding, non-causal, fp32, CPU or no kernel: exactly what safer_segments does
         return segments_attention_forward(module, query, key, value, attention_mask, 0.0, scaling, is_causal, **kwargs)
+    return _varlen_packed(api, query, key, value, scaling, kwargs), None
+
+
+def _varlen_packed(
+    api: VarlenApi, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, kwargs: dict
+) -> torch.Tensor:
+    """Causal attention of a packed batch through the varlen kernel, called as ``api`` says.
+    ``[B, H, T, D]`` in, ``[B, T, Hq, D]`` out."""
     batch_size, num_q_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
@@ -199,19 +315,28 @@ def varlen_attention_forward(
     q = query.transpose(1, 2).reshape(batch_size * q_len, num_q_heads, head_dim)
     k = key.transpose(1, 2).reshape(batch_size * kv_len, num_kv_heads, head_dim)
     v = value.transpose(1, 2).reshape(batch_size * kv_len, num_kv_heads, head_dim)
-    out = _varlen_kernel(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        cu_seqlens,
-        max_seqlen,
-        max_seqlen,
-        scale=scaling,
-        window_size=(-1, 0),  # causal; must be a tuple, varlen_attn compares with == (-1, 0)
-        enable_gqa=num_q_heads != num_kv_heads,
-    )
-    return out.view(batch_size, q_len, num_q_heads, head_dim), None
+    call_kwargs: dict = {}
+    if api.causal_arg == "window_size":
+        call_kwargs["window_size"] = (-1, 0)  # causal; must be a tuple, varlen_attn compares with == (-1, 0)
+    else:
+        call_kwargs["is_causal"] = True
+    if num_q_heads != num_kv_heads:
+        assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
+        if api.takes_gqa:
+            call_kwargs["enable_gqa"] = True
+        else:
+            # Query head h reads kv head h // group (SDPA's enable_gqa order); autograd sums the
+            # copies' gradients back into each kv head.
+            group = num_q_heads // num_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if scaling is not None:
+        if api.takes_scale:
+            call_kwargs["scale"] = scaling
+        elif scaling != head_dim**-0.5:
+            # the kernel scales by head_dim ** -0.5; scaling q instead gives the same logits
+            q = q * (scaling * head_dim**0.5)
+    out = _varlen_kernel()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **call_kwargs)
+    return out.view(batch_size, q_len, num_q_heads, head_dim)
 
 
 def segments_attention_forward(
@@ -289,6 +414,15 @@ def _sdpa_fallback(
 
     batch_size, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     device = query.device
+    if q_len == kv_len and position_ids is not None and _is_cuda(query):
+        num_sequences = packed_cu_seqlens(position_ids, batch_size, q_len)[0].numel() - 1
+        if num_sequences > batch_size:
+            why = "a padding mask" if attention_mask is not None else "non-causal attention"
+            _warn_once(
+                f"dense-fallback-{why}",
+                f"a packed CUDA batch with {why} runs SDPA with a dense block-diagonal T x T mask "
+                "(4.6x slower than varlen on an H200); pack without padding for the varlen kernel",
+            )
     allowed = torch.ones(batch_size, 1, q_len, kv_len, dtype=torch.bool, device=device)
     if is_causal:
         q_abs = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
