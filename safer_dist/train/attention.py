@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from safer_dist.log import get_logger
+from safer_dist.runtime.log import get_logger
 
 log = get_logger("attention")
 
