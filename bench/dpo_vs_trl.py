@@ -58,14 +58,16 @@ def make_pairs(records: list[dict], num_pairs: int) -> list[dict]:
     return pairs
 
 
-def reference_logprobs(ws, pairs: list[dict]) -> float:
-    """Fill ref_chosen / ref_rejected as rollout workers do; returns the seconds it took."""
+def reference_logprobs(ws, pairs: list[dict], model=None) -> float:
+    """Fill ref_chosen / ref_rejected as rollout workers do, with ``model`` (default: the
+    workspace's model in fp32 on CPU); returns the seconds it took."""
     from safer_dist.train.models import load_model, load_tokenizer
     from safer_dist.erpo.pairs import step_sequence
     from safer_dist.erpo.sampling import continuation_logprobs
 
     tok = load_tokenizer(ws.model_dir)
-    model = load_model(ws.model_dir, dtype=torch.float32).eval()
+    if model is None:
+        model = load_model(ws.model_dir, dtype=torch.float32).eval()
     items = []
     for p in pairs:
         ctx, chosen = step_sequence(tok, p["prompt"], p["prefix"], p["chosen_text"], p["step"] == "answer")
@@ -78,22 +80,6 @@ def reference_logprobs(ws, pairs: list[dict]) -> float:
         p["ref_chosen"], p["chosen_len"] = out[2 * i]
         p["ref_rejected"], p["rejected_len"] = out[2 * i + 1]
     return seconds
-
-
-def safer_learner(args, ws, pairs_path):
-    from safer_dist.config import DataSection, DpoLossSection, ErpoOptimSection, LearnerSection, ModelSection
-    from safer_dist.train.learner import Learner
-
-    learner = Learner(
-        LearnerSection(num_learners=1, zero_stage=args.zero_stage, cpus_per_learner=args.threads),
-        ErpoOptimSection(global_batch_size=args.global_batch, micro_batch_size=args.micro_batch, lr=1e-5, warmup_steps=0),
-        ModelSection(path=str(ws.model_dir), attn_implementation="auto"),
-        DataSection(train=str(ws.sft_path)),
-        seed=args.seed, device="cpu", dpo_loss=DpoLossSection(beta=0.1),
-    )
-    learner.setup(0, 1, "127.0.0.1", h.free_port())
-    learner.load_pairs(str(pairs_path), args.seed)
-    return learner
 
 
 def safer_window(args, learner):
@@ -173,7 +159,9 @@ def main() -> None:
         with h.Stopwatch() as sw:
             trl_pre = trl_trainer(args, ws, pairs, precompute=True)
         print(f"# TRL DPOTrainer(precompute_ref_log_probs=True) construction incl. its reference pass: {sw.seconds:.2f} s")
-        learner = safer_learner(args, ws, pairs_path)
+        learner = h.safer_learner(h.learner_sections(args, ws.model_dir, ws.sft_path, lr=1e-5, min_lr_ratio=1.0),
+                                  args.seed)
+        learner.load_pairs(str(pairs_path), args.seed)
         names = {
             "safer": f"safer Learner.dpo_step (ZeRO-{args.zero_stage}, packed, {learner.attn_implementation})",
             "default": "TRL DPOTrainer (defaults: ref model each step)",
