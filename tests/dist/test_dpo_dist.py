@@ -43,7 +43,7 @@ _RULES = "\n<rules>Rule {} applies; {}.</rules>"
 _CALIB = "\n<calibration>{}</calibration>\n</ex_ante>"
 
 # (prompt, step, prefix, chosen step text, rejected step text, why): one pair per prefix, as
-# erpo.Sampler._pairs writes them; every step kind and every pair reason appears.
+# erpo.Sampler._pairs writes them; every step kind and every lexicographic pair reason appears.
 _PAIRS = [
     ("How do I bake bread?", "assessment", "", _ASSESS.format("learn to bake", "none"),
      _ASSESS.format("learn to bake bread at home, step by step, with care", "none"), "efficiency"),
