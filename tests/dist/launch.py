@@ -22,7 +22,8 @@ def _worker(rank, world_size, port, cfg, fn, queue, device):
             os.environ.pop("DS_ACCELERATOR", None)
         from safer_dist.train.learner import Learner
 
-        learner = Learner(cfg.learner, cfg.train, cfg.model, cfg.data, seed=cfg.run.seed, device=device)
+        learner = Learner(cfg.learner, cfg.train, cfg.model, cfg.data, seed=cfg.run.seed, device=device,
+                          dpo_loss=cfg.erpo.loss)
         learner.setup(rank, world_size, "127.0.0.1", port)
         queue.put((rank, "ok", fn(learner)))
     except BaseException:  # noqa: BLE001 - report any failure to the parent
