@@ -88,6 +88,13 @@ class TrainSection:
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
     log_every: int = 1
+    # Labelled tokens whose logits the loss computes at once (safer_dist/lm_head.py): full fp32
+    # logits [tokens, vocab] never exist, only [loss_chunk_tokens, vocab]. ERPO's learner uses the
+    # same. 0: the model's full logits, as a plain forward gives them.
+    loss_chunk_tokens: int = 4096
+    # Peak dense bf16 TFLOP/s of one learner device, for MFU in metrics.jsonl. None: looked up from
+    # the GPU's name (safer_dist/throughput.py); on CPU or an unknown GPU, MFU is not reported.
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -299,6 +306,8 @@ class Config:
         _check(t.warmup_steps >= 0, "train.warmup_steps must be >= 0 (it is capped at train.max_steps)")
         _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         _check(t.log_every >= 1, "train.log_every must be >= 1")
+        _check(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens must be >= 0 (0: full logits)")
+        _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops must be > 0 (or null: from the GPU's name)")
         _check(lr.num_learners >= 1, "learner.num_learners must be >= 1")
         _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
         _check(lr.cpus_per_learner >= 1, "learner.cpus_per_learner must be >= 1")

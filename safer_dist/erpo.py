@@ -38,6 +38,7 @@ from safer_dist.faults import die_if
 from safer_dist.log import get_logger
 from safer_dist.metrics import MetricsWriter, Progress
 from safer_dist.pairs import Ranking
+from safer_dist.throughput import Throughput, progress_fields
 
 log = get_logger("erpo")
 
@@ -51,6 +52,7 @@ def learner_config(cfg: Config, init_from: Path) -> Config:
         max_steps=1 << 30, global_batch_size=e.global_batch_size, micro_batch_size=e.micro_batch_size,
         lr=e.lr, min_lr_ratio=1.0, warmup_steps=e.warmup_steps, weight_decay=0.0,
         adam_beta1=cfg.train.adam_beta1, adam_beta2=cfg.train.adam_beta2, grad_clip=cfg.train.grad_clip,
+        loss_chunk_tokens=cfg.train.loss_chunk_tokens, peak_tflops=cfg.train.peak_tflops,
     )
     return out
 
@@ -261,6 +263,7 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
         sync_weights(learners, rollout, state.extra["iteration"])
     pool = list(load_records(cfg.data.erpo_prompts, "prompts"))
     sampler = Sampler(cfg, rollout, judge, reference)
+    throughput = Throughput(learners.infos)
     e = cfg.erpo
     while state.extra["iteration"] < e.iterations:
         t = state.extra["iteration"]
@@ -284,11 +287,11 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
             state.extra["iter_step"] += 1
             state.tokens_seen += m["num_tokens"]
             state.elapsed_s += dt
-            rec = {"stage": "erpo", "step": state.step, "iteration": t, "iter_step": state.extra["iter_step"], **m,
-                   "tokens_per_s": m["num_tokens"] / dt}
+            speed = throughput(m["num_tokens"], dt)
+            rec = {"stage": "erpo", "step": state.step, "iteration": t, "iter_step": state.extra["iter_step"], **m, **speed}
             metrics.write(rec)
             train_metrics.append(rec)
-            progress.update(1, loss=m["loss"], acc=m["preference_accuracy"])
+            progress.update(1, loss=m["loss"], acc=m["preference_accuracy"], **progress_fields(speed))
             if stop.requested():
                 ckpt.save(learners, state, lcfg)
                 raise stop.Preempted(f"stopped at ERPO iteration {t} step {state.extra['iter_step']}; checkpoint written")

@@ -143,7 +143,7 @@ class LearnerGroup:
             ", ".join(f"{r}:{ip}" for r, ip in enumerate(self.node_ips)), addr, port,
         )
         infos = self._call("setup", lambda r: (r, self.world_size, addr, port))
-        self.info = infos[0]
+        self.info, self.infos = infos[0], infos
         log.info(
             "%d learner(s) ready: ZeRO-%d, %s, %s, attention %s, %.2fM parameters",
             self.world_size, cfg.learner.zero_stage, self.info["device"], self.info["dtype"],
