@@ -39,8 +39,10 @@ def chunked_token_logprobs(
     positions, mask [B, T-1] bool), equal to ``token_logprobs(hidden @ weight.T, labels)``,
     with the same gradients w.r.t. hidden and weight. Only labelled positions are projected,
     ``chunk_tokens`` of them at a time, in forward and again in backward: the largest
-    temporaries are [chunk_tokens, V] fp32 (and a [V, H] fp32 gradient accumulator when the
-    weight is 16-bit), never [B*T, V].
+    temporaries are two [chunk_tokens, V] fp32 tensors, never [B*T, V]. The weight's gradient
+    is summed over chunks in the weight's dtype (each chunk's product accumulates in fp32
+    inside the matmul and is rounded once), as liger-kernel's fused kernel does: a 16-bit
+    weight's gradient thus takes one rounding per chunk rather than one in all.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -74,9 +76,8 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         hidden, weight, target, rows = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        # A 16-bit weight's gradient is summed over chunks in fp32, as one matmul over all
-        # tokens would accumulate it, and rounded once at the end.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        # In the weight's dtype: an fp32 accumulator would cost 2x a 16-bit lm_head's size.
+        grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_logp = grad_logp.float()
         for start in range(0, rows.numel(), ctx.chunk_tokens):
             r = rows[start : start + ctx.chunk_tokens]
@@ -89,12 +90,7 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
             if need_hidden:
                 grad_hidden.index_copy_(0, r, d @ weight)
             if need_weight:
-                if d.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(d.T, h)
-                else:
-                    grad_weight += d.T @ h
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
+                grad_weight.addmm_(d.T, h)
         return grad_hidden, grad_weight, None, None
 
 

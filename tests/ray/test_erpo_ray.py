@@ -89,6 +89,8 @@ def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_di
 
     learners = LearnerGroup(learner_config(cfg, tiny_model_dir))
     try:
+        # The learners' chunked loss head against the rollout workers' full logits.
+        assert learners.info["loss_head"] == "chunked"
         assert learners.load_pairs(str(path), seed=0) == 4
         m = learners.dpo_step(0, cfg.erpo)
     finally:
