@@ -10,6 +10,11 @@ averages gradients over the W data-parallel ranks. Each micro-batch's loss is th
 token NLL over the *global* count N of labelled tokens, multiplied by GAS*W to undo both,
 so the applied gradient is exactly that of mean NLL over the global batch — identical for
 any split into ranks and micro-batches.
+
+Token log-probs come from :class:`safer_dist.lm_head.LMHead`: by default the final hidden
+states are projected onto the vocabulary ``train.loss_chunk_tokens`` labelled tokens at a time,
+so full fp32 logits never exist. ``setup`` reports the parameter count MFU is computed from
+and the device's peak FLOP/s (:mod:`safer_dist.throughput`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Every loss is a *sum* over valid tokens (or pairs) divided by a caller-supplied global
 count, so splitting a batch over micro-batches or data-parallel ranks and adding the parts
 gives exactly the whole-batch value.
+
+:func:`chunked_token_logprobs` gives :func:`token_logprobs` from final hidden states and the
+output projection without ever holding full [tokens, vocab] logits (the learner's loss head,
+:mod:`safer_dist.lm_head`).
 """
 
 from __future__ import annotations
