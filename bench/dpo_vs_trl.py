@@ -12,7 +12,8 @@ chosen = that trace's step k, rejected = step k of another trace (a different le
 - safer: ``safer_dist.train.learner.Learner`` as a learner rank runs it — a single-process DeepSpeed
   engine (ZeRO ``--zero-stage``, world size 1) — ``Learner.load_pairs`` + ``Learner.dpo_step``:
   prefix+chosen and prefix+rejected as separate sequences of one padding-free pack, attention
-  ``safer_segments`` (the CPU default), ``losses.sequence_logprobs`` + ``losses.step_dpo_loss``.
+  ``safer_segments`` (the CPU default), the learner's loss head (per-sequence log-probs, chunked
+  per ``learner.loss_chunk_tokens``) + ``losses.step_dpo_loss``.
   Reference log-probs come with the pairs: in ERPO the rollout workers compute them at sampling
   time (``sampling.continuation_logprobs``), so the learner holds one model. That one-off pass
   is timed separately and reported, not counted in the step rate.

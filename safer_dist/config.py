@@ -175,6 +175,13 @@ class LearnerSection:
     placement_timeout_s: float = 300.0
     # Seconds a learner call may take before the job is declared hung.
     call_timeout_s: float = 1800.0
+    # Labelled tokens whose logits the loss computes at once (safer_dist/train/lm_head.py): full fp32
+    # logits [tokens, vocab] never exist, only [loss_chunk_tokens, vocab]. SFT and ERPO
+    # alike. 0: the model's full logits, as a plain forward gives them.
+    loss_chunk_tokens: int = 4096
+    # Peak dense bf16 TFLOP/s of one learner device, for MFU in metrics.jsonl. None: looked up from
+    # the GPU's name (safer_dist/train/throughput.py); on CPU or an unknown GPU, MFU is not reported.
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -349,6 +356,8 @@ class Config:
         t.validate("train", lr.num_learners)
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
         _check(t.log_every >= 1, "train.log_every must be >= 1")
+        _check(lr.loss_chunk_tokens >= 0, "learner.loss_chunk_tokens must be >= 0 (0: full logits)")
+        _check(lr.peak_tflops is None or lr.peak_tflops > 0, "learner.peak_tflops must be > 0 (or null: from the GPU's name)")
         _check(lr.num_learners >= 1, "learner.num_learners must be >= 1")
         _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
         _check(lr.cpus_per_learner >= 1, "learner.cpus_per_learner must be >= 1")

@@ -157,11 +157,12 @@ class LearnerGroup:
             ", ".join(f"{r}:{ip}" for r, ip in enumerate(self.node_ips)), addr, port,
         )
         infos = self._all("setup", lambda a, r: a.setup.remote(r, self.world_size, addr, port))
-        self.info = infos[0]
+        self.info, self.infos = infos[0], infos
         log.info(
-            "%d learner(s) ready: ZeRO-%d, %s, %s, attention %s, %.2fM parameters",
+            "%d learner(s) ready: ZeRO-%d, %s, %s, attention %s, loss head %s, %.2fM parameters (%.2fM non-embedding)",
             self.world_size, cfg.learner.zero_stage, self.info["device"], self.info["dtype"],
-            self.info["attn_implementation"], self.info["num_params"] / 1e6,
+            self.info["attn_implementation"], self.info["loss_head"], self.info["num_params"] / 1e6,
+            self.info["num_params_non_embedding"] / 1e6,
         )
         log.info("learner pids by rank: %s", " ".join(f"{r}:{pid}" for r, pid in enumerate(self.pids)))
 

@@ -27,8 +27,11 @@ Llama with flash-style attention (no T x T scores; tests/unit/test_plan.py check
     fp32: ( 8h + 2kv + 4i) x 4 bytes      (RMSNorm computes in fp32, hence the larger bf16 h term)
 
 With gradient checkpointing only each layer's input is kept (``h`` per layer and token) plus
-one layer's full set while it is recomputed. The vocabulary logits add ``T * V`` x (dtype
-bytes + 12): the logits, the fp32 log-softmax the loss saves, and the fp32 gradients of both.
+one layer's full set while it is recomputed. With ``learner.loss_chunk_tokens=0`` the vocabulary
+logits add ``T * V`` x (dtype bytes + 12): the logits, the fp32 log-softmax the loss saves, and
+the fp32 gradients of both. The chunked loss head (``learner.loss_chunk_tokens=c``,
+safer_dist/train/lm_head.py) holds one chunk at a time instead: ``min(c, T) * V * 8`` bytes (a chunk's
+fp32 logits and log-softmax).
 DeepSpeed's default communication buckets (reduce bucket 5e8 elements, ZeRO-3 prefetch 5e7)
 are added as ``buffers``. A setup fits when the total is at most 90% of the GPU's memory (the
 rest: CUDA context, NCCL, allocator fragmentation). Memory is in GiB (2**30 bytes).
@@ -227,8 +230,11 @@ def model_states(num_params: int, largest_layer: int, setup: Setup, *, world_siz
             "cpu_per_node": cpu}
 
 
-def activation_bytes(shape: ModelShape, num_tokens: int, *, checkpointing: bool, dtype_bytes: int) -> tuple[float, float]:
-    """(decoder-layer activations, logits) bytes for one micro-batch of ``num_tokens``."""
+def activation_bytes(
+    shape: ModelShape, num_tokens: int, *, checkpointing: bool, dtype_bytes: int, loss_chunk_tokens: int = 0,
+) -> tuple[float, float]:
+    """(decoder-layer activations, logits) bytes for one micro-batch of ``num_tokens``;
+    ``loss_chunk_tokens`` as learner.loss_chunk_tokens (0: full logits)."""
     h, i = shape.hidden_size, shape.intermediate_size
     h_coef = 10 if dtype_bytes < 4 else 8  # see the module docstring
     per_layer = (h_coef * h + 2 * shape.kv_dim + 4 * i) * dtype_bytes * num_tokens
@@ -236,12 +242,15 @@ def activation_bytes(shape: ModelShape, num_tokens: int, *, checkpointing: bool,
         layers = shape.num_layers * h * dtype_bytes * num_tokens + per_layer
     else:
         layers = shape.num_layers * per_layer
-    logits = num_tokens * shape.vocab_size * (dtype_bytes + 12)
+    if loss_chunk_tokens:
+        logits = min(num_tokens, loss_chunk_tokens) * shape.vocab_size * 8
+    else:
+        logits = num_tokens * shape.vocab_size * (dtype_bytes + 12)
     return float(layers), float(logits)
 
 
 def estimate(shape: ModelShape, setup: Setup, *, world_size: int, gpus_per_node: int, max_seq_len: int,
-             mixed_precision: bool = True) -> Estimate:
+             mixed_precision: bool = True, loss_chunk_tokens: int = 0) -> Estimate:
     ms = model_states(shape.num_params(), shape.largest_layer_params(), setup, world_size=world_size,
                       mixed_precision=mixed_precision, gpus_per_node=gpus_per_node)
     dtype_bytes = 2 if mixed_precision else 4
@@ -249,7 +258,8 @@ def estimate(shape: ModelShape, setup: Setup, *, world_size: int, gpus_per_node:
     if setup.zero_stage == 0:
         buffers = dtype_bytes * REDUCE_BUCKET
     layers, logits = activation_bytes(shape, setup.micro_batch_size * max_seq_len,
-                                      checkpointing=setup.gradient_checkpointing, dtype_bytes=dtype_bytes)
+                                      checkpointing=setup.gradient_checkpointing, dtype_bytes=dtype_bytes,
+                                      loss_chunk_tokens=loss_chunk_tokens)
     return Estimate(buffers=buffers, activations=layers, logits=logits, **ms)
 
 
@@ -334,7 +344,8 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
     seq = cfg.data.max_seq_len
     configured = Setup(ln.zero_stage, ln.offload_optimizer, ln.offload_params, cfg.model.gradient_checkpointing,
                        t.micro_batch_size)
-    kw = dict(world_size=world, gpus_per_node=min(gpus_per_node, world), max_seq_len=seq, mixed_precision=mixed)
+    kw = dict(world_size=world, gpus_per_node=min(gpus_per_node, world), max_seq_len=seq, mixed_precision=mixed,
+              loss_chunk_tokens=cfg.learner.loss_chunk_tokens)
     rollout = rollout_bytes(model_shape, rows=cfg.rollout.batch_size, tokens_per_row=seq)
     plan = Plan(model_shape, source, world, gpus_per_node, nodes, gpu_mem_gb * GIB, seq, mixed, configured,
                 [(configured, estimate(model_shape, configured, **kw))], None, rollout, [])

@@ -38,6 +38,7 @@ from safer_dist.runtime.faults import die_if
 from safer_dist.runtime.io import atomic_write_jsonl
 from safer_dist.runtime.log import get_logger
 from safer_dist.runtime.metrics import MetricsWriter, Progress
+from safer_dist.train.throughput import Throughput, progress_fields
 
 log = get_logger("erpo")
 
@@ -231,6 +232,7 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
         learners.push_weights(rollout, state.extra["iteration"])
     pool = list(load_records(cfg.data.erpo_prompts, "prompts"))
     sampler = Sampler(cfg, rollout, judge, reference)
+    throughput = Throughput(learners.infos)
     while state.extra["iteration"] < e.iterations:
         t = state.extra["iteration"]
         it_dir = run_dir / "erpo" / f"iter_{t}"
@@ -253,11 +255,11 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
             state.extra["iter_step"] += 1
             state.tokens_seen += m["num_tokens"]
             state.elapsed_s += dt
-            rec = {"stage": "erpo", "step": state.step, "iteration": t, "iter_step": state.extra["iter_step"], **m,
-                   "tokens_per_s": m["num_tokens"] / dt}
+            speed = throughput(m["num_tokens"], dt)
+            rec = {"stage": "erpo", "step": state.step, "iteration": t, "iter_step": state.extra["iter_step"], **m, **speed}
             metrics.write(rec)
             train_metrics.append(rec)
-            progress.update(1, loss=m["loss"], acc=m["preference_accuracy"])
+            progress.update(1, loss=m["loss"], acc=m["preference_accuracy"], **progress_fields(speed))
             if stop.requested():
                 ckpt.save(learners, state, cfg)
                 raise stop.Preempted(f"stopped at ERPO iteration {t} step {state.extra['iter_step']}; checkpoint written")

@@ -10,6 +10,11 @@ averages gradients over the W data-parallel ranks. Each micro-batch's loss is th
 token NLL over the *global* count N of labelled tokens, multiplied by GAS*W to undo both,
 so the applied gradient is exactly that of mean NLL over the global batch — identical for
 any split into ranks and micro-batches.
+
+Token log-probs come from :class:`safer_dist.train.lm_head.LMHead`: by default the final hidden
+states are projected onto the vocabulary ``learner.loss_chunk_tokens`` labelled tokens at a time,
+so full fp32 logits never exist. ``setup`` reports the parameter count MFU is computed from
+and the device's peak FLOP/s (:mod:`safer_dist.train.throughput`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import numpy as np
 import torch
 
 from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
+from safer_dist.train.lm_head import LMHead
 from safer_dist.runtime.log import get_logger, quiet_libraries
+from safer_dist.train.throughput import device_peak_flops, non_embedding_params
 
 log = get_logger("learner")
 
@@ -174,7 +181,7 @@ class Learner:
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int) -> dict:
         import deepspeed
 
-        from safer_dist.train.models import load_model, load_tokenizer
+        from safer_dist.train.models import count_params, load_model, load_tokenizer
 
         self.rank, self.world_size = rank, world_size
         quiet_libraries()
@@ -220,10 +227,12 @@ class Learner:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=model.parameters() if optimizer is None else None,
         )
+        self.head = LMHead(self.engine.module, self.cfg.loss_chunk_tokens, self.device)
         return {
             "rank": rank, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
-            "attn_implementation": self.attn_implementation,
-            "num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
+            "attn_implementation": self.attn_implementation, "loss_head": self.head.mode,
+            "num_params": count_params(model), "num_params_non_embedding": non_embedding_params(model),
+            "peak_flops": device_peak_flops(self.device, self.cfg.peak_tflops),
         }
 
     # -- training -------------------------------------------------------------------------
@@ -236,7 +245,6 @@ class Learner:
 
     def sft_step(self, step: int) -> dict:
         """One optimizer step on global batch ``step``. Returns global metrics (same on all ranks)."""
-        from safer_dist.train.losses import sft_loss
         from safer_dist.train.sft_data import Encoded, num_label_tokens, pack
 
         t0 = time.perf_counter()
@@ -257,8 +265,7 @@ class Learner:
             if b is None:  # every example of this micro-batch was dropped: keep ranks in step
                 b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
             b = {k: v.to(self.device) for k, v in b.items()}
-            logits = self.engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
-            loss = sft_loss(logits, b["labels"], max(n_label, 1.0)) + 0.0 * logits.sum()
+            loss = self.head.sft_loss(self.engine, b, max(n_label, 1.0))
             self.engine.backward(loss * scale)
             self.engine.step()
             loss_sum += float(loss.detach())
@@ -300,7 +307,7 @@ class Learner:
         """One optimizer step of step-level DPO (``dpo_loss`` of set-up) on pair batch ``step``
         of the loaded pairs. Reference log-probs come with the pairs (computed by rollout
         workers at sampling)."""
-        from safer_dist.train.losses import sequence_logprobs, step_dpo_loss
+        from safer_dist.train.losses import step_dpo_loss, sum_by_sequence
 
         t0 = time.perf_counter()
         t, erpo = self.optim, self.dpo_loss
@@ -319,8 +326,7 @@ class Learner:
         for b in batches:
             k = int(b["num_pairs"])
             dev = {key: b[key].to(self.device) for key in ("input_ids", "position_ids", "labels", "seq_ids")}
-            logits = self.engine(input_ids=dev["input_ids"], position_ids=dev["position_ids"], use_cache=False).logits
-            logp, _ = sequence_logprobs(logits, dev["labels"], dev["seq_ids"], 2 * k)
+            logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
             logp = logp.double()
             chosen, rejected = logp[0::2], logp[1::2]
             loss, stats = step_dpo_loss(

@@ -22,6 +22,7 @@ from safer_dist.checkpointing.checkpoint import Checkpointer, TrainerState
 from safer_dist.config import Config
 from safer_dist.runtime.log import get_logger
 from safer_dist.runtime.metrics import MetricsWriter, Progress
+from safer_dist.train.throughput import Throughput, progress_fields
 
 log = get_logger("sft")
 
@@ -36,6 +37,7 @@ def train_sft(cfg: Config, group, run_dir: Path) -> TrainerState:
     else:
         metrics.truncate_after("sft", 0)
     progress = Progress(cfg.train.max_steps, initial=state.step, desc="sft")
+    throughput = Throughput(group.infos)
     saved_at = state.step if state.step else -1
     try:
         while state.step < cfg.train.max_steps:
@@ -45,14 +47,15 @@ def train_sft(cfg: Config, group, run_dir: Path) -> TrainerState:
             state.step += 1
             state.tokens_seen += m["num_tokens"]
             state.elapsed_s += dt
+            speed = throughput(m["num_tokens"], dt)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 metrics.write({
                     "stage": "sft", "step": state.step, "loss": m["loss"], "lr": m["lr"],
                     "grad_norm": m["grad_norm"], "num_tokens": m["num_tokens"],
-                    "num_loss_tokens": m["num_loss_tokens"], "tokens_per_s": m["num_tokens"] / dt,
+                    "num_loss_tokens": m["num_loss_tokens"], **speed,
                     "truncated": m["truncated"], "dropped": m["dropped"], "time_s": round(state.elapsed_s, 3),
                 })
-            progress.update(1, loss=m["loss"], tok_s=m["num_tokens"] / dt)
+            progress.update(1, loss=m["loss"], **progress_fields(speed))
             if stop.requested():
                 ckpt.save(group, state, cfg)
                 raise stop.Preempted(f"stopped at step {state.step}; checkpoint written")

@@ -86,6 +86,8 @@ def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_di
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     learners = LearnerGroup(cfg, optim=cfg.erpo.optim, model_path=str(tiny_model_dir), dpo_loss=cfg.erpo.loss)
     try:
+        # The learners' chunked loss head against the rollout workers' full logits.
+        assert learners.info["loss_head"] == "chunked"
         assert learners.load_pairs(str(path), seed=0) == 4
         m = learners.dpo_step(0)
     finally:

@@ -21,6 +21,8 @@ class FakeLearners:
     """Records the controller's calls; checkpoints are one file per rank."""
 
     world_size = 2
+    # what each rank reports at set-up: 1000 non-embedding parameters, 1 TFLOP/s peak
+    infos = [{"num_params_non_embedding": 1000, "peak_flops": 1e12}] * 2
 
     def __init__(self):
         self.calls: list[tuple] = []
@@ -90,6 +92,8 @@ def test_train_erpo_iterates_trains_syncs_and_checkpoints(tmp_path):
     assert "erpo:" in (ckpt / "config.yaml").read_text() and "max_steps: 1073741824" not in (ckpt / "config.yaml").read_text()
     rows = [json.loads(x) for x in (cfg.run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "erpo"] == list(range(1, 2 * steps + 1))
+    for r in (r for r in rows if r["stage"] == "erpo"):  # MFU = 6 N tokens/s / (2 ranks x 1e12)
+        assert r["mfu"] == pytest.approx(6 * 1000 * r["tokens_per_s"] / 2e12)
     assert [(r["iteration"], r["pairs"], r["dpo_steps"]) for r in rows if r["stage"] == "erpo_iter"] == [(0, 2, 6), (1, 2, 6)]
 
 

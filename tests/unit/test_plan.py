@@ -188,6 +188,12 @@ def test_checkpointing_and_logits_by_hand():
     layers, logits = activation_bytes(shape, 5, checkpointing=False, dtype_bytes=2)
     assert layers == 3 * 304 * 5
     assert logits == 5 * 10 * (2 + 12)
+    # chunked loss head, 3 tokens per chunk: 3*10 fp32 logits + 3*10 fp32 log-softmax = 3*10*8 bytes
+    _, chunked = activation_bytes(shape, 5, checkpointing=False, dtype_bytes=2, loss_chunk_tokens=3)
+    assert chunked == 3 * 10 * 8
+    # a chunk larger than the micro-batch holds the micro-batch: 5*10*8
+    _, chunked = activation_bytes(shape, 5, checkpointing=False, dtype_bytes=4, loss_chunk_tokens=64)
+    assert chunked == 5 * 10 * 8
     # checkpointing: each layer's input (8 elements) + one full layer
     layers, _ = activation_bytes(shape, 5, checkpointing=True, dtype_bytes=2)
     assert layers == 3 * 8 * 2 * 5 + 304 * 5
@@ -213,7 +219,12 @@ def test_recommendation_prefers_a_smaller_micro_batch_to_checkpointing():
 
 
 def test_recommendation_on_small_gpus_offloads_and_reports_nothing_fits():
+    # The chunked loss head's logits (one chunk of 4096 tokens) let ZeRO-2 fit with offload and
+    # checkpointing; full logits (2 x 4096 tokens x V x 14 bytes) need ZeRO-3 as well.
     plan = plan_config(_cfg(), gpus_per_node=8, nodes=1, gpu_mem_gb=24, shape="llama3-8b")
+    setup, _ = plan.recommended
+    assert setup.zero_stage == 2 and setup.offload_optimizer and setup.gradient_checkpointing
+    plan = plan_config(_cfg(**{"learner.loss_chunk_tokens": 0}), gpus_per_node=8, nodes=1, gpu_mem_gb=24, shape="llama3-8b")
     setup, _ = plan.recommended
     assert setup.zero_stage == 3 and setup.offload_optimizer and setup.gradient_checkpointing
     plan = plan_config(_cfg(), gpus_per_node=8, nodes=1, gpu_mem_gb=4, shape="llama3-70b")
