@@ -25,7 +25,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from safer_dist import jobs
 from safer_dist.checkpointing.export import export_checkpoint
 from safer_dist.cluster.group import LearnerFailure
 from safer_dist.cluster.plan import format_plan, plan_config
@@ -34,7 +33,6 @@ from safer_dist.config import ALIASES, ConfigError, load_config
 from safer_dist.data.demo import generate_demo
 from safer_dist.data.records import load_records
 from safer_dist.evaluation.report import ROWS, _fmt
-from safer_dist.evaluation.suite import format_suite, suite_job
 from safer_dist.reasoning.rules import Rulebook
 from safer_dist.runtime.log import get_logger, set_level
 from safer_dist.runtime.stop import EXIT_PREEMPTED, Preempted
@@ -159,6 +157,10 @@ def _dispatch(args) -> int:
         print(format_plan(plan, args.config))
         return 0
     set_level(cfg.run.log_level)
+    # The jobs import torch and transformers; the subcommands above run without them.
+    from safer_dist import jobs
+    from safer_dist.evaluation.suite import format_suite, suite_job
+
     if args.command == "sft":
         hf = jobs.sft_job(cfg)
         print(f"SFT model: {hf}\nmetrics: {cfg.run.dir / 'metrics.jsonl'}")
