@@ -22,7 +22,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
+
+from safer_dist.checkpointing.export import export_checkpoint
+from safer_dist.cluster.group import LearnerFailure
+from safer_dist.cluster.plan import format_plan, plan_config
+from safer_dist.cluster.slurm import SubmitOptions, prepare, submit
+from safer_dist.config import ALIASES, ConfigError, load_config
+from safer_dist.data.demo import generate_demo
+from safer_dist.data.records import load_records
+from safer_dist.evaluation.report import ROWS, _fmt
+from safer_dist.reasoning.rules import Rulebook
+from safer_dist.runtime.log import get_logger, set_level
+from safer_dist.runtime.stop import EXIT_PREEMPTED, Preempted
+from safer_dist.synth.pipeline import format_summary, synth_job
+from safer_dist.synth.teachers import TeacherUnavailable
 
 EXIT_USAGE = 2
 
@@ -98,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from safer_dist.config import ConfigError
-    from safer_dist.runtime.log import get_logger
-
     log = get_logger("cli")
     try:
         return _dispatch(args)
@@ -113,13 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - the last line the user sees should say what failed
-        from safer_dist.runtime.stop import EXIT_PREEMPTED, Preempted
-
         if isinstance(e, Preempted):
             log.warning("%s", e)
             return EXIT_PREEMPTED
-        from safer_dist.cluster.group import LearnerFailure
-        from safer_dist.cluster.rollout import RolloutFailure
+        from safer_dist.cluster.rollout import RolloutFailure  # imports torch: only on this path
 
         if isinstance(e, (LearnerFailure, RolloutFailure)):
             log.error("%s", e)
@@ -128,12 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from safer_dist.config import load_config
-
     if args.command == "data":
-        from safer_dist.data.demo import generate_demo
-        from safer_dist.reasoning.rules import Rulebook
-
         paths = generate_demo(Path(args.out), Rulebook.load(args.rules), seed=args.seed, num_sft=args.num_sft)
         for k, v in paths.items():
             print(f"{k}: {v}")
@@ -143,23 +147,19 @@ def _dispatch(args) -> int:
     if args.command == "slurm":
         return _slurm_submit(args)
     if args.command == "export":
-        from safer_dist.checkpointing.export import export_checkpoint
-
         out = export_checkpoint(args.source, args.out, stage=args.stage, dtype=args.dtype)
         print(f"exported model: {out}")
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "plan":
-        from safer_dist.cluster.plan import format_plan, plan_config
-
         plan = plan_config(cfg, gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_mem_gb=args.gpu_mem_gb,
                            shape=args.shape)
         print(format_plan(plan, args.config))
         return 0
-    from safer_dist.runtime.log import set_level
-
     set_level(cfg.run.log_level)
+    # The jobs import torch and transformers; the subcommands above run without them.
     from safer_dist import jobs
+    from safer_dist.evaluation.suite import format_suite, suite_job
 
     if args.command == "sft":
         hf = jobs.sft_job(cfg)
@@ -172,8 +172,6 @@ def _dispatch(args) -> int:
     if args.command == "eval":
         model = cfg.model.path if "model.path" in _overridden(args.overrides) else str(cfg.run.dir / "hf")
         if cfg.eval.benchmarks or cfg.eval.models or cfg.eval.attacks:
-            from safer_dist.evaluation.suite import format_suite, suite_job
-
             out = suite_job(cfg, model)
             print(format_suite(out["results"]))
             print(f"report: {out['report']}\nper-prompt judgements: {cfg.run.dir / 'eval'}/<model>.jsonl")
@@ -182,14 +180,9 @@ def _dispatch(args) -> int:
         _print_summary(result)
         return 0
     if args.command == "synth":
-        from safer_dist.synth.pipeline import format_summary, synth_job
-        from safer_dist.synth.teachers import TeacherUnavailable
-
         try:
             print(format_summary(synth_job(cfg)))
         except TeacherUnavailable as e:
-            from safer_dist.runtime.log import get_logger
-
             get_logger("cli").error("%s", e)
             return 1
         return 0
@@ -205,8 +198,6 @@ def _dispatch(args) -> int:
 
 
 def _slurm_submit(args) -> int:
-    from safer_dist.cluster.slurm import SubmitOptions, prepare, submit
-
     opts = SubmitOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
         partition=args.partition, time=args.time, account=args.account, exclusive=args.exclusive,
@@ -225,24 +216,16 @@ def _slurm_submit(args) -> int:
 
 
 def _overridden(overrides: list[str]) -> set[str]:
-    from safer_dist.config import ALIASES
-
     keys = {o.split("=", 1)[0] for o in overrides}
     return {ALIASES.get(k, k) for k in keys}
 
 
 def _init_model(args) -> int:
-    from safer_dist.data.records import load_records
-    from safer_dist.train.models import init_model_from_corpus
+    from safer_dist.train.models import init_model_from_corpus  # imports torch and transformers
 
     if args.data:
         recs = load_records(args.data, "sft")
     else:
-        import tempfile
-
-        from safer_dist.data.demo import generate_demo
-        from safer_dist.reasoning.rules import Rulebook
-
         tmp = Path(tempfile.mkdtemp())
         recs = load_records(generate_demo(tmp, Rulebook.load("configs/rules/default.yaml"), seed=args.seed)["sft"], "sft")
     corpus = [r["prompt"] for r in recs] + [r["response"] for r in recs]
@@ -267,8 +250,6 @@ def _print_summary(result: dict) -> None:
 
 
 def _print_comparison(results: dict) -> None:
-    from safer_dist.evaluation.report import ROWS, _fmt
-
     tags = list(results)
     print("\n" + f"{'held-out metric':40s}" + "".join(f"{t:>10s}" for t in tags))
     for key, label, pct in ROWS:

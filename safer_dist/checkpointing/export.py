@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
+
+from safer_dist.checkpointing.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    Checkpointer,
+    is_complete,
+    load_checkpoint_meta,
+    verify_manifest,
+)
+from safer_dist.checkpointing.safe_load import weights_only_torch_load
+from safer_dist.config import CheckpointSection
+from safer_dist.runtime.io import atomic_write_dir
+from safer_dist.runtime.log import get_logger, quiet_libraries
+
+log = get_logger("export")
 
 
 def save_hf_atomically(model, tokenizer, out_dir: str | Path, state_dict=None) -> Path:
@@ -13,18 +27,11 @@ def save_hf_atomically(model, tokenizer, out_dir: str | Path, state_dict=None) -
     The directory is built next to its destination and swapped in, so a crash leaves either
     the old export or the new one, never a mixture.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_write_dir(out_dir, fill)
 
 
 # -- export from a DeepSpeed checkpoint (no Ray, no process group; CPU) -------------------------
@@ -33,9 +40,6 @@ def save_hf_atomically(model, tokenizer, out_dir: str | Path, state_dict=None) -
 def resolve_checkpoint(source: str | Path, stage: str | None = None) -> Path:
     """``source`` if it is a checkpoint directory, else the newest complete checkpoint of the
     run directory ``source`` (of ``stage``, or of whichever stage saved last)."""
-    from safer_dist.checkpointing.checkpoint import COMPLETE, CheckpointError, Checkpointer, is_complete
-    from safer_dist.config import CheckpointSection
-
     p = Path(source)
     if not p.is_dir():
         raise ValueError(f"{source}: no such run directory or checkpoint directory")
@@ -54,8 +58,6 @@ def resolve_checkpoint(source: str | Path, stage: str | None = None) -> Path:
 
 def consolidated_state_dict(checkpoint: Path) -> dict:
     """The fp32 weights of a ZeRO-0/1/2/3 checkpoint, consolidated on CPU, weights-only loads."""
-    from safer_dist.checkpointing.safe_load import weights_only_torch_load
-
     checkpoint = Path(checkpoint)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with weights_only_torch_load():
@@ -76,14 +78,12 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, stage: str | N
     config.yaml; the weights are the checkpoint's fp32 master weights (cast to ``dtype``).
     The checkpoint is verified against its manifest first.
     """
+    # Heavy: the CLI imports this module for `safer export` only.
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from safer_dist.checkpointing.checkpoint import load_checkpoint_meta, verify_manifest
-    from safer_dist.runtime.log import get_logger, quiet_libraries
     from safer_dist.train.models import load_tokenizer
 
-    log = get_logger("export")
     quiet_libraries()
     ckpt = resolve_checkpoint(source, stage)
     verify_manifest(ckpt)

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from safer_dist.checkpointing.safe_load import weights_only_torch_load
+from safer_dist.runtime.io import atomic_write_dir
 from safer_dist.runtime.log import get_logger
 
 log = get_logger("universal")
@@ -53,6 +55,7 @@ def saved_world_size(step_dir: Path) -> int:
 
 def ensure_universal(step_dir: Path) -> Path:
     """``step_dir/universal`` (converted now, or reused when already complete)."""
+    # checkpoint.py imports this module (to resume through a universal checkpoint).
     from safer_dist.checkpointing.checkpoint import CheckpointError
 
     step_dir = Path(step_dir)
@@ -64,33 +67,36 @@ def ensure_universal(step_dir: Path) -> Path:
     for stale in [*step_dir.glob(f".{UNIVERSAL_DIR}.tmp-*"), *([out] if out.exists() else [])]:
         log.warning("removing an interrupted universal conversion %s", stale)
         shutil.rmtree(stale)
-    tmp = step_dir / f".{UNIVERSAL_DIR}.tmp-{os.getpid()}"
     # The ZeRO-3 converter writes a "latest_universal" pointer next to its output folder.
     pointer = step_dir / "latest_universal"
     had_pointer = pointer.exists()
     t0 = time.perf_counter()
-    cmd = [
-        sys.executable, "-m", "safer_dist.checkpointing.universal", "--input_folder", str(step_dir), "--output_folder", str(tmp),
-        "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if not had_pointer:
-        pointer.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise CheckpointError(f"{step_dir}: conversion to a universal checkpoint failed (exit {proc.returncode}):\n{tail}")
-    # The engine reads the model-states files (module weights, scheduler, client state) from
-    # the same folder as zero/: link them rather than copy.
-    for f in sorted(step_dir.glob("*_model_states.pt")):
-        if (tmp / f.name).exists():  # the ZeRO-1/2 converter copies them itself
-            continue
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / f.name)
-    (tmp / DONE).write_text(f"{time.time():.3f}\n")
-    os.rename(tmp, out)
+
+    def fill(tmp: Path) -> None:
+        cmd = [
+            sys.executable, "-m", "safer_dist.checkpointing.universal", "--input_folder", str(step_dir), "--output_folder", str(tmp),
+            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if not had_pointer:
+            pointer.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise CheckpointError(f"{step_dir}: conversion to a universal checkpoint failed (exit {proc.returncode}):\n{tail}")
+        # The engine reads the model-states files (module weights, scheduler, client state) from
+        # the same folder as zero/: link them rather than copy.
+        for f in sorted(step_dir.glob("*_model_states.pt")):
+            if (tmp / f.name).exists():  # the ZeRO-1/2 converter copies them itself
+                continue
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+        (tmp / DONE).write_text(f"{time.time():.3f}\n")
+
+    # The conversion runs into a hidden temporary beside ``out`` (the same name the stale
+    # glob above looks for) and is renamed into place only when complete.
+    atomic_write_dir(out, fill)
     log.info("converted %s to a universal checkpoint in %.1f s", step_dir, time.perf_counter() - t0)
     return out
 
@@ -99,8 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m safer_dist.checkpointing.universal`` = DeepSpeed's ``ds_to_universal`` with weights-only loads."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.checkpoint import ds_to_universal
-
-    from safer_dist.checkpointing.safe_load import weights_only_torch_load
 
     sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
     args = ds_to_universal.parse_arguments()

@@ -125,6 +125,7 @@ def resolve_shape(model_path: str, init_preset: str | None, shape: str | None) -
     """The shape to plan for and where it came from: ``shape`` (a name of :data:`SHAPES`, a
     ``safer_dist.train.models`` preset, or a config.json path), else ``model_path``/config.json,
     else ``init_preset``."""
+    # train.models imports torch and transformers; `safer plan` needs them only for a preset.
     from safer_dist.train.models import PRESETS
 
     def preset(name: str) -> ModelShape:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Mapping
 
 from safer_dist.config import Config, ConfigError, load_config
+from safer_dist.runtime.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "sbatch.template.sh"
@@ -210,11 +211,8 @@ def submit(sub: Submission, *, cwd: Path | None = None) -> int:
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise ValueError("sbatch not found on PATH: submit from a SLURM login node (or use --dry-run)")
-    sub.script_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sub.script_path.with_name(sub.script_path.name + ".tmp")
-    tmp.write_text(sub.script)
-    tmp.chmod(0o755)
-    tmp.replace(sub.script_path)
+    atomic_write_text(sub.script_path, sub.script)
+    sub.script_path.chmod(0o755)  # before sbatch, the script's only reader
     cwd = (cwd or Path.cwd()).resolve()
     proc = subprocess.run(
         [sbatch, "--parsable", f"--chdir={cwd}", str(sub.script_path)],

@@ -17,11 +17,11 @@ field, e.g. ``data/x.jsonl:17: field 'prompt': expected a non-empty string, got 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from safer_dist.reasoning import exante
+from safer_dist.runtime.io import atomic_write_jsonl
 
 if TYPE_CHECKING:
     import datasets
@@ -43,22 +43,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
-    """Write one JSON object per line, atomically (temporary file + ``os.replace``), so a
-    reader never sees a half-written file. Output is deterministic for equal records."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write one JSON object per line, atomically (:func:`safer_dist.runtime.io.atomic_write_jsonl`),
+    so a reader never sees a half-written file. Output is deterministic for equal records."""
+    return atomic_write_jsonl(path, records)
 
 
 def load_records(path: str | Path, kind: str, *, check_format: bool = True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safer_dist.runtime.io import atomic_write_text
 from safer_dist.runtime.log import get_logger
 
 log = get_logger("report")
@@ -48,12 +49,20 @@ def _read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def plot(run_dir: Path, metrics: list[dict]) -> list[Path]:
-    """Training curves and ERPO per-iteration metrics as PNG files in ``run_dir``."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on training hosts). Imported
+    when a report draws plots, so that importing this module stays cheap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(run_dir: Path, metrics: list[dict]) -> list[Path]:
+    """Training curves and ERPO per-iteration metrics as PNG files in ``run_dir``."""
+    plt = _pyplot()
 
     out = []
     sft = [m for m in metrics if m.get("stage") == "sft"]
@@ -134,10 +143,7 @@ def _num(value):
 def plot_benchmarks(run_dir: Path, results: dict[str, dict]) -> list[Path]:
     """Grouped bar charts (one bar per model): attack success and over-refusal per benchmark,
     attack success per attack, reasoning / answer tokens and latency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     tags = list(results)
 
@@ -226,8 +232,4 @@ def write_report(run_dir: Path, results: dict[str, dict], *, intro: str | None =
         sample = results[tag].get("sample")
         if sample:
             lines += ["", f"## Sample ({tag})", "", f"Prompt: {sample['prompt']}", "", "```", sample["output"], "```"]
-    path = run_dir / "report.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")

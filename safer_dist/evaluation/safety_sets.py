@@ -39,7 +39,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from safer_dist.data.records import DataError
+from safer_dist.data.records import DataError, load_records
 
 # Benchmark category -> rulebook category name; only the clear matches are mapped.
 HARMBENCH_CATEGORIES = {
@@ -214,8 +214,6 @@ def read_wildjailbreak(path, rulebook=None) -> list[dict]:
 
 
 def read_prompts(path, rulebook=None) -> list[dict]:
-    from safer_dist.data.records import load_records
-
     recs = load_records(path, "prompts").to_list()
     return [{**r, "benchmark": r.get("benchmark") or "prompts"} for r in recs]
 

@@ -19,7 +19,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safer_dist import jobs
+from safer_dist.cluster.group import stop_ray
 from safer_dist.config import Config, parse_named_list
+from safer_dist.evaluation.attacks import expand, parse_attacks
+from safer_dist.evaluation.evaluate import summarize
+from safer_dist.evaluation.report import write_report
+from safer_dist.evaluation.safety_sets import load_benchmark
+from safer_dist.reasoning.rules import Rulebook
+from safer_dist.runtime.io import atomic_write_json
 from safer_dist.runtime.log import get_logger
 
 log = get_logger("eval_suite")
@@ -39,9 +47,6 @@ def resolve_models(cfg: Config, default_model: str | Path) -> list[tuple[str, st
 def load_suite_records(cfg: Config, rulebook) -> tuple[list[dict], list[tuple[str, str]]]:
     """Every benchmark's records (``eval.max_prompts`` each) plus the attacked copies, and the
     (benchmark, file) list. No ``eval.benchmarks``: the held-out set ``data.eval``."""
-    from safer_dist.evaluation.attacks import expand, parse_attacks
-    from safer_dist.evaluation.safety_sets import load_benchmark
-
     benches = parse_named_list("eval.benchmarks", cfg.eval.benchmarks)
     records: list[dict] = []
     if benches:
@@ -62,8 +67,6 @@ def load_suite_records(cfg: Config, rulebook) -> tuple[list[dict], list[tuple[st
 def group_summaries(rows: list[dict]) -> tuple[dict, dict[str, dict], dict[str, dict]]:
     """(overall summary of the unattacked rows, summary per benchmark, summary per attack over
     the harmful rows)."""
-    from safer_dist.evaluation.evaluate import summarize
-
     plain = [r for r in rows if r.get("attack") in (None, "none")]
     benches = list(dict.fromkeys(r["benchmark"] for r in plain))
     per_bench = {b: summarize([r for r in plain if r["benchmark"] == b]) for b in benches}
@@ -79,11 +82,6 @@ def group_summaries(rows: list[dict]) -> tuple[dict, dict[str, dict], dict[str, 
 def suite_job(cfg: Config, default_model: str | Path) -> dict:
     """Evaluate every model on every benchmark and attack; write the report. Returns
     ``{"results": {tag: {...}}, "report": path}``."""
-    from safer_dist import jobs
-    from safer_dist.cluster.group import stop_ray
-    from safer_dist.evaluation.report import write_report
-    from safer_dist.reasoning.rules import Rulebook
-
     rulebook = Rulebook.load(cfg.data.rulebook)
     models = resolve_models(cfg, default_model)
     records, benches = load_suite_records(cfg, rulebook)
@@ -102,9 +100,7 @@ def suite_job(cfg: Config, default_model: str | Path) -> dict:
     summary_path = cfg.run.dir / "eval" / "summary.json"
     existing = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     existing.update({t: {**r["summary"], "benchmarks": r["benchmarks"], "attacks": r["attacks"]} for t, r in results.items()})
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(existing, indent=1))
-    tmp.replace(summary_path)
+    atomic_write_json(summary_path, existing)
     intro = ("Benchmark evaluation on " + ", ".join(f"{n} (`{p}`)" for n, p in benches)
              + (f"; attacks: {cfg.eval.attacks}" if cfg.eval.attacks else "") + ".")
     report = write_report(cfg.run.dir, results, intro=intro)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 _FORMAT = "%(asctime)s %(levelname).1s %(rank_tag)s%(name)s: %(message)s"
 
@@ -54,8 +55,6 @@ def set_level(level: str) -> None:
 
 def quiet_libraries() -> None:
     """Silence per-step library chatter (progress bars on load, deprecation noise) in workers."""
-    import warnings
-
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated", category=FutureWarning)
     try:

@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from safer_dist.runtime.io import atomic_write_text
 from safer_dist.runtime.log import get_logger
 
 log = get_logger("metrics")
@@ -32,9 +35,7 @@ class MetricsWriter:
             if rec.get("stage") == stage and rec.get("step", 0) > step:
                 continue
             keep.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(x + "\n" for x in keep))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(x + "\n" for x in keep))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -58,8 +59,6 @@ class Progress:
         self.t0, self.n0 = time.monotonic(), initial
         self.bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
     def update(self, n: int = 1, **postfix) -> None:

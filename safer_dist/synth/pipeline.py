@@ -21,6 +21,7 @@ the next run retries it. ``accepted.jsonl`` is SFT data: ``safer sft data.train=
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import string
@@ -28,8 +29,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from safer_dist.cluster.group import cuda_available_in_cluster, start_ray, stop_ray
 from safer_dist.config import Config, save_config
+from safer_dist.data.records import load_records
+from safer_dist.erpo.judge import RuleJudge, is_refusal
+from safer_dist.reasoning.exante import parse, validate
+from safer_dist.reasoning.rules import Rulebook
+from safer_dist.runtime.io import atomic_write_json
 from safer_dist.runtime.log import get_logger
+from safer_dist.synth.classify import KeywordClassifier, ModelClassifier
+from safer_dist.synth.teachers import HttpTeacher, RayTeacher, TeacherUnavailable
 
 log = get_logger("synth")
 
@@ -130,9 +139,6 @@ def normalize_output(text: str) -> str:
 def check_trace(record: dict, text: str, rulebook, *, strict: bool = True) -> list[tuple[str, str]]:
     """Why ``text`` is not an acceptable trace for ``record`` as (reason, detail) pairs, the
     most important first (``REASONS`` order); empty when accepted."""
-    from safer_dist.reasoning.exante import validate
-    from safer_dist.erpo.judge import RuleJudge, is_refusal
-
     result = validate(text, rulebook)
     if not result.valid:
         return [("invalid_format", "; ".join(result.errors[:3]) or "invalid trace")]
@@ -203,8 +209,6 @@ class AppendLog:
 @contextlib.contextmanager
 def _exclusive(out_dir: Path):
     """One synth process per output directory (two would interleave their appends)."""
-    import fcntl
-
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as f:
         try:
@@ -220,8 +224,6 @@ def synth_round(records: list[dict], teacher, classifier, template: str, ruleboo
     labelled = assign_labels(records, classifier, rulebook)
     asks = [render_teacher_prompt(template, r, rulebook) for r in labelled]
     outs = teacher.generate(asks, max_new_tokens=cfg_synth.max_new_tokens, temperature=cfg_synth.temperature)
-    from safer_dist.reasoning.exante import parse
-
     accepted, rejected, failed = [], [], []
     for rec, out in zip(labelled, outs, strict=True):
         base = {"id": rec["id"], "prompt": rec["prompt"], "harmful": rec["harmful"], "category": rec["category"],
@@ -244,9 +246,6 @@ def synth_round(records: list[dict], teacher, classifier, template: str, ruleboo
 def _preflight(cfg: Config):
     """(rulebook, teacher template, classifier template or None, prompt records); raises
     ``ValueError`` naming the file before anything is written."""
-    from safer_dist.data.records import load_records
-    from safer_dist.reasoning.rules import Rulebook
-
     s = cfg.synth
     rulebook = Rulebook.load(cfg.data.rulebook)
     template = load_template(s.prompt_template, TEACHER_FIELDS, "synth.prompt_template")
@@ -272,9 +271,6 @@ def _preflight(cfg: Config):
 def synth_job(cfg: Config, *, keep_ray: bool = False) -> dict:
     """Run synthesis over ``synth.prompts``; returns the summary (also in ``summary.json``).
     Validates the templates, prompts and model directories before anything is written."""
-    from safer_dist.synth.classify import KeywordClassifier, ModelClassifier
-    from safer_dist.synth.teachers import TeacherUnavailable
-
     s = cfg.synth
     rulebook, template, classify_template, records = _preflight(cfg)
     out_dir = Path(s.out_dir) if s.out_dir else cfg.run.dir / "synth"
@@ -317,8 +313,6 @@ def synth_job(cfg: Config, *, keep_ray: bool = False) -> dict:
                 for x in extra:
                     x.shutdown()
                 if not keep_ray:
-                    from safer_dist.cluster.group import stop_ray
-
                     stop_ray()  # a no-op when the teacher is an endpoint
         this_run = {**run, **({"rejected_by_reason": dict(reasons)} if reasons else {})}
         return _summarize(accepted_log.read(), rejects_log.read(), this_run, failures, out_dir, time.perf_counter() - t0)
@@ -326,13 +320,10 @@ def synth_job(cfg: Config, *, keep_ray: bool = False) -> dict:
 
 def _make_teacher(cfg: Config, path: str | None = None):
     """(teacher, name) for ``synth.teacher``, or for the local model directory ``path``."""
-    from safer_dist.synth.teachers import HttpTeacher, RayTeacher
-
     s = cfg.synth
     if s.teacher == "http" and path is None:
         return HttpTeacher.from_config(s, seed=cfg.run.seed), f"http:{s.model_name}"
-    from safer_dist.cluster.group import cuda_available_in_cluster, start_ray
-    from safer_dist.cluster.rollout import RolloutGroup
+    from safer_dist.cluster.rollout import RolloutGroup  # imports torch: only for a local teacher
 
     path = path or s.teacher_path or cfg.model.path
     start_ray(cfg)
@@ -351,9 +342,7 @@ def _summarize(accepted: list[dict], rejected: list[dict], this_run: dict, failu
         "num_teacher_errors": len(failures), "wall_s": wall_s,
         "accepted_path": str(out_dir / "accepted.jsonl"), "rejects_path": str(out_dir / "rejects.jsonl"),
     }
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out_dir / "summary.json")
+    atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 

@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from safer_dist.runtime.io import atomic_write_dir
 from safer_dist.train.attention import register_varlen_attention, resolve_attn_implementation
 
 SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN = "<|system|>", "<|user|>", "<|assistant|>"
@@ -183,22 +181,11 @@ def init_model(preset: str, tokenizer, out_dir: str | Path, seed: int = 0, *, ov
     model.generation_config.bos_token_id = None
     model.generation_config.use_cache = True  # generation uses a KV cache; training does not
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp_dir, safe_serialization=True)
-        tokenizer.save_pretrained(tmp_dir)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "model")
-            os.replace(tmp_dir, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_write_dir(out_dir, fill)
 
 
 def init_model_from_corpus(

@@ -4,6 +4,8 @@ a rollout worker equal the learner's log-probs before any update."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -61,8 +63,6 @@ def test_weight_sync_rollout_logits_equal_learner(ray_local, tiny_model_dir, dem
 
 
 def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_dir, demo_data_dir, tmp_path):
-    import json
-
     cfg = cfg_for(tiny_model_dir, demo_data_dir, tmp_path, "learner.zero_stage=2", "erpo.optim.global_batch_size=4",
                   "erpo.optim.micro_batch_size=2", "erpo.loss.beta=0.5")
     rollout = RolloutGroup(cfg.model, cfg.rollout, path=str(tiny_model_dir), device="cpu")

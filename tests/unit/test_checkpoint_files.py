@@ -20,7 +20,10 @@ from safer_dist.runtime import stop
 from safer_dist.checkpointing.checkpoint import (
     COMPLETE, CheckpointError, Checkpointer, TrainerState, read_manifest, verify_manifest,
 )
+from safer_dist.checkpointing.export import consolidated_state_dict
+from safer_dist.checkpointing.safe_load import weights_only_torch_load
 from safer_dist.config import load_config
+from safer_dist.train.models import load_model, load_tokenizer
 
 
 class ShardWriter:
@@ -252,8 +255,6 @@ class _Payload:
 
 
 def test_deepspeed_style_loads_are_weights_only(tmp_path):
-    from safer_dist.checkpointing.safe_load import weights_only_torch_load
-
     marker = tmp_path / "marker"
     evil = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": _Payload(str(marker))}, evil)
@@ -270,8 +271,6 @@ def test_deepspeed_style_loads_are_weights_only(tmp_path):
 
 
 def test_export_consolidation_refuses_pickled_code(tmp_path):
-    from safer_dist.checkpointing.export import consolidated_state_dict
-
     marker = tmp_path / "marker"
     step = tmp_path / "step_1"
     step.mkdir()
@@ -283,8 +282,6 @@ def test_export_consolidation_refuses_pickled_code(tmp_path):
 
 
 def test_remote_code_runs_only_when_configured(tmp_path, tiny_model_dir, monkeypatch):
-    from safer_dist.train.models import load_model, load_tokenizer
-
     # transformers copies trusted repository code here; keep it out of ~/.cache.
     monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
 

@@ -4,6 +4,7 @@ eval) whose eval part is disjoint from everything SFT and ERPO see."""
 import collections
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -258,8 +259,6 @@ def test_generated_files_load_as_records(rulebook, tmp_path):
 
 
 def test_rulebook_without_demo_content_is_rejected(rulebook):
-    from dataclasses import replace
-
     renamed = replace(rulebook, categories=tuple(replace(c, name=f"x_{c.name}") for c in rulebook.categories))
     with pytest.raises(ValueError, match="no category has demo content"):
         demo.build_demo(renamed)

@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from launcher.cli import main
 from safer_dist.config import load_config
+from safer_dist.train.attention import register_varlen_attention
 from safer_dist.cluster.plan import (
     GIB,
     SHAPES,
@@ -35,8 +44,6 @@ RECIPES = {
 
 def _meta_model(name: str):
     """The transformers model of a named shape, on the meta device (no memory, milliseconds)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     s = SHAPES[name]
     kw = dict(hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
               num_key_value_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, vocab_size=s.vocab_size,
@@ -58,8 +65,6 @@ def test_shapes_count_what_transformers_builds(name):
 
 
 def test_shape_from_a_model_directory(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
     shape, source = resolve_shape(str(tiny_model_dir), None, None)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert shape.num_params() == sum(p.numel() for p in model.parameters())  # tied embeddings counted once
@@ -147,10 +152,6 @@ def test_model_states_by_hand():
 
 def _saved_bytes_per_layer(dtype: torch.dtype, tokens: int = 128) -> float:
     """Bytes autograd saves for one more decoder layer (3 layers minus 2), GQA 4/2 heads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from safer_dist.train.attention import register_varlen_attention
-
     register_varlen_attention()
 
     def saved(num_layers: int) -> int:
@@ -243,8 +244,6 @@ def test_estimate_totals_add_up():
 
 
 def test_cli_plan(capsys):
-    from launcher.cli import main
-
     recipe = "configs/llama3-8b-8xh100.yaml"
     assert main(["plan", str(REPO / recipe), "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--shape", "llama3-8b"]) == 0
     out = capsys.readouterr().out
