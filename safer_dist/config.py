@@ -192,8 +192,9 @@ class RolloutSection:
     top_p: float = 1.0
     # Rows (prompts x candidates) sampled together by a worker.
     batch_size: int = 32
-    # A worker process that dies is restarted by Ray up to this many times; its shard of the
-    # work is retried on it (results are keyed by position: nothing lost or duplicated).
+    # A worker process that dies is restarted by Ray up to this many times; it rejoins the
+    # weight sync and gets the current weights again, and its shard of the work is retried on
+    # it (results are keyed by position: nothing lost or duplicated).
     max_restarts: int = 3
 
 

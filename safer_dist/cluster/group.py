@@ -132,6 +132,9 @@ class LearnerGroup:
         # The newest complete checkpoint this job saved or resumed from (set by Checkpointer),
         # named in the message when a learner fails.
         self.last_checkpoint: str | None = None
+        # The weights version the learners hold: set by push_weights, None once a step or a
+        # restore changed the weights (a restarted rollout worker can then not get it again).
+        self.weights_version: int | None = None
         self.pids: list[int] = []
         gpus = gpus_per_learner(cfg)
         cpus = cfg.learner.cpus_per_learner
@@ -166,10 +169,12 @@ class LearnerGroup:
         )
         log.info("learner pids by rank: %s", " ".join(f"{r}:{pid}" for r, pid in enumerate(self.pids)))
 
-    def _get(self, refs: list, what: str, timeout_s: float | None = None, ranked: bool = True) -> list:
-        """Results of ``refs`` (``refs[i]`` from rank i). A dead rank raises LearnerFailure as
-        soon as its death is known, not when the surviving ranks give up on their collective;
-        no answer within ``timeout_s`` (default learner.call_timeout_s) raises it too."""
+    def _get(self, refs: list, what: str, timeout_s: float | None = None, ranked: bool = True,
+             names: list[str] | None = None) -> list:
+        """Results of ``refs`` (``refs[i]`` from rank i, or from the actor ``names[i]`` names). A
+        dead rank raises LearnerFailure as soon as its death is known, not when the surviving
+        ranks give up on their collective; no answer within ``timeout_s`` (default
+        learner.call_timeout_s) raises it too."""
         import ray
         from ray.exceptions import RayError
 
@@ -180,21 +185,25 @@ class LearnerGroup:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                who = f"learner rank(s) {sorted(rank_of[r] for r in pending)}" if ranked else "Ray"
+                if names:
+                    who = ", ".join(names[rank_of[r]] for r in pending)
+                else:
+                    who = f"learner rank(s) {sorted(rank_of[r] for r in pending)}" if ranked else "Ray"
                 raise LearnerFailure(
                     f"{who} did not finish {what} within {timeout_s:.0f} s; {self._checkpoint_note()}"
                 )
             try:
                 ray.get(ready[0])
             except RayError as e:
-                failure = self._failure(e, rank_of[ready[0]], pending, rank_of, what)
+                failure = self._failure(e, rank_of[ready[0]], pending, rank_of, what, names)
                 if failure is e:
                     raise
                 raise failure from e
         return ray.get(list(refs))
 
-    def _failure(self, first, rank: int, pending: list, rank_of: dict, what: str) -> Exception:
-        """The error to raise for a failed call: LearnerFailure naming the dead rank, if any."""
+    def _failure(self, first, rank: int, pending: list, rank_of: dict, what: str, names: list[str] | None) -> Exception:
+        """The error to raise for a failed call: LearnerFailure naming the dead rank (or the
+        dead actor ``names`` names), if any."""
         import ray
         from ray.exceptions import RayActorError, RayError
 
@@ -212,11 +221,9 @@ class LearnerGroup:
             return first
         r = dead[0]
         pid = f", pid {self.pids[r]}" if r < len(self.pids) else ""
+        who = names[r] if names else f"learner rank {r} (Ray actor {self.actors[r]._actor_id.hex()}{pid})"
         cause = str(failures[r]).strip().splitlines()[0] if str(failures[r]).strip() else type(failures[r]).__name__
-        return LearnerFailure(
-            f"learner rank {r} (Ray actor {self.actors[r]._actor_id.hex()}{pid}) died during {what}: {cause}; "
-            f"{self._checkpoint_note()}"
-        )
+        return LearnerFailure(f"{who} died during {what}: {cause}; {self._checkpoint_note()}")
 
     def _checkpoint_note(self) -> str:
         if self.last_checkpoint:
@@ -228,37 +235,71 @@ class LearnerGroup:
         return self._get([call(a, r) for r, a in enumerate(self.actors)], what)
 
     def sft_step(self, step: int) -> dict:
+        self.weights_version = None
         return self._all("sft_step", lambda a, r: a.sft_step.remote(step))[0]
 
     def load_pairs(self, path: str, seed: int, safety_repeats: int = 1) -> int:
         return self._all("load_pairs", lambda a, r: a.load_pairs.remote(path, seed, safety_repeats))[0]
 
     def dpo_step(self, step: int) -> dict:
+        self.weights_version = None
         return self._all("dpo_step", lambda a, r: a.dpo_step.remote(step))[0]
 
     # -- weight sync to rollout workers -----------------------------------------------------
     def connect_weight_sync(self, rollout: RolloutGroup) -> None:
-        """Form the weight-sync group: learner rank 0 is member 0, rollout worker i member i+1."""
+        """Form the weight-sync group: learner rank 0 is member 0, rollout worker i member i+1.
+        Any group formed before is left first, so this also rebuilds it (on a new port); the
+        workers keep their weights. Gives ``rollout`` its ``resync`` hook (:meth:`resync`)."""
         host, port = self._get([self.actors[0].address.remote()], "address")[0]
         world = 1 + len(rollout.workers)
         refs = [self.actors[0].init_sync.remote(host, port, world)]
         refs += rollout.init_sync_refs(host, port, first_rank=1, world_size=world)
-        self._get(refs, "weight-sync set-up", timeout_s=300.0, ranked=False)
+        self._get(refs, "weight-sync set-up", timeout_s=300.0, names=self._sync_names(rollout, 1))
+        rollout.resync = lambda: self.resync(rollout)
 
     def push_weights(self, rollout: RolloutGroup, version: int) -> None:
         """Broadcast the learners' weights to every rollout worker, which then holds ``version``."""
         t0 = time.perf_counter()
         refs = [a.send_weights.remote(version) for a in self.actors] + rollout.receive_weights_refs(version)
-        self._get(refs, f"weight sync (version {version})", ranked=False)
+        self._get(refs, f"weight sync (version {version})", names=self._sync_names(rollout, self.world_size))
         rollout.expected_version = version
+        self.weights_version = version
         log.info("weights version %d sent to %d rollout worker(s) in %.2f s", version, len(rollout.workers),
                  time.perf_counter() - t0)
+
+    def resync(self, rollout: RolloutGroup) -> None:
+        """Bring a rollout worker that Ray restarted back to ``rollout.expected_version``.
+
+        The restarted worker is a new process outside the weight-sync group, so every member
+        leaves the group and a new one is formed (:meth:`connect_weight_sync`); then the
+        learners' weights are sent again with that version. Only possible while the learners
+        still hold that version (no step or restore since it was pushed); otherwise
+        RolloutFailure, and nothing is changed. The rollout workers must be idle.
+        """
+        from safer_dist.cluster.rollout import RolloutFailure
+
+        version = rollout.expected_version
+        if self.weights_version != version:
+            held = (f"version {self.weights_version}" if self.weights_version is not None
+                    else "weights trained or restored since it was sent")
+            raise RolloutFailure(
+                f"the learners no longer hold weights version {version} (they hold {held}), so it cannot be sent again"
+            )
+        self.connect_weight_sync(rollout)
+        self.push_weights(rollout, version)
+
+    def _sync_names(self, rollout: RolloutGroup, num_learner_refs: int) -> list[str]:
+        """Who answers each reference of a weight-sync call: learner ranks, then rollout workers."""
+        return [f"learner rank {r}" for r in range(num_learner_refs)] + [
+            f"rollout worker {i}" for i in range(len(rollout.workers))
+        ]
 
     # -- checkpoints and export -------------------------------------------------------------
     def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
         self._all("save_checkpoint", lambda a, r: a.save_checkpoint.remote(root, tag, client_state))
 
     def load_checkpoint(self, root: str, tag: str, **kwargs) -> dict:
+        self.weights_version = None
         return self._all("load_checkpoint", lambda a, r: a.load_checkpoint.remote(root, tag, **kwargs))[0]
 
     def export_hf(self, out_dir: str) -> None:

@@ -3,8 +3,8 @@
 A ``RolloutWorker`` loads a Hugging Face directory and generates batched, left-padded,
 with the same prompt tokenization as training (:func:`safer_dist.train.sft_data.encode_prompt`).
 ``RolloutGroup`` spreads a list of prompts over M workers and returns results in order.
-A worker that dies is restarted by Ray (``rollout.max_restarts``) and its shard is retried
-(see :meth:`RolloutGroup._map`).
+A worker that dies is restarted by Ray (``rollout.max_restarts``), rejoins the weight sync
+and gets the current weights again, and its shard is retried (see :meth:`RolloutGroup._map`).
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ class RolloutWorker:
         )
         self.model.eval()
         self.path = path
+        self.version = 0
+        self.sync_group = None
 
     def weights_version(self) -> int:
         """Version of the weights held: 0 as loaded from ``path``, then what the last sync sent."""
-        return getattr(self, "version", 0)
+        return self.version
 
     @torch.no_grad()
     def generate(
@@ -120,11 +122,14 @@ class RolloutWorker:
         return ray.util.get_node_ip_address()
 
     def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
-        from safer_dist.erpo.weight_sync import make_group
+        """Join the weight-sync group as member ``rank``, leaving any group joined before (the
+        group is rebuilt when a worker restarts). The weights held, and their version, stay."""
+        from safer_dist.erpo.weight_sync import close_group, make_group
 
+        close_group(self.sync_group)
+        self.sync_group = None
         backend = "nccl" if self.device == "cuda" else "gloo"
         self.sync_group = make_group(host, port, rank, world_size, backend, local_ip=self.node_ip())
-        self.version = 0
 
     def receive_weights(self, version: int) -> int:
         from safer_dist.erpo.weight_sync import receive_weights
@@ -139,26 +144,18 @@ class RolloutWorker:
             return self.model(input_ids=ids, use_cache=False).logits[0].float().cpu()
 
 
-def _get_alive(refs: list) -> list:
-    """Results of the calls whose actor did not die."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    out = []
-    for ref in refs:
-        try:
-            out.append(ray.get(ref))
-        except RayActorError:
-            continue
-    return out
-
-
 class RolloutGroup:
     """M rollout workers as Ray actors (one GPU each on CUDA, else ``cpus_per_worker``).
 
-    ``expected_version``: the least weight version every worker should hold (0: the weights
-    loaded from ``path``). A restarted worker holds version 0; it is used again only if that
-    matches both this and every surviving worker, so it never silently serves stale weights.
+    ``expected_version``: the weight version every worker must hold (0: the weights loaded from
+    ``path``; ``LearnerGroup.push_weights`` sets it). Every call's answer is checked against it.
+    A worker that Ray restarted holds version 0 again: its answer is discarded, the worker is
+    brought back to ``expected_version`` through ``resync`` and its shard runs again; where that
+    cannot be done, RolloutFailure. A worker never silently serves stale weights.
+
+    ``resync``: set by ``LearnerGroup.connect_weight_sync``. ``resync()`` rebuilds the
+    weight-sync group with every worker and sends the weights of ``expected_version`` again, or
+    raises RolloutFailure when the learners no longer hold them. None: no weight sync.
     """
 
     @classmethod
@@ -176,18 +173,22 @@ class RolloutGroup:
         self.cfg = rollout
         self.workers = [remote.remote(model, rollout, path=path, device=device) for _ in range(rollout.num_workers)]
         self.expected_version = 0
-        self.num_retries = 0  # shards re-run after a worker died (for logs and tests)
+        self.resync: Callable[[], None] | None = None
+        self.num_retries = 0  # shards re-run after a worker died or came back restarted (for logs and tests)
 
     def _map(self, what: str, call: Callable[[Any, list], Any], items: list) -> list:
         """``call(worker, shard)`` (a Ray call's reference) on interleaved shards of ``items``,
         one per worker; results in the order of ``items``. ``what`` names the call in messages.
 
-        Fault tolerance: when a worker dies mid-call, Ray restarts it (``rollout.max_restarts``)
-        and its whole shard is sent again to the restarted worker, with the same arguments (a
-        call seeds its own sampling, so the retry returns what the first try would have). Each
-        shard has one call in flight at a time and its result is placed by position, so no item
-        is lost or duplicated. A shard whose worker died more than ``max_restarts`` times, or a
-        worker that comes back without ``expected_version`` weights, raises RolloutFailure.
+        Fault tolerance: a worker that dies is restarted by Ray (``rollout.max_restarts``),
+        whether it died during this call or before it. Either way its answer is not used: the
+        call fails, or the restarted process answers with weights of the wrong version. The
+        worker is brought back to ``expected_version`` (:meth:`_bring_back`) and its whole shard
+        is sent again with the same arguments (a call seeds its own sampling, so the retry
+        returns what the first try would have). Each shard has one call in flight at a time and
+        its result is placed by position, so no item is lost or duplicated. A shard retried more
+        than ``max_restarts`` times, or a worker that cannot be brought to ``expected_version``,
+        raises RolloutFailure.
         """
         import ray
         from ray.exceptions import RayActorError
@@ -195,55 +196,98 @@ class RolloutGroup:
         n = len(self.workers)
         shards = {i: items[i::n] for i in range(n) if items[i::n]}
         attempts = dict.fromkeys(shards, 0)
-        running = {call(self.workers[i], s): i for i, s in shards.items()}
+        running: dict = {}  # a call's reference -> (worker index, reference of its version check)
+
+        def submit(i: int) -> None:
+            w = self.workers[i]
+            ref = call(w, shards[i])
+            # Queued right behind the call on the same actor, so it runs in the process that ran
+            # the call (or in a later one, if that died): the version the call's answer came from.
+            running[ref] = (i, w.weights_version.remote())
+
+        for i in shards:
+            submit(i)
         out: list = [None] * len(items)
         while running:
             (ref,), _ = ray.wait(list(running), num_returns=1)
-            i = running.pop(ref)
+            i, version_ref = running.pop(ref)
             try:
                 res = ray.get(ref)
+                version = ray.get(version_ref)
             except RayActorError as e:
-                attempts[i] += 1
-                cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                if attempts[i] > self.cfg.max_restarts:
-                    raise RolloutFailure(
-                        f"rollout worker {i} died {attempts[i]} time(s) during {what} (rollout.max_restarts="
-                        f"{self.cfg.max_restarts}): {cause}"
-                    ) from e
-                log.warning("rollout worker %d died during %s (%s); retrying its %d item(s) on the restarted worker",
-                            i, what, cause, len(shards[i]))
-                self._check_restarted(i)
-                self.num_retries += 1
-                running[call(self.workers[i], shards[i])] = i
-                continue
-            assert len(res) == len(shards[i]), (what, i, len(res), len(shards[i]))
-            out[i::n] = res
+                failed = f"died during {what} ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+            else:
+                if version == self.expected_version:
+                    assert len(res) == len(shards[i]), (what, i, len(res), len(shards[i]))
+                    out[i::n] = res
+                    continue
+                failed = (f"was restarted: it answered {what} with weights version {version}, the policy is at "
+                          f"version {self.expected_version}")
+            attempts[i] += 1
+            if attempts[i] > self.cfg.max_restarts:
+                raise RolloutFailure(
+                    f"rollout worker {i} failed {attempts[i]} time(s) during {what} (rollout.max_restarts="
+                    f"{self.cfg.max_restarts}); last: {failed}"
+                )
+            log.warning("rollout worker %d %s; retrying its %d item(s) on the restarted worker",
+                        i, failed, len(shards[i]))
+            self._bring_back(i, busy=list(running))
+            self.num_retries += 1
+            submit(i)
         return out
 
-    def _check_restarted(self, i: int, timeout_s: float = 600.0) -> None:
-        """Wait until Ray has restarted worker ``i``; refuse it if its weights are stale."""
+    def _bring_back(self, i: int, busy: list, timeout_s: float = 600.0) -> None:
+        """Wait until Ray has restarted worker ``i``, then make sure it holds ``expected_version``.
+
+        A restarted worker holds version 0 (the weights at ``path``). For any later version the
+        weight-sync group is rebuilt with every worker and the weights are sent again
+        (``resync``), once the calls still running on the other workers (``busy``, references
+        whose results the caller collects afterwards) have finished: a rebuild needs every
+        worker. RolloutFailure if the worker does not come back, or cannot get those weights.
+        """
+        import ray
+        from ray.exceptions import RayError
+
+        version = self._wait_alive(i, timeout_s)
+        if version == self.expected_version:
+            return
+        stale = (f"rollout worker {i} was restarted with weights version {version}, but the policy is at version "
+                 f"{self.expected_version}")
+        if self.resync is None:
+            raise RolloutFailure(
+                f"{stale}, and this group has no weight sync to send those weights again "
+                "(LearnerGroup.connect_weight_sync); its results would be stale"
+            )
+        if busy:
+            ray.wait(busy, num_returns=len(busy))
+        t0 = time.perf_counter()
+        try:
+            self.resync()
+        except RolloutFailure as e:
+            raise RolloutFailure(f"{stale}: {e}") from e
+        except (RuntimeError, RayError) as e:  # LearnerFailure: a member died or hung during the rebuild
+            raise RolloutFailure(f"{stale}, and rebuilding the weight-sync group failed: {e}") from e
+        version = self._wait_alive(i, timeout_s)
+        if version != self.expected_version:  # it died again during the rebuild
+            raise RolloutFailure(f"{stale}; after the weight-sync group was rebuilt it holds version {version}")
+        log.info("rollout worker %d restarted and rejoined the weight-sync group: weights version %d resent to %d "
+                 "worker(s) in %.2f s", i, version, len(self.workers), time.perf_counter() - t0)
+
+    def _wait_alive(self, i: int, timeout_s: float) -> int:
+        """The weights version of worker ``i``, once Ray has it running again."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                version = ray.get(self.workers[i].weights_version.remote())
-                break
+                return ray.get(self.workers[i].weights_version.remote())
             except ActorUnavailableError as e:  # still restarting (loading the model)
                 if time.monotonic() > deadline:
                     raise RolloutFailure(f"rollout worker {i} was not back within {timeout_s:.0f} s of dying") from e
                 time.sleep(0.1)
             except RayActorError as e:
                 raise RolloutFailure(f"rollout worker {i} died and could not be restarted: {e}") from e
-        # The survivors hold the current weights (each answers after its running call).
-        others = [w.weights_version.remote() for j, w in enumerate(self.workers) if j != i]
-        expected = max([self.expected_version, *(v for v in _get_alive(others))])
-        if version != expected:
-            raise RolloutFailure(
-                f"rollout worker {i} was restarted with weights version {version}, but the policy is at version "
-                f"{expected}; its results would be stale"
-            )
 
     def generate(self, prompts: list[str], **kwargs) -> list[dict]:
         """``RolloutWorker.generate`` over all workers; results in the order of ``prompts``."""

@@ -9,6 +9,10 @@ Parameters travel in flat buckets of at most ``bucket_mb`` in a fixed order (the
 ``named_parameters()`` order, tied weights once), so both sides agree without exchanging
 metadata. Under ZeRO-3 every learner rank takes part in gathering each bucket; only rank 0
 sends. Each sync carries a version number the workers record.
+
+The group can be rebuilt: a rollout worker that Ray restarted is a new process outside the old
+group, so every member closes its group (:func:`close_group`) and joins a new one over a fresh
+TCPStore on a new port (see ``LearnerGroup.resync``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ def make_group(host: str, port: int, rank: int, world_size: int, backend: str, *
     opts._timeout = timeout
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_ip)]
     return dist.ProcessGroupGloo(store, rank, world_size, opts)
+
+
+def close_group(group) -> None:
+    """Tear down a group built by :func:`make_group` before joining a new one. Aborts rather
+    than shuts down: a member may be dead, and a graceful shutdown could wait for it."""
+    if group is None:
+        return
+    abort = getattr(group, "abort", None)  # not on every backend in every torch release
+    if abort is not None:
+        abort()
 
 
 def buckets(params: list[tuple[str, torch.nn.Parameter]], bucket_mb: float) -> list[list[tuple[str, torch.nn.Parameter]]]:

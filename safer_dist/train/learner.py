@@ -353,12 +353,16 @@ class Learner:
 
     # -- weight sync to rollout workers -----------------------------------------------------
     def init_sync(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the weight-sync group as member 0 (other ranks have nothing to join)."""
+        """Rank 0 joins the weight-sync group as member 0 (other ranks have nothing to join),
+        leaving the group it joined before, if any (the group is rebuilt when a rollout worker
+        restarts)."""
         if self.rank == 0:
-            from safer_dist.erpo.weight_sync import make_group
+            from safer_dist.erpo.weight_sync import close_group, make_group
 
             import ray
 
+            close_group(getattr(self, "sync_group", None))
+            self.sync_group = None
             backend = "nccl" if self.device == "cuda" else "gloo"
             self.sync_group = make_group(host, port, 0, world_size, backend, local_ip=ray.util.get_node_ip_address())
 
