@@ -10,6 +10,7 @@
     safer init-model --preset tiny --out DIR [--data SFT.jsonl]
     safer plan   CONFIG --gpus-per-node G [--nodes N] --gpu-mem-gb M [--shape NAME]   memory plan
     safer config CONFIG [overrides]                  print the resolved config (YAML); runs nothing
+    safer --version
     safer export RUN_DIR_OR_CHECKPOINT --out DIR     checkpoint -> safetensors + config + tokenizer
     safer slurm submit CONFIG [overrides] --nodes N --gpus-per-node G [...]   sbatch a job (docs/slurm.md)
 
