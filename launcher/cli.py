@@ -9,12 +9,18 @@
     safer data demo [--out DIR] [--seed N]            write the seeded demo data set
     safer init-model --preset tiny --out DIR [--data SFT.jsonl]
     safer plan   CONFIG --gpus-per-node G [--nodes N] --gpu-mem-gb M [--shape NAME]   memory plan
+    safer config CONFIG [overrides]                  print the resolved config (YAML); runs nothing
+    safer --version
     safer export RUN_DIR_OR_CHECKPOINT --out DIR     checkpoint -> safetensors + config + tokenizer
     safer slurm submit CONFIG [overrides] --nodes N --gpus-per-node G [...]   sbatch a job (docs/slurm.md)
 
-Exit codes: 0 success, 2 bad config / input (including a bad checkpoint), 75 stopped by
-SIGTERM/SIGUSR1 after a checkpoint (resume with the same command), 1 anything else (a learner
-that died: the message names it and the last complete checkpoint).
+Exit codes: 0 success, 2 bad config / input (including a bad checkpoint), 3 `safer plan`: no
+setup fits the GPUs, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (resume with the same
+command), 1 anything else (a learner that died: the message names it and the last complete
+checkpoint).
+
+Relative paths in a config file resolve against the file's directory; in an override, against
+the current directory.
 """
 
 from __future__ import annotations
@@ -35,15 +41,20 @@ from safer_dist.data.records import load_records
 from safer_dist.evaluation.report import ROWS, _fmt
 from safer_dist.reasoning.rules import Rulebook
 from safer_dist.runtime.log import get_logger, set_level
+from safer_dist.runtime.resources import shipped
 from safer_dist.runtime.stop import EXIT_PREEMPTED, Preempted
 from safer_dist.synth.pipeline import format_summary, synth_job
 from safer_dist.synth.teachers import TeacherUnavailable
 
 EXIT_USAGE = 2
+EXIT_DOES_NOT_FIT = 3
 
 
 def _parser() -> argparse.ArgumentParser:
+    from safer_dist import __version__
+
     p = argparse.ArgumentParser(prog="safer", description="Ex-Ante safety reasoning: SFT and step-level preference optimisation.")
+    p.add_argument("--version", action="version", version=f"safer {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("run", "the main job: initial model (if missing) -> SFT -> ERPO -> held-out evaluation"),
@@ -62,7 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="data/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--num-sft", type=int, default=4000)
-    demo.add_argument("--rules", default="configs/rules/default.yaml")
+    demo.add_argument("--rules", default=None, help="rulebook YAML (default: the shipped configs/rules/default.yaml)")
+    cf = sub.add_parser("config", help="print the resolved config (every default filled in, paths absolute); runs nothing")
+    cf.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    cf.add_argument("overrides", nargs="*", help="section.field=value")
     pl = sub.add_parser("plan", help="per-GPU memory of a config on a GPU cluster, and a setup that fits")
     pl.add_argument("config", help="YAML config, e.g. configs/llama3-8b-8xh100.yaml")
     pl.add_argument("overrides", nargs="*", help="section.field=value")
@@ -138,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "data":
-        paths = generate_demo(Path(args.out), Rulebook.load(args.rules), seed=args.seed, num_sft=args.num_sft)
+        rules = args.rules or shipped("configs/rules/default.yaml")
+        paths = generate_demo(Path(args.out), Rulebook.load(rules), seed=args.seed, num_sft=args.num_sft)
         for k, v in paths.items():
             print(f"{k}: {v}")
         return 0
@@ -151,11 +166,14 @@ def _dispatch(args) -> int:
         print(f"exported model: {out}")
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(cfg.to_yaml(), end="")
+        return 0
     if args.command == "plan":
         plan = plan_config(cfg, gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_mem_gb=args.gpu_mem_gb,
                            shape=args.shape)
         print(format_plan(plan, args.config))
-        return 0
+        return 0 if plan.recommended is not None else EXIT_DOES_NOT_FIT
     set_level(cfg.run.log_level)
     # The jobs import torch and transformers; the subcommands above run without them.
     from safer_dist import jobs
@@ -227,7 +245,8 @@ def _init_model(args) -> int:
         recs = load_records(args.data, "sft")
     else:
         tmp = Path(tempfile.mkdtemp())
-        recs = load_records(generate_demo(tmp, Rulebook.load("configs/rules/default.yaml"), seed=args.seed)["sft"], "sft")
+        rulebook = Rulebook.load(shipped("configs/rules/default.yaml"))
+        recs = load_records(generate_demo(tmp, rulebook, seed=args.seed)["sft"], "sft")
     corpus = [r["prompt"] for r in recs] + [r["response"] for r in recs]
     out = init_model_from_corpus(args.preset, corpus, args.out, seed=args.seed)
     print(f"model: {out}")

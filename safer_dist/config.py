@@ -6,8 +6,14 @@ A run is described by a YAML file whose top-level keys are the sections below, p
     safer sft configs/tiny.yaml train.max_steps=50 learner.zero_stage=3
 
 Unknown keys, wrong types and inconsistent values raise :class:`ConfigError` before any
-work starts, naming the key and where it came from (the file or the override). The
-resolved config (every default filled in) is written to ``<run dir>/config.yaml``.
+work starts, naming the key and where it came from: the override when one set a key the check
+names, else the file. The resolved config (every default filled in, every path absolute) is
+written to ``<run dir>/config.yaml``.
+
+Paths (:data:`PATH_KEYS`): a relative path in the file, or a default the file leaves as it is,
+resolves against the file's directory; a relative path in an override against the current
+directory. The shipped rulebook and prompt templates are the defaults, found wherever safer is
+installed (safer_dist/runtime/resources.py).
 
 Components receive their own section only (``Learner(cfg.learner, ...)``); defaults live
 here and nowhere else.
@@ -18,9 +24,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +38,7 @@ import yaml
 from safer_dist.erpo.ranking import Ranking
 from safer_dist.runtime.io import atomic_write_text
 from safer_dist.runtime.log import get_logger
+from safer_dist.runtime.resources import shipped
 
 log = get_logger("config")
 
@@ -53,8 +63,9 @@ class RunSection:
 class ModelSection:
     # A local Hugging Face directory. Nothing is fetched from a hub.
     path: str = "models/tiny"
-    # When `path` does not exist and init_preset is set, `safer run` creates a randomly
-    # initialised model of that preset there (with a tokenizer trained on the demo corpus).
+    # When `path` does not exist, init_preset is set and `path` is the one the config file
+    # gives (no override changed it), `safer run` creates a randomly initialised model of that
+    # preset there (with a tokenizer trained on data.train). Any other missing path is an error.
     init_preset: str | None = None
     # auto | sdpa | eager | flash_attention_2 | safer_varlen | safer_segments
     attn_implementation: str = "auto"
@@ -69,10 +80,13 @@ class DataSection:
     train: str = "data/demo/sft.jsonl"
     eval: str = "data/demo/eval.jsonl"
     erpo_prompts: str = "data/demo/erpo_prompts.jsonl"
-    # Generate the seeded demo data set into the directory of `train` when it is missing.
+    # Generate the seeded demo data set into the directory of `train` when `train` is missing
+    # and is the path the config file gives (no override changed it); any other missing data
+    # file is an error. Only the embedded default (configs/tiny.yaml) sets it.
     generate_demo: bool = False
     demo_num_sft: int = 4000
-    rulebook: str = "configs/rules/default.yaml"
+    # The shipped rulebook by default.
+    rulebook: str = field(default_factory=lambda: str(shipped("configs/rules/default.yaml")))
     max_seq_len: int = 512
     # What to do with an example longer than max_seq_len: truncate | drop
     overlong: str = "truncate"
@@ -307,14 +321,14 @@ class SynthSection:
     max_retries: int = 4  # http: retries of a failed request (connection error, timeout, 408/409/429/5xx)
     backoff_s: float = 1.0  # http: first retry delay; doubles each retry (with jitter) up to max_backoff_s
     max_backoff_s: float = 30.0
-    prompt_template: str = "configs/synth/teacher_prompt.txt"
+    prompt_template: str = field(default_factory=lambda: str(shipped("configs/synth/teacher_prompt.txt")))
     max_new_tokens: int = 512
     temperature: float = 0.0
     batch_size: int = 32  # prompts per round; results are appended after each round
     # Category where a record has none: keyword (built from the rulebook) | model.
     classifier: str = "keyword"
     classifier_path: str | None = None  # model: a local directory on rollout workers; None: the teacher
-    classifier_template: str = "configs/synth/classify_prompt.txt"
+    classifier_template: str = field(default_factory=lambda: str(shipped("configs/synth/classify_prompt.txt")))
     # Also reject traces whose category, rule verdict or strategy contradict the record's labels
     # (or, unlabelled, the rulebook's default for the assigned category).
     strict: bool = True
@@ -349,6 +363,21 @@ class Config:
     launch: LaunchSection = field(default_factory=LaunchSection)
     eval: EvalSection = field(default_factory=EvalSection)
     synth: SynthSection = field(default_factory=SynthSection)
+
+    def __post_init__(self) -> None:
+        # Where values came from (not fields: never saved). Filled by load_config.
+        self._overrides: dict[str, str] = {}
+        self._written: dict[str, str] = {}
+
+    def override_for(self, key: str) -> str | None:
+        """The override (``key=value`` as given) that set ``key`` (``section.field``), or None
+        when the file or a default did."""
+        return self._overrides.get(key)
+
+    def written(self, key: str) -> str:
+        """A path key's value as the file or override wrote it, before it was made absolute."""
+        value = self._written.get(key)
+        return value if value is not None else str(attrgetter(key)(self))
 
     def validate(self) -> None:
         """Cross-field checks. Raises ConfigError saying what to change."""
@@ -418,6 +447,16 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Fields holding file system paths: made absolute by load_config (see the module docstring).
+# eval.benchmarks / eval.models are name:path lists; checkpoint.resume also takes auto | none.
+PATH_KEYS = (
+    "run.output_dir", "model.path", "data.train", "data.eval", "data.erpo_prompts", "data.rulebook",
+    "judge.model_path", "erpo.init_from", "checkpoint.resume", "eval.benchmarks", "eval.models",
+    "synth.prompts", "synth.out_dir", "synth.teacher_path", "synth.prompt_template", "synth.classifier_path",
+    "synth.classifier_template",
+)
+_NAMED_LISTS = ("eval.benchmarks", "eval.models")
+
 # Short names accepted on the command line for the most used fields.
 ALIASES = {"resume": "checkpoint.resume", "model": "model.path"}
 
@@ -473,14 +512,18 @@ def _check_eval_lists(ev: EvalSection) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load ``path`` (YAML; None for all defaults), apply ``key=value`` overrides, validate."""
+    """Load ``path`` (YAML; None for all defaults), apply ``key=value`` overrides, make the
+    paths absolute, validate. A validation error names the override that set a key the failing
+    check names, else the file."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
+    base = Path.cwd()
     if path is not None:
         source = str(path)
-        p = Path(path)
+        p = Path(path).expanduser()
         if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
+            raise ConfigError(f"{source}: config file not found (the shipped configs are in {shipped('configs')})")
+        base = Path(os.path.abspath(p)).parent
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -488,13 +531,48 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections")
     cfg = config_from_dict(raw, source)
+    for key in PATH_KEYS:
+        _resolve_path(cfg, key, base)
     for item in overrides:
-        apply_override(cfg, item)
+        key = apply_override(cfg, item)
+        if key is None:
+            continue
+        cfg._overrides[key] = item
+        if key in PATH_KEYS:
+            _resolve_path(cfg, key, Path.cwd())
     try:
         cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{_blame(cfg, str(e), source)}: {e}") from None
     return cfg
+
+
+def _blame(cfg: Config, message: str, source: str) -> str:
+    """The overrides that set a key ``message`` names, else ``source`` (the file)."""
+    named = [item for key, item in cfg._overrides.items() if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)]
+    return ", ".join(f"override {item!r}" for item in named) if named else source
+
+
+def _resolve_path(cfg: Config, key: str, base: Path) -> None:
+    """Make the path(s) of ``key`` absolute against ``base``; remember the value as written."""
+    *parents, leaf = key.split(".")
+    obj = attrgetter(".".join(parents))(cfg)
+    value = getattr(obj, leaf)
+    if not isinstance(value, str) or not value or (key == "checkpoint.resume" and value in ("auto", "none")):
+        return
+    cfg._written[key] = value
+    if key in _NAMED_LISTS:
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        if not all(":" in x for x in items):
+            return  # malformed: validation names it
+        resolved = ",".join(f"{n}:{_absolute(p.strip(), base)}" for n, p in (x.split(":", 1) for x in items))
+    else:
+        resolved = _absolute(value, base)
+    setattr(obj, leaf, resolved)
+
+
+def _absolute(path: str, base: Path) -> str:
+    return os.path.abspath(base / os.path.expanduser(path))
 
 
 def config_from_dict(raw: dict[str, Any], source: str) -> Config:
@@ -543,9 +621,10 @@ def _warn_deprecated(source: str, old: str, new: str | None) -> None:
         log.warning("%s: '%s' is deprecated; use '%s' (the old name stops working in the next release)", source, old, new)
 
 
-def apply_override(cfg: Config, item: str) -> None:
+def apply_override(cfg: Config, item: str) -> str | None:
     """Apply one ``section.field=value`` (or ``section.sub.field=value``) override; the value
-    is parsed as YAML and typed by the field."""
+    is parsed as YAML and typed by the field. Returns the key it set (aliases and deprecated
+    names resolved; None for a removed key), its path not yet made absolute."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected section.field=value")
     key, text = item.split("=", 1)
@@ -554,7 +633,7 @@ def apply_override(cfg: Config, item: str) -> None:
     if key in DEPRECATED:
         _warn_deprecated(source, key, DEPRECATED[key])
         if DEPRECATED[key] is None:
-            return
+            return None
         key = DEPRECATED[key]
     parts = key.split(".")
     if len(parts) < 2 or not all(parts):
@@ -575,6 +654,7 @@ def apply_override(cfg: Config, item: str) -> None:
     except yaml.YAMLError:
         value = text
     setattr(obj, parts[-1], _coerce(value, typ, source, key))
+    return key
 
 
 def _get_field(obj: Any, name: str, source: str, prefix: str):
@@ -673,13 +753,24 @@ RESUME_KEYS = {
 def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") -> list[str]:
     """List of 'key: saved -> current' for the ``stage``'s resume keys that differ. ``saved``
     is a checkpoint's config.yaml (old names of moved fields are understood)."""
-    before = _leaves(_migrate(saved, "checkpoint config", warn=False))
-    now = _leaves(current.to_dict())
+    # Runs saved before load_config made paths absolute hold them relative to the current
+    # directory they were started from (so does a Config built in code).
+    before = _absolute_leaves(_leaves(_migrate(saved, "checkpoint config", warn=False)))
+    now = _absolute_leaves(_leaves(current.to_dict()))
     out = []
     for key in RESUME_KEYS[stage]:
         for leaf in sorted(k for k in now if k == key or k.startswith(key + ".")):
             if before.get(leaf) != now[leaf]:
                 out.append(f"{leaf}: {before.get(leaf)!r} -> {now[leaf]!r}")
+    return out
+
+
+def _absolute_leaves(leaves: dict[str, Any]) -> dict[str, Any]:
+    out = dict(leaves)
+    for key in set(PATH_KEYS) - set(_NAMED_LISTS):
+        value = out.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value) and value not in ("auto", "none"):
+            out[key] = _absolute(value, Path.cwd())
     return out
 
 

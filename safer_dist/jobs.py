@@ -7,7 +7,9 @@ run directory, so a mistake never touches an existing run or its checkpoints.
 from __future__ import annotations
 
 import json
+import re
 import time
+from operator import attrgetter
 from pathlib import Path
 
 from safer_dist.checkpointing.checkpoint import Checkpointer
@@ -31,30 +33,73 @@ log = get_logger("jobs")
 
 
 def prepare_inputs(cfg: Config) -> None:
-    """Create the demo data and the initial model when the config asks for them and they are missing."""
+    """Create the embedded default's demo data and initial model when they are missing.
+
+    Only at the paths the config file itself gives: ``data.train`` when ``data.generate_demo``
+    is set, ``model.path`` when ``model.init_preset`` is set, and in neither case a path that
+    an override changed (a typo there must fail, not train on something made up). Any other
+    missing input fails in :func:`preflight`, naming it.
+    """
     train = Path(cfg.data.train)
-    if cfg.data.generate_demo and not train.exists():
+    if cfg.data.generate_demo and not train.exists() and cfg.override_for("data.train") is None:
         t0 = time.perf_counter()
         generate_demo(train.parent, Rulebook.load(cfg.data.rulebook), seed=cfg.run.seed, num_sft=cfg.data.demo_num_sft)
         log.info("generated demo data in %s (%.1f s)", train.parent, time.perf_counter() - t0)
     model = Path(cfg.model.path)
-    if cfg.model.init_preset and not model.exists():
+    if cfg.model.init_preset and not model.exists() and cfg.override_for("model.path") is None:
+        if not train.exists():
+            return  # preflight names the missing data
         recs = load_records(cfg.data.train, "sft")
         corpus = [r["prompt"] for r in recs] + [r["response"] for r in recs]
         init_model_from_corpus(cfg.model.init_preset, corpus, model, seed=cfg.run.seed)
         log.info("initialised a %s model in %s", cfg.model.init_preset, model)
 
 
+# A Hugging Face hub name: ORG/NAME, nothing more.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def preflight(cfg: Config, *, need_train: bool = True) -> None:
     """Fail fast, before anything is written, on a missing model or bad data."""
-    model = Path(cfg.model.path)
-    if not model.is_dir():
-        raise ValueError(f"model.path={cfg.model.path}: no such directory (set model.init_preset to create one)")
-    if not (model / "config.json").is_file():
-        raise ValueError(f"model.path={cfg.model.path}: not a Hugging Face model directory (no config.json)")
+    check_model_dir(cfg)
     Rulebook.load(cfg.data.rulebook)
     if need_train:
+        train = Path(cfg.data.train)
+        if not train.exists():
+            raise ValueError(f"{_given(cfg, 'data.train')}: no such file{_missing_data_hint(cfg)}")
         load_records(cfg.data.train, "sft")
+
+
+def check_model_dir(cfg: Config) -> None:
+    """ValueError naming ``model.path`` (as given) when it is not a local Hugging Face directory;
+    a hub name gets the command that downloads it."""
+    model = Path(cfg.model.path)
+    written = cfg.written("model.path")
+    if not model.is_dir():
+        if _HUB_NAME.match(written) and not model.parent.exists():
+            hint = (f"; models load from local directories, never from a hub: download it with "
+                    f"`huggingface-cli download {written} --local-dir DIR` and set model.path=DIR")
+        elif cfg.model.init_preset and cfg.override_for("model.path"):
+            hint = ("; a model.path given by an override must exist (model.init_preset creates the model only at "
+                    "the config file's own model.path)")
+        else:
+            hint = "; models load from local Hugging Face directories (config.json, weights, tokenizer)"
+        raise ValueError(f"{_given(cfg, 'model.path')}: no such directory{hint}")
+    if not (model / "config.json").is_file():
+        raise ValueError(f"{_given(cfg, 'model.path')}: not a Hugging Face model directory (no config.json)")
+
+
+def _given(cfg: Config, key: str) -> str:
+    """``key=VALUE`` as the user wrote it, plus the absolute path when that differs."""
+    written, resolved = cfg.written(key), str(attrgetter(key)(cfg))
+    return f"{key}={written}" + ("" if written == resolved else f" ({resolved})")
+
+
+def _missing_data_hint(cfg: Config) -> str:
+    if cfg.data.generate_demo and cfg.override_for("data.train"):
+        return ("; a data.train given by an override must exist (data.generate_demo writes the demo set only at "
+                "the config file's own data.train)")
+    return "; point data.train at your SFT records, or write the demo set with `safer data demo --out DIR`"
 
 
 def open_run_dir(cfg: Config) -> Path:

@@ -59,6 +59,7 @@ def start_ray(cfg: Config) -> None:
         return
     # A single-machine cluster binds to loopback only with this setting.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _local_token_auth()
     # ERPO holds learners and rollout workers at once; they take turns, so the logical CPUs
     # may exceed the cores.
     needed = cfg.learner.num_learners * cfg.learner.cpus_per_learner + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
@@ -70,6 +71,25 @@ def start_ray(cfg: Config) -> None:
     )
     _reclaim_stop_signals()
     log.info("started Ray in-process: %s", _resources())
+
+
+def _local_token_auth() -> None:
+    """Keep Ray's token authentication on for the in-process cluster, stated explicitly.
+
+    Ray 2.60's ``ray.init()`` turns token auth on for a new local cluster when ``RAY_AUTH_MODE``
+    is unset and warns that it did so, on every run (ray/_private/authentication/
+    authentication_token_setup.py ``enable_token_auth_by_default``); with the variable set it
+    does the same without the warning. Ray reads its config when it is imported, so the setting
+    is refreshed the way Ray's own ``_enable_token_auth`` does. A mode the user set is kept, and
+    joining a cluster (``launch.ray_address``) never comes here: that mode must match the
+    cluster's (slurm/ray-cluster.sh).
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._raylet import Config as RayConfig
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    RayConfig.initialize("")
 
 
 def _reclaim_stop_signals() -> None:

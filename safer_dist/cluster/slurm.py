@@ -16,9 +16,11 @@
                                              the requeued job resumes (checkpoint.resume=auto)
 
 The config is validated here, before the job waits in a queue. Paths in the script are
-absolute; the job runs in the submit directory (``sbatch --chdir``), so relative paths in the
-config (data, model) mean the same thing in the job as here — the directory must be on a
-filesystem every node sees. docs/slurm.md has the whole story.
+absolute; the job runs in the submit directory (``sbatch --chdir``), so relative paths (in the
+file: against its directory; in overrides: against the current one) mean the same thing in the
+job as here — the directories must be on a filesystem every node sees. The scripts come from
+the checkout or, in an installed safer, from its package data (safer_dist/runtime/resources.py).
+docs/slurm.md has the whole story.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from typing import Mapping
 
 from safer_dist.config import Config, ConfigError, load_config
 from safer_dist.runtime.io import atomic_write_text
+from safer_dist.runtime.resources import shipped_root
 
-REPO = Path(__file__).resolve().parents[2]
+# Holds slurm/ (and configs/): the checkout, or an installed package's data.
+REPO = shipped_root()
 TEMPLATE = REPO / "slurm" / "sbatch.template.sh"
 STAGES = ("run", "sft", "erpo")
 _PLACEHOLDER = re.compile(r"{{(\w+)}}")

@@ -5,19 +5,28 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+import yaml
 
 from safer_dist.runtime.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_safer_sft_subprocess(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu")
+    # The config names the model and data as its own paths, so `safer sft` creates them (the
+    # demo set, a tiny model): a path from an override would have to exist.
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg["model"]["path"] = "model"
+    cfg["data"].update(train="data/sft.jsonl", demo_num_sft=400, rulebook=str(REPO / "configs" / "rules" / "default.yaml"))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [
-        sys.executable, "-m", "launcher", "sft", "configs/tiny.yaml",
+        sys.executable, "-m", "launcher", "sft", str(tmp_path / "tiny.yaml"),
         f"run.output_dir={tmp_path / 'runs'}", "run.name=e2e", "train.max_steps=25", "train.warmup_steps=5",
-        f"model.path={tmp_path / 'model'}", f"data.train={tmp_path / 'data' / 'sft.jsonl'}",
-        "data.demo_num_sft=400", "checkpoint.every_steps=10",
+        "checkpoint.every_steps=10",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

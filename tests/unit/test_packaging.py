@@ -41,3 +41,16 @@ def test_torch_requirement_admits_makefile_pin():
 
 def test_only_one_torch_requirement():
     assert [r.name for r in _requirements()].count("torch") == 1
+
+
+def test_every_package_and_shipped_directory_is_listed():
+    """The package list is explicit (pyproject.toml says why): a new sub-package must join it,
+    and configs/ and slurm/ (with their sub-directories) ship as safer_dist/_shipped/."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for top in ("launcher", "safer_dist")
+               for p in (ROOT / top).rglob("__init__.py") if "__pycache__" not in p.parts}
+    shipped = {"safer_dist._shipped." + ".".join(d.relative_to(ROOT).parts) for top in ("configs", "slurm")
+               for d in [ROOT / top, *(ROOT / top).rglob("*")] if d.is_dir() and "__pycache__" not in d.parts}
+    assert set(setuptools["packages"]) == on_disk | shipped
+    assert setuptools["package-dir"] == {"safer_dist._shipped.configs": "configs", "safer_dist._shipped.slurm": "slurm"}
+    assert set(setuptools["package-data"]) == shipped

@@ -78,9 +78,11 @@ def test_prepare_gpu_request_and_options(tmp_path):
 
 
 def test_relative_paths_are_made_absolute(tmp_path):
-    (tmp_path / "cfg.yaml").write_text(TINY.read_text())
-    job = prepare("cfg.yaml", [], _opts(), cwd=tmp_path)
-    assert job.command[4] == str(tmp_path / "cfg.yaml")
+    # tiny.yaml's run.output_dir is ../runs: relative to the file's directory, exp/
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "cfg.yaml").write_text(TINY.read_text())
+    job = prepare("exp/cfg.yaml", [], _opts(), cwd=tmp_path)
+    assert job.command[4] == str(tmp_path / "exp" / "cfg.yaml")
     assert job.run_dir == tmp_path / "runs" / "tiny"
 
 
