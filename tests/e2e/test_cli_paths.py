@@ -6,7 +6,6 @@ fails before Ray starts, so the CLI runs in-process (``launcher.cli.main``)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,6 @@ from safer_dist.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny.yaml"
 RECIPES = ["configs/llama3-8b-8xh100.yaml", "configs/qwen2.5-7b-8xh100.yaml", "configs/llama3-70b-4x8xh100.yaml"]
-
-
-@pytest.fixture
-def logs():
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    logger = logging.getLogger("safer")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def _sft(tmp_path, *overrides) -> int:
