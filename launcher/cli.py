@@ -13,8 +13,10 @@
     safer slurm submit CONFIG [overrides] --nodes N --gpus-per-node G [...]   sbatch a job (docs/slurm.md)
 
 Exit codes: 0 success, 2 bad config / input (including a bad checkpoint), 75 stopped by
-SIGTERM/SIGUSR1 after a checkpoint (resume with the same command), 1 anything else (a learner
-that died: the message names it and the last complete checkpoint).
+SIGTERM/SIGUSR1 after a checkpoint (resume with the same command), 130 stopped by Ctrl-C
+(SIGINT) after finishing the step and writing a checkpoint (a second Ctrl-C aborts at once, also
+130; before training starts Ctrl-C aborts at once), 1 anything else (a learner that died: the
+message names it and the last complete checkpoint).
 """
 
 from __future__ import annotations
@@ -110,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before the graceful stop is installed: nothing to save yet
         return 130
     except Exception as e:  # noqa: BLE001 - the last line the user sees should say what failed
-        from safer_dist.runtime.stop import EXIT_PREEMPTED, Preempted
+        from safer_dist.runtime.stop import Preempted
 
         if isinstance(e, Preempted):
             log.warning("%s", e)
-            return EXIT_PREEMPTED
+            return e.exit_code
         from safer_dist.cluster.group import LearnerFailure
         from safer_dist.cluster.rollout import RolloutFailure
 

@@ -26,6 +26,7 @@ from safer_dist.runtime.io import atomic_write_json
 from safer_dist.runtime.log import get_logger
 from safer_dist.train.models import init_model_from_corpus, load_tokenizer
 from safer_dist.train.sft import train_sft
+from safer_dist.train.sft_data import split_valid
 
 log = get_logger("jobs")
 
@@ -54,7 +55,9 @@ def preflight(cfg: Config, *, need_train: bool = True) -> None:
         raise ValueError(f"model.path={cfg.model.path}: not a Hugging Face model directory (no config.json)")
     Rulebook.load(cfg.data.rulebook)
     if need_train:
-        load_records(cfg.data.train, "sft")
+        split_valid(load_records(cfg.data.train, "sft"), cfg.data.valid_fraction, cfg.run.seed)  # too few to split?
+        if cfg.data.valid:
+            load_records(cfg.data.valid, "sft")
 
 
 def open_run_dir(cfg: Config) -> Path:
@@ -65,7 +68,8 @@ def open_run_dir(cfg: Config) -> Path:
 
 
 def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
-    """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``."""
+    """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``. Writes
+    ``<run>/report.md`` with the training curves (``safer run`` rewrites it with its evaluation)."""
     prepare_inputs(cfg)
     preflight(cfg)
     # A bad resume checkpoint (or config change) fails here, before anything is written.
@@ -80,6 +84,8 @@ def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
         hf = run_dir / "hf"
         group.export_hf(str(hf))
         log.info("SFT finished at step %d (%.0f s of training); model exported to %s", state.step, state.elapsed_s, hf)
+        report = write_report(run_dir, {}, intro="SFT training (no evaluation yet: `safer eval` or `safer run` adds it).")
+        log.info("report: %s", report)
         log.debug("sft job wall %.1f s", time.perf_counter() - t0)
     finally:
         group.shutdown()

@@ -51,7 +51,9 @@ def start_ray(cfg: Config) -> None:
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if cfg.launch.device == "cpu" or (cfg.launch.device == "auto" and not _local_cuda()):
         env["DS_ACCELERATOR"] = "cpu"
-    runtime_env = {"env_vars": env}
+    # Every Ray worker ignores SIGINT: a terminal's Ctrl-C reaches the whole foreground process
+    # group, and the driver alone turns it into a graceful stop (safer_dist/runtime/stop.py).
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "safer_dist.runtime.stop.ignore_interrupt"}
     if cfg.launch.ray_address:
         ray.init(address=cfg.launch.ray_address, runtime_env=runtime_env, log_to_driver=True)
         _reclaim_stop_signals()
@@ -73,7 +75,8 @@ def start_ray(cfg: Config) -> None:
 
 
 def _reclaim_stop_signals() -> None:
-    # ray.init replaces the driver's SIGTERM handler with sys.exit; take graceful stop back.
+    # ray.init replaces the driver's SIGTERM handler with sys.exit; take graceful stop (SIGTERM,
+    # SIGUSR1, SIGINT) back.
     from safer_dist.runtime import stop
 
     stop.reinstall()
@@ -228,6 +231,10 @@ class LearnerGroup:
 
     def sft_step(self, step: int) -> dict:
         return self._all("sft_step", lambda a, r: a.sft_step.remote(step))[0]
+
+    def eval_loss(self) -> dict:
+        """Validation loss of the current weights (``Learner.eval_loss``): ``valid_loss``, ``num_valid_tokens``."""
+        return self._all("eval_loss", lambda a, r: a.eval_loss.remote())[0]
 
     def load_pairs(self, path: str, seed: int, safety_repeats: int = 1) -> int:
         return self._all("load_pairs", lambda a, r: a.load_pairs.remote(path, seed, safety_repeats))[0]
