@@ -51,9 +51,7 @@ def start_ray(cfg: Config) -> None:
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if cfg.launch.device == "cpu" or (cfg.launch.device == "auto" and not _local_cuda()):
         env["DS_ACCELERATOR"] = "cpu"
-    # Every Ray worker ignores SIGINT: a terminal's Ctrl-C reaches the whole foreground process
-    # group, and the driver alone turns it into a graceful stop (safer_dist/runtime/stop.py).
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": "safer_dist.runtime.stop.ignore_interrupt"}
+    runtime_env = {"env_vars": env}
     if cfg.launch.ray_address:
         ray.init(address=cfg.launch.ray_address, runtime_env=runtime_env, log_to_driver=True)
         _reclaim_stop_signals()

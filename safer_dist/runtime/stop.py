@@ -10,10 +10,13 @@ stopping (a second Ctrl-C), or the grace period (``launch.stop_grace_s``) runnin
 once with the same code: the last complete checkpoint is still there.
 
 ``ray.init`` installs its own SIGTERM handler (``sys.exit``) in the driver; :func:`reinstall`
-(called by :func:`safer_dist.cluster.group.start_ray` right after it) puts ours back. A
-terminal sends Ctrl-C to its whole foreground process group, so every Ray worker runs
-:func:`ignore_interrupt` at start-up (a Ray ``worker_process_setup_hook``): only the driver
-decides what an interrupt means, and the learners live to write the checkpoint.
+(called by :func:`safer_dist.cluster.group.start_ray` right after it) puts ours back; it
+leaves SIGINT alone. A terminal sends Ctrl-C to its whole foreground process group: that
+reaches the driver and the Ray daemons it started, which run with SIGINT blocked (Ray starts
+them so), while the Ray workers — learners, rollout workers — sit in process groups of their
+own and inherit that blocked mask. So only the driver acts on a Ctrl-C, and the learners live
+to write the checkpoint (tests/ray/test_learner_group.py and tests/e2e/test_resume_faults.py
+check both).
 """
 
 from __future__ import annotations
@@ -86,12 +89,6 @@ def reinstall() -> None:
     """Install the handlers again if :func:`install` ran (after a library replaced them)."""
     if _grace_s is not None and threading.current_thread() is threading.main_thread():
         install(_grace_s)
-
-
-def ignore_interrupt() -> None:
-    """Ignore SIGINT in this process (Ray workers: a Ctrl-C is the driver's to handle)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _expire(grace_s: float) -> None:

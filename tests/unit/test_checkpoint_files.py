@@ -245,12 +245,6 @@ def test_sigterm_stop_exits_75(stop_handlers):
     assert stop.requested() and stop.stopped_at(3).exit_code == 75
 
 
-def test_ray_workers_ignore_sigint(stop_handlers):
-    stop.ignore_interrupt()  # what every Ray worker runs at start-up (start_ray's setup hook)
-    os.kill(os.getpid(), signal.SIGINT)
-    assert not stop.requested() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-
-
 def test_sigterm_handler_reclaimed_after_ray_replaces_it(stop_handlers):
     stop.install(grace_s=3600)
     # What ray.init does in the driver (ray/_private/worker.py): SIGTERM -> sys.exit.
