@@ -16,8 +16,9 @@
 
 Exit codes: 0 success, 2 bad config / input (including a bad checkpoint), 3 `safer plan`: no
 setup fits the GPUs, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (resume with the same
-command), 1 anything else (a learner that died: the message names it and the last complete
-checkpoint).
+command), 130 stopped by Ctrl-C (SIGINT) after finishing the step and writing a checkpoint (a
+second Ctrl-C aborts at once, also 130; before training starts Ctrl-C aborts at once), 1 anything
+else (a learner that died: the message names it and the last complete checkpoint).
 
 Relative paths in a config file resolve against the file's directory; in an override, against
 the current directory.
@@ -42,7 +43,7 @@ from safer_dist.evaluation.report import ROWS, _fmt
 from safer_dist.reasoning.rules import Rulebook
 from safer_dist.runtime.log import get_logger, set_level
 from safer_dist.runtime.resources import shipped
-from safer_dist.runtime.stop import EXIT_PREEMPTED, Preempted
+from safer_dist.runtime.stop import Preempted
 from safer_dist.synth.pipeline import format_summary, synth_job
 from safer_dist.synth.teachers import TeacherUnavailable
 
@@ -136,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before the graceful stop is installed: nothing to save yet
         return 130
     except Exception as e:  # noqa: BLE001 - the last line the user sees should say what failed
         if isinstance(e, Preempted):
             log.warning("%s", e)
-            return EXIT_PREEMPTED
+            return e.exit_code
         from safer_dist.cluster.rollout import RolloutFailure  # imports torch: only on this path
 
         if isinstance(e, (LearnerFailure, RolloutFailure)):

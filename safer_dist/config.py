@@ -39,6 +39,7 @@ from safer_dist.erpo.ranking import Ranking
 from safer_dist.runtime.io import atomic_write_text
 from safer_dist.runtime.log import get_logger
 from safer_dist.runtime.resources import shipped
+from safer_dist.runtime.tracking import missing_package
 
 log = get_logger("config")
 
@@ -93,6 +94,11 @@ class DataSection:
     # Probability of splitting a prompt word into sub-word pieces when tokenizing training
     # prompts (deterministic per example and epoch). Exposes rare sub-word tokens.
     segment_dropout: float = 0.1
+    # Validation set of SFT (train.eval_every_steps): a records file like `train`, or, when
+    # None, a held-out fraction `valid_fraction` of `train` chosen by run.seed; those
+    # examples then leave the training set.
+    valid: str | None = None
+    valid_fraction: float = 0.0
 
 
 @dataclass
@@ -140,6 +146,9 @@ class TrainSection(OptimSection):
     max_steps: int = 200
     min_lr_ratio: float = 0.1
     log_every: int = 1
+    # Validation loss (valid_loss in metrics.jsonl) every this many steps and at the last
+    # step, on data.valid or data.valid_fraction; 0: off.
+    eval_every_steps: int = 0
 
     def lr_factor(self, step: int) -> float:
         warmup = min(self.warmup_steps, self.max_steps)
@@ -286,6 +295,28 @@ class LaunchSection:
 
 
 @dataclass
+class TrackSection:
+    """Experiment tracking: every scalar of metrics.jsonl also goes to each enabled backend
+    (safer_dist/runtime/tracking.py; `pip install 'safer[track]'`)."""
+
+    # TensorBoard event files under <run>/tensorboard/<stage>/ (`tensorboard --logdir <run>/tensorboard`).
+    tensorboard: bool = False
+    # Weights & Biases (WANDB_MODE=offline logs without a network; `wandb sync` uploads later).
+    wandb: bool = False
+    wandb_project: str = "safer"
+    wandb_entity: str | None = None  # None: your W&B default entity
+    wandb_run_name: str | None = None  # None: run.name
+    wandb_tags: str = ""  # comma-separated
+
+    def validate(self) -> None:
+        for backend in ("tensorboard", "wandb"):
+            missing = getattr(self, backend) and missing_package(backend)
+            _check(not missing, f"track.{backend}=true needs the {missing} package: pip install 'safer[track]' "
+                                f"(or pip install {missing}), or set track.{backend}=false")
+        _check(bool(self.wandb_project.strip()), "track.wandb_project must not be empty")
+
+
+@dataclass
 class EvalSection:
     max_prompts: int = 0  # 0: all (per benchmark when eval.benchmarks is set)
     max_new_tokens: int = 256
@@ -363,6 +394,7 @@ class Config:
     launch: LaunchSection = field(default_factory=LaunchSection)
     eval: EvalSection = field(default_factory=EvalSection)
     synth: SynthSection = field(default_factory=SynthSection)
+    track: TrackSection = field(default_factory=TrackSection)
 
     def __post_init__(self) -> None:
         # Where values came from (not fields: never saved). Filled by load_config.
@@ -388,6 +420,14 @@ class Config:
         _check(t.log_every >= 1, "train.log_every must be >= 1")
         _check(lr.loss_chunk_tokens >= 0, "learner.loss_chunk_tokens must be >= 0 (0: full logits)")
         _check(lr.peak_tflops is None or lr.peak_tflops > 0, "learner.peak_tflops must be > 0 (or null: from the GPU's name)")
+        _check(t.eval_every_steps >= 0, "train.eval_every_steps must be >= 0 (0: no validation loss)")
+        d = self.data
+        _check(0 <= d.valid_fraction < 1, "data.valid_fraction must be in [0, 1)")
+        _check(not (d.valid and d.valid_fraction), "set data.valid or data.valid_fraction, not both")
+        _check(
+            not t.eval_every_steps or bool(d.valid) or d.valid_fraction > 0,
+            "train.eval_every_steps needs a validation set: data.valid=FILE or data.valid_fraction (e.g. 0.05)",
+        )
         _check(lr.num_learners >= 1, "learner.num_learners must be >= 1")
         _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
         _check(lr.cpus_per_learner >= 1, "learner.cpus_per_learner must be >= 1")
@@ -438,6 +478,7 @@ class Config:
         _check(self.launch.stop_grace_s > 0, "launch.stop_grace_s must be > 0")
         _check(bool(self.run.name) and "/" not in self.run.name, "run.name must be a non-empty name without '/'")
         self.synth.validate()
+        self.track.validate()
         _check_eval_lists(self.eval)
 
     def to_dict(self) -> dict[str, Any]:
@@ -450,7 +491,7 @@ class Config:
 # Fields holding file system paths: made absolute by load_config (see the module docstring).
 # eval.benchmarks / eval.models are name:path lists; checkpoint.resume also takes auto | none.
 PATH_KEYS = (
-    "run.output_dir", "model.path", "data.train", "data.eval", "data.erpo_prompts", "data.rulebook",
+    "run.output_dir", "model.path", "data.train", "data.valid", "data.eval", "data.erpo_prompts", "data.rulebook",
     "judge.model_path", "erpo.init_from", "checkpoint.resume", "eval.benchmarks", "eval.models",
     "synth.prompts", "synth.out_dir", "synth.teacher_path", "synth.prompt_template", "synth.classifier_path",
     "synth.classifier_template",
@@ -737,6 +778,7 @@ def save_config(cfg: Config, path: Path) -> None:
 RESUME_KEYS = {
     "sft": (
         "run.seed", "model.path", "data.train", "data.max_seq_len", "data.overlong", "data.segment_dropout",
+        "data.valid_fraction",
         "train.global_batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay",
         "train.adam_beta1", "train.adam_beta2", "train.grad_clip", "learner.zero_stage",
     ),

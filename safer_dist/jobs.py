@@ -28,6 +28,7 @@ from safer_dist.runtime.io import atomic_write_json
 from safer_dist.runtime.log import get_logger
 from safer_dist.train.models import init_model_from_corpus, load_tokenizer
 from safer_dist.train.sft import train_sft
+from safer_dist.train.sft_data import split_valid
 
 log = get_logger("jobs")
 
@@ -67,7 +68,11 @@ def preflight(cfg: Config, *, need_train: bool = True) -> None:
         train = Path(cfg.data.train)
         if not train.exists():
             raise ValueError(f"{_given(cfg, 'data.train')}: no such file{_missing_data_hint(cfg)}")
-        load_records(cfg.data.train, "sft")
+        split_valid(load_records(cfg.data.train, "sft"), cfg.data.valid_fraction, cfg.run.seed)  # too few to split?
+        if cfg.data.valid:
+            if not Path(cfg.data.valid).exists():
+                raise ValueError(f"{_given(cfg, 'data.valid')}: no such file")
+            load_records(cfg.data.valid, "sft")
 
 
 def check_model_dir(cfg: Config) -> None:
@@ -110,7 +115,8 @@ def open_run_dir(cfg: Config) -> Path:
 
 
 def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
-    """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``."""
+    """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``. Writes
+    ``<run>/report.md`` with the training curves (``safer run`` rewrites it with its evaluation)."""
     prepare_inputs(cfg)
     preflight(cfg)
     # A bad resume checkpoint (or config change) fails here, before anything is written.
@@ -125,6 +131,8 @@ def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
         hf = run_dir / "hf"
         group.export_hf(str(hf))
         log.info("SFT finished at step %d (%.0f s of training); model exported to %s", state.step, state.elapsed_s, hf)
+        report = write_report(run_dir, {}, intro="SFT training (no evaluation yet: `safer eval` or `safer run` adds it).")
+        log.info("report: %s", report)
         log.debug("sft job wall %.1f s", time.perf_counter() - t0)
     finally:
         group.shutdown()

@@ -93,7 +93,8 @@ def _local_token_auth() -> None:
 
 
 def _reclaim_stop_signals() -> None:
-    # ray.init replaces the driver's SIGTERM handler with sys.exit; take graceful stop back.
+    # ray.init replaces the driver's SIGTERM handler with sys.exit; take graceful stop (SIGTERM,
+    # SIGUSR1, SIGINT) back.
     from safer_dist.runtime import stop
 
     stop.reinstall()
@@ -257,6 +258,10 @@ class LearnerGroup:
     def sft_step(self, step: int) -> dict:
         self.weights_version = None
         return self._all("sft_step", lambda a, r: a.sft_step.remote(step))[0]
+
+    def eval_loss(self) -> dict:
+        """Validation loss of the current weights (``Learner.eval_loss``): ``valid_loss``, ``num_valid_tokens``."""
+        return self._all("eval_loss", lambda a, r: a.eval_loss.remote())[0]
 
     def load_pairs(self, path: str, seed: int, safety_repeats: int = 1) -> int:
         return self._all("load_pairs", lambda a, r: a.load_pairs.remote(path, seed, safety_repeats))[0]

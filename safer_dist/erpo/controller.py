@@ -180,7 +180,7 @@ def sample_iteration(cfg: Config, sampler: Sampler, pool: list[dict], iteration:
         rows += chunk_rows
         progress.update(1, pairs=sum(r["chosen"] is not None for r in rows))
         if stop.requested():
-            raise stop.Preempted(f"stopped while sampling iteration {iteration} after chunk {c}; chunks kept")
+            raise stop.Preempted(f"stopped while sampling iteration {iteration} after chunk {c} (chunks kept); run the same command to resume")
     progress.close()
     atomic_write_jsonl(pairs_path, rows)
     return pairs_path
@@ -223,7 +223,7 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
     e = cfg.erpo
     ckpt = Checkpointer(cfg.checkpoint, run_dir / "checkpoints" / "erpo", stage="erpo")
     state = TrainerState(stage="erpo", extra={"iteration": 0, "iter_step": 0})
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", cfg.track, run_name=cfg.run.name, config=cfg.to_dict())
     restored = ckpt.restore(learners, state, cfg)
     metrics.truncate_after("erpo", state.step)
     metrics.truncate_after("erpo_iter", state.extra["iteration"])
@@ -262,7 +262,7 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
             progress.update(1, loss=m["loss"], acc=m["preference_accuracy"], **progress_fields(speed))
             if stop.requested():
                 ckpt.save(learners, state, cfg)
-                raise stop.Preempted(f"stopped at ERPO iteration {t} step {state.extra['iter_step']}; checkpoint written")
+                raise stop.Preempted(f"stopped at ERPO iteration {t} step {state.extra['iter_step']}; run the same command to resume")
             if ckpt.due(state.step):
                 ckpt.save(learners, state, cfg)
             die_if(f"erpo_train:{t}:{state.extra['iter_step']}")
@@ -279,4 +279,5 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
             "loss": _mean(m["loss"] for m in train_metrics),
             "step_token_budget": e.ranking.at_iteration(t).step_token_budget,
         })
+    metrics.close()
     return state

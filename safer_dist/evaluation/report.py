@@ -71,8 +71,12 @@ def plot(run_dir: Path, metrics: list[dict]) -> list[Path]:
     if sft or erpo:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         if sft:
-            axes[0].plot([m["step"] for m in sft], [m["loss"] for m in sft])
+            axes[0].plot([m["step"] for m in sft], [m["loss"] for m in sft], label="train loss")
+            valid = [m for m in sft if "valid_loss" in m]
+            if valid:
+                axes[0].plot([m["step"] for m in valid], [m["valid_loss"] for m in valid], "o-", label="valid loss")
             axes[0].set(title="SFT loss", xlabel="step", yscale="log")
+            axes[0].legend()
         if erpo:
             axes[1].plot([m["step"] for m in erpo], [m["loss"] for m in erpo], label="loss")
             axes[1].plot([m["step"] for m in erpo], [m["preference_accuracy"] for m in erpo], label="pref. accuracy")
@@ -191,17 +195,19 @@ def plot_benchmarks(run_dir: Path, results: dict[str, dict]) -> list[Path]:
 
 def write_report(run_dir: Path, results: dict[str, dict], *, intro: str | None = None) -> Path:
     """``results`` maps a model tag (sft, erpo, ...) to ``{"summary": ..., "sample": ...}``, plus
-    ``"benchmarks"`` and ``"attacks"`` for a benchmark evaluation (see ``benchmark_sections``)."""
+    ``"benchmarks"`` and ``"attacks"`` for a benchmark evaluation (see ``benchmark_sections``);
+    empty (``safer sft``): the training curves and the final train / valid loss only."""
     run_dir = Path(run_dir)
     tags = list(results)
     intro = intro or "Held-out evaluation (prompts, phrasings and topics unseen in training)."
     lines = ["# safer run report", "", intro, ""]
-    lines.append("| metric | " + " | ".join(tags) + " |")
-    lines.append("|---|" + "---|" * len(tags))
-    for key, label, pct in ROWS:
-        lines.append(f"| {label} | " + " | ".join(_fmt(key, results[t]["summary"].get(key), pct) for t in tags) + " |")
-    lines.append("| prompts | " + " | ".join(str(results[t]["summary"]["num_prompts"]) for t in tags) + " |")
-    lines += ["", "Models: " + ", ".join(f"{t} = `{results[t]['summary']['model']}`" for t in tags), ""]
+    if tags:
+        lines.append("| metric | " + " | ".join(tags) + " |")
+        lines.append("|---|" + "---|" * len(tags))
+        for key, label, pct in ROWS:
+            lines.append(f"| {label} | " + " | ".join(_fmt(key, results[t]["summary"].get(key), pct) for t in tags) + " |")
+        lines.append("| prompts | " + " | ".join(str(results[t]["summary"]["num_prompts"]) for t in tags) + " |")
+        lines += ["", "Models: " + ", ".join(f"{t} = `{results[t]['summary']['model']}`" for t in tags), ""]
     bench_pngs = []
     if any("benchmarks" in results[t] for t in tags):
         lines += ["## Benchmarks", "", f"Judge: {results[tags[0]]['summary'].get('judge', 'rule')}. Per-prompt "
@@ -212,6 +218,11 @@ def write_report(run_dir: Path, results: dict[str, dict], *, intro: str | None =
         except Exception as e:  # noqa: BLE001 - a plotting failure must not lose the report
             log.warning("could not draw benchmark plots: %s", e)
     metrics = _read_metrics(run_dir)
+    sft = [m for m in metrics if m.get("stage") == "sft"]
+    if sft:
+        lines += ["## SFT", "", f"{sft[-1]['step']} steps; final train loss {sft[-1]['loss']:.4f}"
+                  + "".join(f", valid loss {m['valid_loss']:.4f} at step {m['step']}"
+                            for m in [m for m in sft if "valid_loss" in m][-1:]) + ".", ""]
     iters = [m for m in metrics if m.get("stage") == "erpo_iter"]
     if iters:
         lines += ["## ERPO iterations", "", "| iteration | pairs | by reason | mean step tokens | safety | utility | reward margin | pref. accuracy |",

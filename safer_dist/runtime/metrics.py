@@ -1,4 +1,4 @@
-"""metrics.jsonl and progress output for long loops."""
+"""metrics.jsonl (fanned out to the tracking backends) and progress output for long loops."""
 
 from __future__ import annotations
 
@@ -11,16 +11,25 @@ from tqdm import tqdm
 
 from safer_dist.runtime.io import atomic_write_text
 from safer_dist.runtime.log import get_logger
+from safer_dist.runtime.tracking import open_backends, scalars
 
 log = get_logger("metrics")
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` (flushed each line)."""
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (flushed each line) and
+    hands every row to the tracking backends ``track`` enables (TensorBoard, W&B:
+    :mod:`safer_dist.runtime.tracking`), which live in the same run directory.
 
-    def __init__(self, path: Path):
+    Every row gets ``time``, the wall-clock time it was written (unix seconds), unless it has
+    one. ``track`` is a :class:`safer_dist.config.TrackSection` (None: metrics.jsonl only);
+    ``config`` the resolved config, recorded by W&B. :meth:`close` ends the backends' runs.
+    """
+
+    def __init__(self, path: Path, track=None, *, run_name: str = "", config: dict | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.backends = open_backends(track, self.path.parent, run_name=run_name or self.path.parent.name, config=config)
 
     def truncate_after(self, stage: str, step: int) -> None:
         """Drop lines of ``stage`` beyond ``step`` (logged after the checkpoint we resume from)."""
@@ -38,8 +47,19 @@ class MetricsWriter:
         atomic_write_text(self.path, "".join(x + "\n" for x in keep))
 
     def write(self, record: dict) -> None:
+        record = {**record, "time": record.get("time", round(time.time(), 3))}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.backends:
+            values = scalars(record)
+            for backend in self.backends:
+                backend.log(record["stage"], record["step"], record["time"], values)
+
+    def close(self) -> None:
+        """Flush and end the tracking backends (metrics.jsonl needs nothing)."""
+        for backend in self.backends:
+            backend.close()
+        self.backends = []
 
 
 def read_metrics(path: Path, stage: str | None = None) -> list[dict]:

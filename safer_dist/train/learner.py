@@ -164,6 +164,7 @@ class Learner:
             torch.set_num_threads(learner.cpus_per_learner)
         self.engine = None
         self._data = None
+        self._valid = None  # the encoded validation set (eval_loss)
         self._pairs = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -278,13 +279,71 @@ class Learner:
             "step_time_s": time.perf_counter() - t0,
         }
 
+    def eval_loss(self) -> dict:
+        """Validation loss under the current weights, no update. Collective.
+
+        Each rank scores its shard of the validation set (``data.valid``, else the held-out
+        ``data.valid_fraction`` of ``data.train``) with the training loss's formula
+        (:func:`~safer_dist.train.losses.sft_loss`, summed NLL over labelled tokens); the sums
+        and token counts are all-reduced, so ``valid_loss`` = total NLL / total labelled tokens
+        over the whole set, for any number of ranks and micro-batch size. Validation prompts
+        are encoded without ``data.segment_dropout``: every evaluation sees the same tokens.
+        Returns ``{"valid_loss", "num_valid_tokens"}`` (same on all ranks).
+        """
+        from safer_dist.train.losses import sft_loss
+        from safer_dist.train.sft_data import Encoded, eval_micro_batches, num_label_tokens, pack
+
+        batches = eval_micro_batches(
+            self._valid_examples(), rank=self.rank, world_size=self.world_size,
+            micro_batch_size=self.optim.micro_batch_size,
+        )
+        nll_sum, n_label = 0.0, 0
+        was_training = self.engine.training
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    if b is None:  # this rank's shard ran out: a forward pass anyway (ZeRO-3 is collective)
+                        b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
+                    n_label += num_label_tokens(b)
+                    b = {k: v.to(self.device) for k, v in b.items()}
+                    logits = self.engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+                    nll_sum += float(sft_loss(logits, b["labels"], 1.0))
+        finally:
+            self.engine.train(was_training)
+        nll_global, n_global = self._all_reduce([nll_sum, n_label])
+        return {"valid_loss": nll_global / max(n_global, 1.0), "num_valid_tokens": int(n_global)}
+
+    def _train_and_valid_records(self) -> tuple[list, list]:
+        from safer_dist.data.records import load_records
+        from safer_dist.train.sft_data import split_valid
+
+        train, valid = split_valid(load_records(self.data_cfg.train, "sft"), self.data_cfg.valid_fraction, self.seed)
+        if self.data_cfg.valid:
+            valid = list(load_records(self.data_cfg.valid, "sft"))
+        return train, valid
+
+    def _valid_examples(self) -> list:
+        if self._valid is None:
+            from safer_dist.train.sft_data import encode_example
+
+            _, records = self._train_and_valid_records()
+            if not records:
+                raise ValueError("no validation set: set data.valid=FILE or data.valid_fraction")
+            self._valid = [
+                encode_example(self.tokenizer, r["prompt"], r["response"], max_seq_len=self.data_cfg.max_seq_len,
+                               overlong=self.data_cfg.overlong)
+                for r in records
+            ]
+        return self._valid
+
     def _sft_data(self):
         if self._data is None:
-            from safer_dist.data.records import load_records
             from safer_dist.train.sft_data import SFTData
 
+            train, _ = self._train_and_valid_records()
             self._data = SFTData(
-                load_records(self.data_cfg.train, "sft"), self.tokenizer, seed=self.seed,
+                train, self.tokenizer, seed=self.seed,
                 max_seq_len=self.data_cfg.max_seq_len, overlong=self.data_cfg.overlong,
                 segment_dropout=self.data_cfg.segment_dropout,
             )

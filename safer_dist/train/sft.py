@@ -7,7 +7,8 @@
       for step in [state.step, max):
         sft_step(step) ──────────────▶  each rank: its shard of global batch `step`,
                        ◀──────────────   packed micro-batches, backward, optimizer step
-        metrics.jsonl, progress
+        every K steps: eval_loss ────▶  each rank: NLL of its validation shard (no update)
+        metrics.jsonl (+ TensorBoard / W&B), progress
         every N steps / on stop ─────▶  save shards; driver writes COMPLETE last
       export hf/ ────────────────────▶  rank 0 writes safetensors + tokenizer
 """
@@ -28,10 +29,14 @@ log = get_logger("sft")
 
 
 def train_sft(cfg: Config, group, run_dir: Path) -> TrainerState:
-    """Train until ``train.max_steps``; checkpoints under ``run_dir/checkpoints/sft``."""
+    """Train until ``train.max_steps``; checkpoints under ``run_dir/checkpoints/sft``.
+
+    Every ``train.eval_every_steps`` (and at the last step) the step's metrics row also
+    carries ``valid_loss`` (:meth:`Learner.eval_loss`, after the step's update).
+    """
     ckpt = Checkpointer(cfg.checkpoint, run_dir / "checkpoints" / "sft")
     state = TrainerState(stage="sft")
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", cfg.track, run_name=cfg.run.name, config=cfg.to_dict())
     if ckpt.restore(group, state, cfg) is not None:
         metrics.truncate_after("sft", state.step)
     else:
@@ -39,6 +44,7 @@ def train_sft(cfg: Config, group, run_dir: Path) -> TrainerState:
     progress = Progress(cfg.train.max_steps, initial=state.step, desc="sft")
     throughput = Throughput(group.infos)
     saved_at = state.step if state.step else -1
+    every_eval = cfg.train.eval_every_steps
     try:
         while state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
@@ -48,22 +54,26 @@ def train_sft(cfg: Config, group, run_dir: Path) -> TrainerState:
             state.tokens_seen += m["num_tokens"]
             state.elapsed_s += dt
             speed = throughput(m["num_tokens"], dt)
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            last = state.step == cfg.train.max_steps
+            valid = group.eval_loss() if every_eval and (state.step % every_eval == 0 or last) else None
+            if state.step % cfg.train.log_every == 0 or last or valid:
                 metrics.write({
                     "stage": "sft", "step": state.step, "loss": m["loss"], "lr": m["lr"],
                     "grad_norm": m["grad_norm"], "num_tokens": m["num_tokens"],
                     "num_loss_tokens": m["num_loss_tokens"], **speed,
                     "truncated": m["truncated"], "dropped": m["dropped"], "time_s": round(state.elapsed_s, 3),
+                    **(valid or {}),
                 })
-            progress.update(1, loss=m["loss"], **progress_fields(speed))
+            progress.update(1, loss=m["loss"], **progress_fields(speed), **({"valid": valid["valid_loss"]} if valid else {}))
             if stop.requested():
                 ckpt.save(group, state, cfg)
-                raise stop.Preempted(f"stopped at step {state.step}; checkpoint written")
+                raise stop.stopped_at(state.step)
             if ckpt.due(state.step):
                 ckpt.save(group, state, cfg)
                 saved_at = state.step
     finally:
         progress.close()
+        metrics.close()
     if saved_at != state.step:
         ckpt.save(group, state, cfg)
     return state

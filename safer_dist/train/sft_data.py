@@ -124,6 +124,38 @@ def num_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def split_valid(records, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, valid): a held-out ``fraction`` of ``records`` (at least one, at most all but
+    one), chosen by ``seed`` alone, so every rank and every resumed run picks the same
+    examples. Both keep the records' order. ``fraction`` 0: (all records, [])."""
+    records = list(records)
+    if fraction <= 0:
+        return records, []
+    n = len(records)
+    k = min(max(1, round(n * fraction)), n - 1)
+    if k < 1:
+        raise ValueError(f"data.valid_fraction={fraction}: the training set has {n} example(s), too few to split")
+    held = set(random.Random(f"valid-{seed}").sample(range(n), k))
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def eval_micro_batches(
+    examples: list[Encoded | None], *, rank: int, world_size: int, micro_batch_size: int
+) -> list[dict[str, torch.Tensor] | None]:
+    """This rank's packed micro-batches of a validation set (None where a micro-batch has no
+    example left). Ranks take contiguous shards of ``ceil(n / world_size)`` examples; every rank
+    gets the same number of micro-batches (the largest shard's), so that collective forward
+    passes (ZeRO-3) stay in step. Examples dropped for length (None) are skipped."""
+    per_rank = -(-len(examples) // world_size)
+    shard = examples[rank * per_rank : (rank + 1) * per_rank]
+    num_batches = -(-per_rank // micro_batch_size)
+    out = []
+    for i in range(num_batches):
+        part = [ex for ex in shard[i * micro_batch_size : (i + 1) * micro_batch_size] if ex is not None]
+        out.append(pack(part) if part else None)
+    return out
+
+
 class SFTData:
     """The tokenized view of an SFT data set that each learner rank builds for itself.
 

@@ -218,7 +218,7 @@ def test_semantic_change_refused_harmless_change_allowed(tmp_path):
 
 @pytest.fixture
 def stop_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     stop.reset()
     yield
     stop.reset()
@@ -232,6 +232,20 @@ def test_sigusr1_requests_a_stop(stop_handlers):
     assert not stop.requested()
     os.kill(os.getpid(), signal.SIGUSR1)
     assert stop.requested()
+
+
+def test_sigint_takes_the_graceful_path_and_exits_130(stop_handlers):
+    stop.install(grace_s=3600)
+    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the loop finishes its step
+    assert stop.requested()
+    e = stop.stopped_at(7)
+    assert (e.exit_code, str(e)) == (130, "stopped at step 7; run the same command to resume")
+
+
+def test_sigterm_stop_exits_75(stop_handlers):
+    stop.install(grace_s=3600)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested() and stop.stopped_at(3).exit_code == 75
 
 
 def test_sigterm_handler_reclaimed_after_ray_replaces_it(stop_handlers):

@@ -153,3 +153,16 @@ def test_erpo_resume_checks_every_optimisation_setting_and_reads_old_checkpoints
     erpo.update(**erpo.pop("loss"), lr=erpo["optim"].pop("lr"))
     assert semantic_diff(old, a, "erpo") == []
     assert semantic_diff(old, b, "erpo")[1:] == ["erpo.loss.beta: 0.1 -> 0.2", "erpo.optim.lr: 0.0001 -> 1e-05"]
+
+
+def test_validation_loss_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"train\.eval_every_steps needs a validation set"):
+        load_config(None, ["train.eval_every_steps=10"])
+    with pytest.raises(ConfigError, match=r"data\.valid_fraction must be in \[0, 1\)"):
+        load_config(None, ["data.valid_fraction=1.0"])
+    with pytest.raises(ConfigError, match="set data.valid or data.valid_fraction, not both"):
+        load_config(None, ["data.valid=v.jsonl", "data.valid_fraction=0.1"])
+    cfg = load_config(None, ["train.eval_every_steps=10", "data.valid_fraction=0.05"])
+    assert cfg.train.eval_every_steps == 10
+    # The held-out fraction changes the training set: resuming with another one is refused.
+    assert semantic_diff(load_config(None).to_dict(), cfg) == ["data.valid_fraction: 0.0 -> 0.05"]
