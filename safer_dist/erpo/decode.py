@@ -234,7 +234,8 @@ def decode(
             ids, mask = left_pad([prefixes[p] for p, _ in admit], pad, device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()
-            logits = forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+            pre = forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+            logits = pre.logits[:, -1]
             rows = [_Row(p, c, len(prefixes[p]), row_rng(seed, p, c))
                     for p, cs in admit for c in (range(n) if cs is None else (cs,))]
             src = torch.arange(len(admit), device=device).repeat_interleave(per_unit)  # row -> prefilled prefix

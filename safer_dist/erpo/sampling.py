@@ -51,7 +51,8 @@ def sample_candidates(
     prefix once per row (the peer method); it draws the same samples.
     """
     if n < 1 or max_new_tokens < 1:
-        raise ValueError(f"sample_candidates needs n >= 1 and max_new_tokens >= 1 (got n={n}, max_new_tokens={max_new_tokens})")
+        raise ValueError(f"sample_candidates needs n >= 1 and max_new_tokens >= 1 (got n={n}, "
+                         f"max_new_tokens={max_new_tokens})")
     if any(not p for p in prefixes):
         raise ValueError("sample_candidates: every prefix needs at least one token (the chat-formatted prompt)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
