@@ -213,7 +213,7 @@ class RolloutSection:
     cpus_per_worker: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    # Rows (prompts x candidates) sampled together by a worker.
+    # Rows (prompts x candidates) a worker samples at once; ERPO sampling keeps this many in flight.
     batch_size: int = 32
     # A worker process that dies is restarted by Ray up to this many times; it rejoins the
     # weight sync and gets the current weights again, and its shard of the work is retried on

@@ -2,9 +2,18 @@
 
 ``sample_candidates`` encodes each prefix once (a batched, left-padded prefill), copies its
 KV cache N times, and samples N continuations per prefix from the copies — instead of
-re-encoding the prefix N times as ``generate(num_return_sequences=N)`` does. Sampling stops
-per row at EOS or when the text generated so far contains a stop string (a step's closing
-tag); the returned continuation is cut right after the stop string.
+re-encoding the prefix N times as ``generate(num_return_sequences=N)`` does. Sampling is
+continuous batching (``safer_dist.erpo.decode``): a row leaves the batch as soon as it ends —
+at EOS, when the text generated so far contains a stop string (a step's closing tag), or at
+its token limit — and waiting prefixes take its place, so no batch runs for its longest row
+only. The returned continuation is cut right after the stop string.
+
+Samples are a function of (seed, prefix index, candidate index) and the prefix: each row
+draws from its own random stream, so a row's sample does not depend on the other prefixes of
+the call, on ``batch_rows`` or on prefix reuse. (The earlier sampler, one ``generate`` call
+per batch under a global ``torch.manual_seed``, drew every row from one stream, so its samples
+depended on batch composition; those exact samples are not reproduced.) Temperature 0 is
+greedy and equals ``model.generate`` greedy decoding.
 
 ``continuation_logprobs`` scores given continuations of given contexts in packed,
 padding-free batches with the same tokenization the learners use.
@@ -13,31 +22,9 @@ padding-free batches with the same tokenization the learners use.
 from __future__ import annotations
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
+from safer_dist.erpo.decode import StopCheck, decode
 from safer_dist.train.losses import IGNORE_INDEX, sequence_logprobs
-
-
-class _StopOnStrings(StoppingCriteria):
-    """Per-row stop when the generated text contains any stop string."""
-
-    def __init__(self, tokenizer, stops: list[str], start: int, lookback: int = 16):
-        self.tokenizer, self.stops, self.start, self.lookback = tokenizer, stops, start, lookback
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        tail = input_ids[:, max(self.start, input_ids.shape[1] - self.lookback) :]
-        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=False)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
-
-
-def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s) :] = 1
-    return ids, mask
 
 
 def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
@@ -50,7 +37,6 @@ def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
     return (text, False) if best is None else (text[:best], True)
 
 
-@torch.no_grad()
 def sample_candidates(
     model, tokenizer, prefixes: list[list[int]], n: int, *, max_new_tokens: int,
     stop_strings: list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
@@ -59,52 +45,36 @@ def sample_candidates(
     """``n`` sampled continuations of each prefix (token ids, already chat-formatted).
 
     Returns, per prefix, ``n`` dicts ``{text, num_tokens, stopped}``: ``text`` is cut after the
-    first stop string; ``stopped`` says whether a stop string or EOS ended it (False: the
-    token limit did). ``reuse_prefix=False`` re-encodes the prefix per row (the peer method).
+    first stop string; ``num_tokens`` counts the tokens of ``text`` (re-encoded) plus 1 for an
+    EOS; ``stopped`` says whether a stop string or EOS ended it (False: the token limit did).
+    At most ``max(batch_rows, n)`` rows are sampled at once. ``reuse_prefix=False`` encodes the
+    prefix once per row (the peer method); it draws the same samples.
     """
-    device = next(model.parameters()).device
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"sample_candidates needs n >= 1 and max_new_tokens >= 1 (got n={n}, "
+                         f"max_new_tokens={max_new_tokens})")
+    if any(not p for p in prefixes):
+        raise ValueError("sample_candidates: every prefix needs at least one token (the chat-formatted prompt)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
-    per_batch = max(1, batch_rows // n)
+    sampled = decode(
+        model, prefixes, n, max_new_tokens=max_new_tokens, eos=eos, pad=pad, stop=StopCheck(tokenizer, stop_strings),
+        temperature=temperature, top_p=top_p, seed=seed, capacity=batch_rows, reuse_prefix=reuse_prefix,
+    )
     out: list[list[dict]] = []
-    torch.manual_seed(seed)
-    sample = temperature > 0
-    for start in range(0, len(prefixes), per_batch):
-        chunk = prefixes[start : start + per_batch]
-        ids, mask = _left_pad(chunk, pad)
-        ids, mask = ids.to(device), mask.to(device)
-        width = ids.shape[1]
-        kwargs = {}
-        if reuse_prefix and width > 1:
-            # One prefill of all but the last prefix token; generate() feeds the last token.
-            # Positions must count real tokens only (as generate() does for the rest), or
-            # left-padded rows see their prefix at shifted distances.
-            pos = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-            pre = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos, use_cache=True)
-            cache = pre.past_key_values
-            cache.batch_repeat_interleave(n)
-            kwargs["past_key_values"] = cache
-        ids = ids.repeat_interleave(n, dim=0)
-        mask = mask.repeat_interleave(n, dim=0)
-        stopping = StoppingCriteriaList([_StopOnStrings(tokenizer, stop_strings, width)]) if stop_strings else None
-        gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
-            temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-            eos_token_id=eos, pad_token_id=pad, stopping_criteria=stopping, use_cache=True, **kwargs,
-        )
-        new = gen[:, width:].tolist()
-        for p in range(len(chunk)):
-            cands = []
-            for row in new[p * n : (p + 1) * n]:
-                hit_eos = eos in row
-                if hit_eos:
-                    row = row[: row.index(eos)]
-                text, hit_stop = cut_at_stop(tokenizer.decode(row, skip_special_tokens=False), stop_strings)
-                text = _strip_pad(text, tokenizer)
-                # Rows that stopped early are padded to the batch's length: count the kept text.
-                num = len(tokenizer.encode(text, add_special_tokens=False)) + (1 if hit_eos else 0)
-                cands.append({"text": text, "num_tokens": num, "stopped": hit_eos or hit_stop})
-            out.append(cands)
+    for rows in sampled:
+        cands = []
+        for row in rows:
+            hit_eos = bool(row) and row[-1] == eos
+            if hit_eos:
+                row = row[:-1]
+            text, hit_stop = cut_at_stop(tokenizer.decode(row, skip_special_tokens=False), stop_strings)
+            text = _strip_pad(text, tokenizer)
+            # The token that completed a stop string may carry text past it, which is cut: count
+            # the kept text as the learners will tokenize it.
+            num = len(tokenizer.encode(text, add_special_tokens=False)) + (1 if hit_eos else 0)
+            cands.append({"text": text, "num_tokens": num, "stopped": hit_eos or hit_stop})
+        out.append(cands)
     return out
 
 
