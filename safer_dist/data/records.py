@@ -160,9 +160,10 @@ def _read_json_records(path: str | Path) -> list[tuple[str, dict]]:
 
 # --- validation ----------------------------------------------------------------------------
 
-def _from_chat_shapes(record: dict, where: str, kind: str) -> dict:
+def _from_chat_shapes(record: dict, where: str, kind: str) -> tuple[dict, str]:
     """``messages`` / ``completion`` / message-list ``prompt`` records as ``prompt`` (str or
-    validated message list) and ``response`` (str); other records unchanged."""
+    validated message list) and ``response`` (str); other records unchanged. Also returns how
+    to name the response's source in errors (``'response'``, ``'completion'``, ``'messages'``)."""
     if record.get("messages") is not None:
         clash = [k for k in ("prompt", "response", "completion") if record.get(k) is not None]
         if clash:
@@ -187,7 +188,7 @@ def _from_chat_shapes(record: dict, where: str, kind: str) -> dict:
             record["prompt"] = check_prompt_messages(messages)
         except ChatError as e:
             raise DataError(f"{where}: field 'messages': {e}") from None
-        return record
+        return record, "'messages' (last turn)"
     if kind == "sft" and record.get("completion") is not None:
         if record.get("response") is not None:
             raise DataError(f"{where}: field 'completion': give either 'completion' or 'response', not both")
@@ -203,12 +204,15 @@ def _from_chat_shapes(record: dict, where: str, kind: str) -> dict:
             completion = turns[0]["content"]
         record = {k: v for k, v in record.items() if k != "completion"}
         record["response"] = completion
+        source = "'completion'"
+    else:
+        source = "'response'"
     if isinstance(record.get("prompt"), list):
         try:
             record = {**record, "prompt": check_prompt_messages(record["prompt"])}
         except ChatError as e:
             raise DataError(f"{where}: field 'prompt': {e}") from None
-    return record
+    return record, source
 
 
 def _one_prompt_type(records: list[dict]) -> list[dict]:
@@ -223,7 +227,7 @@ def _check_record(record: dict, where: str, stem: str, index: int, kind: str,
                   check_format: bool) -> dict:
     """Validate one record (normalising chat shapes, see the module docstring) and return it
     with a default ``id`` filled in."""
-    record = _from_chat_shapes(record, where, kind)
+    record, response_source = _from_chat_shapes(record, where, kind)
     required = ("prompt", "response") if kind == "sft" else ("prompt",)
     for key in required:
         if key not in record:
@@ -237,7 +241,7 @@ def _check_record(record: dict, where: str, stem: str, index: int, kind: str,
         result = exante.parse(record["response"])
         if not result.valid:
             raise DataError(
-                f"{where}: field 'response': not a valid Ex-Ante trace: {'; '.join(result.errors)}"
+                f"{where}: field {response_source}: not a valid Ex-Ante trace: {'; '.join(result.errors)}"
             )
     for key, expected in _OPTIONAL_TYPES.items():
         value = record.get(key)

@@ -230,7 +230,9 @@ CHAT_ERRORS = [
     ("completion and response", {"prompt": "x", "completion": RESPONSE, "response": RESPONSE}, "sft",
      "{p}:1: field 'completion': give either 'completion' or 'response', not both"),
     ("completion malformed", {"prompt": "x", "completion": [{"role": "assistant", "content": "plain"}]}, "sft",
-     "{p}:1: field 'response': not a valid Ex-Ante trace: missing <ex_ante>"),
+     "{p}:1: field 'completion': not a valid Ex-Ante trace: missing <ex_ante>"),
+    ("messages malformed trace", {"messages": [USER, {"role": "assistant", "content": "plain"}]}, "sft",
+     "{p}:1: field 'messages' (last turn): not a valid Ex-Ante trace: missing <ex_ante>"),
 ]
 
 
