@@ -37,6 +37,7 @@ from safer_dist.cluster.group import LearnerFailure
 from safer_dist.cluster.plan import format_plan, plan_config
 from safer_dist.cluster.slurm import SubmitOptions, prepare, submit
 from safer_dist.config import ALIASES, ConfigError, load_config
+from safer_dist.data.chat import prompt_text
 from safer_dist.data.demo import generate_demo
 from safer_dist.data.records import load_records
 from safer_dist.evaluation.report import ROWS, _fmt
@@ -248,7 +249,7 @@ def _init_model(args) -> int:
         tmp = Path(tempfile.mkdtemp())
         rulebook = Rulebook.load(shipped("configs/rules/default.yaml"))
         recs = load_records(generate_demo(tmp, rulebook, seed=args.seed)["sft"], "sft")
-    corpus = [r["prompt"] for r in recs] + [r["response"] for r in recs]
+    corpus = [prompt_text(r["prompt"]) for r in recs] + [r["response"] for r in recs]
     out = init_model_from_corpus(args.preset, corpus, args.out, seed=args.seed)
     print(f"model: {out}")
     return 0
@@ -258,7 +259,7 @@ def _print_summary(result: dict) -> None:
     s = result["summary"]
     if result.get("sample"):
         print("\n--- sample held-out generation ---")
-        print(f"prompt: {result['sample']['prompt']}")
+        print(f"prompt: {prompt_text(result['sample']['prompt'])}")
         print(result["sample"]["output"])
         print("---")
     print(f"format validity on {s['num_prompts']} held-out prompts: {100 * s['format_validity']:.1f}%")

@@ -16,6 +16,7 @@ from safer_dist.checkpointing.checkpoint import Checkpointer
 from safer_dist.cluster.group import LearnerGroup, start_ray, stop_ray
 from safer_dist.cluster.rollout import RolloutGroup
 from safer_dist.config import Config, save_config
+from safer_dist.data.chat import prompt_text
 from safer_dist.data.demo import generate_demo
 from safer_dist.data.records import load_records
 from safer_dist.erpo.controller import train_erpo
@@ -51,7 +52,7 @@ def prepare_inputs(cfg: Config) -> None:
         if not train.exists():
             return  # preflight names the missing data
         recs = load_records(cfg.data.train, "sft")
-        corpus = [r["prompt"] for r in recs] + [r["response"] for r in recs]
+        corpus = [prompt_text(r["prompt"]) for r in recs] + [r["response"] for r in recs]
         init_model_from_corpus(cfg.model.init_preset, corpus, model, seed=cfg.run.seed)
         log.info("initialised a %s model in %s", cfg.model.init_preset, model)
 

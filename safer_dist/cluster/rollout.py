@@ -1,7 +1,8 @@
 """Rollout workers: an inference copy of the policy on a Ray actor.
 
 A ``RolloutWorker`` loads a Hugging Face directory and generates batched, left-padded,
-with the same prompt tokenization as training (:func:`safer_dist.train.sft_data.encode_prompt`).
+with the same prompt tokenization as training (:func:`safer_dist.train.sft_data.encode_prompt`);
+a prompt is a string or a message list (:mod:`safer_dist.data.chat`).
 ``RolloutGroup`` spreads a list of prompts over M workers and returns results in order.
 A worker that dies is restarted by Ray (``rollout.max_restarts``), rejoins the weight sync
 and gets the current weights again, and its shard is retried (see :meth:`RolloutGroup._map`).
@@ -18,6 +19,7 @@ import torch
 
 from safer_dist.cluster.group import gpus_per_learner
 from safer_dist.config import Config, ModelSection, RolloutSection
+from safer_dist.data.chat import Prompt
 from safer_dist.train.sft_data import encode_context, encode_prompt
 from safer_dist.runtime.log import get_logger, quiet_libraries
 
@@ -55,7 +57,7 @@ class RolloutWorker:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+        self, prompts: list[Prompt], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
         batch_size: int = 32, seed: int = 0,
     ) -> list[dict]:
         """Complete each chat prompt; returns [{text, num_tokens, latency_s}] in input order."""
@@ -95,7 +97,7 @@ class RolloutWorker:
 
     # -- ERPO ------------------------------------------------------------------------------
     def sample(
-        self, items: list[tuple[str, str]], *, n: int, stop_strings: list[str] | None, max_new_tokens: int,
+        self, items: list[tuple[Prompt, str]], *, n: int, stop_strings: list[str] | None, max_new_tokens: int,
         temperature: float, top_p: float = 1.0, seed: int = 0,
     ) -> list[list[dict]]:
         """``n`` continuations of each (prompt, response prefix), one prefill per prefix."""
@@ -107,7 +109,7 @@ class RolloutWorker:
             temperature=temperature, top_p=top_p, seed=seed, batch_rows=self.cfg.batch_size,
         )
 
-    def logprobs(self, items: list[tuple[str, str, str, bool]]) -> list[tuple[float, int]]:
+    def logprobs(self, items: list[tuple[Prompt, str, str, bool]]) -> list[tuple[float, int]]:
         """log p(continuation | prompt, prefix) under the weights held, for (prompt, prefix,
         continuation, ends_with_eos) items; tokenized exactly as the learners do."""
         from safer_dist.erpo.pairs import step_sequence
@@ -289,15 +291,15 @@ class RolloutGroup:
             except RayActorError as e:
                 raise RolloutFailure(f"rollout worker {i} died and could not be restarted: {e}") from e
 
-    def generate(self, prompts: list[str], **kwargs) -> list[dict]:
+    def generate(self, prompts: list[Prompt], **kwargs) -> list[dict]:
         """``RolloutWorker.generate`` over all workers; results in the order of ``prompts``."""
         return self._map("generate", lambda w, shard: w.generate.remote(shard, **kwargs), prompts)
 
-    def sample(self, items: list[tuple[str, str]], **kwargs) -> list[list[dict]]:
+    def sample(self, items: list[tuple[Prompt, str]], **kwargs) -> list[list[dict]]:
         """``RolloutWorker.sample`` over all workers; results in the order of ``items``."""
         return self._map("sample", lambda w, shard: w.sample.remote(shard, **kwargs), items)
 
-    def logprobs(self, items: list[tuple[str, str, str, bool]]) -> list[tuple[float, int]]:
+    def logprobs(self, items: list[tuple[Prompt, str, str, bool]]) -> list[tuple[float, int]]:
         """``RolloutWorker.logprobs`` over all workers; results in the order of ``items``."""
         return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard), items)
 

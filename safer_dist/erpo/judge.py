@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from safer_dist.data.chat import prompt_text
 from safer_dist.reasoning.exante import validate
 
 _REFUSAL = re.compile(
@@ -131,7 +132,7 @@ class ModelJudge:
         self.max_new_tokens = max_new_tokens
 
     def score_many(self, items: list[tuple[dict, str, int]]) -> list[Score]:
-        prompts = [self.template.format(prompt=rec["prompt"], response=resp) for rec, resp, _ in items]
+        prompts = [self.template.format(prompt=prompt_text(rec["prompt"]), response=resp) for rec, resp, _ in items]
         outs = self.workers.generate(prompts, max_new_tokens=self.max_new_tokens, temperature=0.0)
         scores = []
         for (rec, resp, n), out in zip(items, outs):

@@ -4,7 +4,7 @@ Which candidates form a pair is decided by :class:`safer_dist.erpo.ranking.Ranki
 
 Tokenization of a pair, shared by rollout workers (reference log-probs) and learners::
 
-    context  = chat-formatted prompt + response prefix     (no loss)
+    context  = chat-formatted prompt + response prefix     (no loss; prompt: a string or messages)
     step     = the step's text (+ EOS for the answer step)  (the DPO loss counts these)
 """
 
@@ -14,11 +14,12 @@ import random
 
 import torch
 
+from safer_dist.data.chat import Prompt
 from safer_dist.train.losses import IGNORE_INDEX
 from safer_dist.train.sft_data import encode_context
 
 
-def step_sequence(tokenizer, prompt: str, prefix_text: str, step_text: str, ends_with_eos: bool) -> tuple[list[int], list[int]]:
+def step_sequence(tokenizer, prompt: Prompt, prefix_text: str, step_text: str, ends_with_eos: bool) -> tuple[list[int], list[int]]:
     """(context ids, step ids) for a step given the prompt and the response prefix."""
     ctx = encode_context(tokenizer, prompt, prefix_text)
     step = tokenizer.encode(step_text, add_special_tokens=False)

@@ -8,12 +8,15 @@ Training Fail?", and encodings such as base64 and leetspeak). The wording is our
 ``expand(records, attacks)`` adds, for every harmful record, one attacked copy per attack
 (``id`` suffixed with ``@attack``, field ``attack`` set; originals get ``attack: "none"``).
 Benign records are never attacked: the attack success rate is measured on harmful prompts.
+A message-list prompt has its last user turn transformed (:func:`safer_dist.data.chat.map_last_user`).
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterable
+
+from safer_dist.data.chat import map_last_user
 
 
 def roleplay(prompt: str) -> str:
@@ -79,6 +82,6 @@ def expand(records: Iterable[dict], attacks: list[str]) -> list[dict]:
         out.append({**rec, "attack": "none"})
         if rec.get("harmful"):
             for name in attacks:
-                attacked.append({**rec, "id": f"{rec['id']}@{name}", "prompt": ATTACKS[name](rec["prompt"]),
+                attacked.append({**rec, "id": f"{rec['id']}@{name}", "prompt": map_last_user(rec["prompt"], ATTACKS[name]),
                                  "attack": name, "original_prompt": rec["prompt"]})
     return out + attacked

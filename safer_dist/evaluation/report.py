@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safer_dist.data.chat import prompt_text
 from safer_dist.runtime.io import atomic_write_text
 from safer_dist.runtime.log import get_logger
 
@@ -242,5 +243,5 @@ def write_report(run_dir: Path, results: dict[str, dict], *, intro: str | None =
     for tag in tags:
         sample = results[tag].get("sample")
         if sample:
-            lines += ["", f"## Sample ({tag})", "", f"Prompt: {sample['prompt']}", "", "```", sample["output"], "```"]
+            lines += ["", f"## Sample ({tag})", "", f"Prompt: {prompt_text(sample['prompt'])}", "", "```", sample["output"], "```"]
     return atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from safer_dist.cluster.group import cuda_available_in_cluster, start_ray, stop_ray
 from safer_dist.config import Config, save_config
+from safer_dist.data.chat import prompt_text
 from safer_dist.data.records import load_records
 from safer_dist.erpo.judge import RuleJudge, is_refusal
 from safer_dist.reasoning.exante import parse, validate
@@ -73,7 +74,7 @@ def assign_labels(records: list[dict], classifier, rulebook) -> list[dict]:
     teacher sees), ``harmful`` (label, else category != none), the expected ``strategy`` and
     ``category_source``. Returns new dicts."""
     missing = [i for i, r in enumerate(records) if not r.get("category")]
-    guesses = dict(zip(missing, classifier.classify([records[i]["prompt"] for i in missing]), strict=True)) if missing else {}
+    guesses = dict(zip(missing, classifier.classify([prompt_text(records[i]["prompt"]) for i in missing]), strict=True)) if missing else {}
     known = set(rulebook.category_ids)
     out = []
     for i, rec in enumerate(records):
@@ -119,7 +120,7 @@ def render_teacher_prompt(template: str, rec: dict, rulebook) -> str:
     elif rec.get("harmful") is False:
         labels = "Label: benign, so it must not be refused: Risk category: none, verdict: not violated, Strategy: comply.\n"
     reference = f"Reference answer (adapt it, keep it safe):\n{rec['reference']}\n" if rec.get("reference") else ""
-    return template.format(prompt=rec["prompt"], category=category_block(rulebook, rec.get("related_category")),
+    return template.format(prompt=prompt_text(rec["prompt"]), category=category_block(rulebook, rec.get("related_category")),
                            benign_guidance=rulebook.benign_guidance, labels=labels, reference=reference)
 
 

@@ -1,6 +1,10 @@
 """SFT examples: tokenization with an assistant-only loss mask, a deterministic global batch
 order, and padding-free packing.
 
+A prompt (a string or a message list, :mod:`safer_dist.data.chat`) is rendered with the
+tokenizer's chat template by :func:`encode_prompt`, the one tokenization shared by SFT, ERPO
+sampling and pair training, reference log-probs and evaluation.
+
 Data position is a pure function of the optimizer step: step ``s`` covers positions
 ``[s*B, (s+1)*B)`` of an endless stream of epochs, each epoch a permutation of the data
 seeded by ``(seed, epoch)``. A resumed run therefore continues on exactly the examples an
@@ -23,7 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from safer_dist.data.chat import Prompt, as_messages
+from safer_dist.runtime.log import get_logger
 from safer_dist.train.losses import IGNORE_INDEX
+
+log = get_logger("sft_data")
 
 _WORD = re.compile(r"\S{2,}")
 
@@ -54,30 +62,60 @@ def split_segments(text: str, p: float, rng: random.Random) -> list[str]:
     return [x for x in pieces if x]
 
 
-def _prompt_frame(tokenizer) -> tuple[str, str]:
-    """Chat-template text before and after the user's content (with a generation prompt)."""
-    sentinel = "\u0000SAFER\u0000"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": sentinel}], add_generation_prompt=True, tokenize=False
-    )
-    before, after = text.split(sentinel)
-    return before, after
+# One sentinel per message; NUL never occurs in a chat template's own text.
+_SENTINEL = "\u0000SAFER{}\u0000"
+
+
+def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The chat-formatted prompt (with the generation prompt) as ``(text, is_content)`` segments.
+
+    The template is rendered with a sentinel in place of every message's content; the text
+    around the sentinels is the template's frame (role headers, separators, a default system
+    prompt). Segments alternate frame and content when that frame with the real contents put
+    back is exactly the template's rendering of ``messages``. A template that changes contents
+    (a Llama-3 style ``| trim`` on content with outer whitespace, one that drops a system turn)
+    gives one frame segment: the rendering itself, tokenized whole and never split.
+    """
+    render = lambda msgs: tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)  # noqa: E731
+    marks = [_SENTINEL.format(i) for i in range(len(messages))]
+    rest = render([{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)])
+    real = render(messages)
+    segments: list[tuple[str, bool]] = []
+    for m, mark in zip(messages, marks):
+        before, found, rest = rest.partition(mark)
+        if not found:
+            return [(real, False)]
+        segments += [(before, False), (m["content"], True)]
+    segments.append((rest, False))
+    if "".join(text for text, _ in segments) != real:
+        return [(real, False)]
+    return segments
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
-def encode_prompt(tokenizer, prompt: str, dropout: float = 0.0, rng: random.Random | None = None) -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the assistant turn's header."""
-    before, after = _prompt_frame(tokenizer)
-    ids = _encode(tokenizer, before)
-    for piece in split_segments(prompt, dropout, rng or random.Random(0)):
-        ids += _encode(tokenizer, piece)
-    return ids + _encode(tokenizer, after)
+def encode_prompt(tokenizer, prompt: Prompt, dropout: float = 0.0, rng: random.Random | None = None) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant turn's header.
+
+    ``prompt`` is a string (one user turn) or a message list (:mod:`safer_dist.data.chat`); the
+    tokenizer's chat template renders it. The template's frame and each message's content are
+    tokenized separately (so ``dropout`` can split content words, see :func:`split_segments`),
+    which for byte-level BPE templates gives the tokens of the whole rendering.
+    """
+    rng = rng or random.Random(0)
+    ids: list[int] = []
+    for text, is_content in _chat_segments(tokenizer, as_messages(prompt)):
+        if not is_content:
+            ids += _encode(tokenizer, text)
+            continue
+        for piece in split_segments(text, dropout, rng):
+            ids += _encode(tokenizer, piece)
+    return ids
 
 
-def encode_context(tokenizer, prompt: str, prefix_text: str = "") -> list[int]:
+def encode_context(tokenizer, prompt: Prompt, prefix_text: str = "") -> list[int]:
     """Token ids of the chat-formatted prompt followed by a partial response ``prefix_text``:
     the context a rollout worker samples a step from and a learner scores it in."""
     ids = encode_prompt(tokenizer, prompt)
@@ -89,11 +127,28 @@ def encode_response(tokenizer, response: str) -> list[int]:
     return _encode(tokenizer, response) + [tokenizer.eos_token_id]
 
 
+def end_of_turn_mismatch(tokenizer) -> str | None:
+    """What the chat template writes after an assistant turn's content, when that does not start
+    with the tokenizer's EOS (the end of turn safer trains on and stops generation at); None
+    when it does, or when the template cannot render a user + assistant exchange."""
+    mark = _SENTINEL.format(1)
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": _SENTINEL.format(0)}, {"role": "assistant", "content": mark}],
+            tokenize=False,
+        )
+    except Exception:  # a template may refuse this exchange (e.g. require a system turn)
+        return None
+    after = text.partition(mark)[2]
+    return None if not after or after.startswith(tokenizer.eos_token or "\u0000") else after
+
+
 def encode_example(
-    tokenizer, prompt: str, response: str, *, max_seq_len: int, overlong: str,
+    tokenizer, prompt: Prompt, response: str, *, max_seq_len: int, overlong: str,
     dropout: float = 0.0, rng: random.Random | None = None,
 ) -> Encoded | None:
-    """Tokenize one chat; loss only on the response. None when dropped for length."""
+    """Tokenize one chat; loss only on the response and its EOS (the end of the assistant
+    turn). None when dropped for length."""
     p = encode_prompt(tokenizer, prompt, dropout, rng)
     r = encode_response(tokenizer, response)
     ids = p + r
@@ -159,7 +214,8 @@ def eval_micro_batches(
 class SFTData:
     """The tokenized view of an SFT data set that each learner rank builds for itself.
 
-    ``records`` is a sequence of mappings with ``prompt`` and ``response``.
+    ``records`` is a sequence of mappings with ``prompt`` (a string or a message list) and
+    ``response``.
     """
 
     def __init__(self, records, tokenizer, *, seed: int, max_seq_len: int, overlong: str, segment_dropout: float):
@@ -167,6 +223,11 @@ class SFTData:
         self.responses = [r["response"] for r in records]
         if not self.prompts:
             raise ValueError("SFT data set is empty")
+        suffix = end_of_turn_mismatch(tokenizer)
+        if suffix is not None:
+            log.warning("the chat template ends an assistant turn with %r, but the tokenizer's eos_token is %r: "
+                        "responses are trained to end with %r (set eos_token to the end-of-turn token)",
+                        suffix, tokenizer.eos_token, tokenizer.eos_token)
         self.tokenizer = tokenizer
         self.seed = seed
         self.max_seq_len = max_seq_len
