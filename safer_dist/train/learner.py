@@ -31,6 +31,7 @@ import torch
 
 from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
 from safer_dist.train.lm_head import LMHead
+from safer_dist.train.sft_data import StepPrefetcher
 from safer_dist.runtime.log import get_logger, quiet_libraries
 from safer_dist.train.throughput import device_peak_flops, non_embedding_params
 
@@ -164,6 +165,7 @@ class Learner:
             torch.set_num_threads(learner.cpus_per_learner)
         self.engine = None
         self._data = None
+        self._batches: StepPrefetcher | None = None
         self._valid = None  # the encoded validation set (eval_loss)
         self._pairs = None
 
@@ -237,10 +239,11 @@ class Learner:
         }
 
     # -- training -------------------------------------------------------------------------
-    def _all_reduce(self, values: list[float]) -> list[float]:
+    def _all_reduce(self, values: list) -> list[float]:
+        """Sums over ranks of ``values`` (numbers or 0-d tensors); one host synchronisation."""
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
         dist.all_reduce(t)
         return t.tolist()
 
@@ -250,10 +253,7 @@ class Learner:
 
         t0 = time.perf_counter()
         t = self.optim
-        batches, counts = self._sft_data().micro_batches(
-            step, global_batch_size=t.global_batch_size, rank=self.rank,
-            world_size=self.world_size, micro_batch_size=t.micro_batch_size,
-        )
+        batches, counts = self._sft_batches().get(step)
         local_label = sum(num_label_tokens(b) for b in batches if b is not None)
         local_tokens = sum(b["input_ids"].numel() for b in batches if b is not None)
         n_label, n_tokens, n_trunc, n_drop = self._all_reduce(
@@ -261,15 +261,16 @@ class Learner:
         )
         scale = self.engine.gradient_accumulation_steps() * self.world_size
         lr = self.engine.get_lr()[0]
-        loss_sum = 0.0
+        # Summed on the device: no host synchronisation per micro-batch.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for b in batches:
             if b is None:  # every example of this micro-batch was dropped: keep ranks in step
                 b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
-            b = {k: v.to(self.device) for k, v in b.items()}
+            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             loss = self.head.sft_loss(self.engine, b, max(n_label, 1.0))
             self.engine.backward(loss * scale)
             self.engine.step()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach().double()
         (loss_global,) = self._all_reduce([loss_sum])
         grad_norm = self.engine.get_global_grad_norm()
         return {
@@ -336,6 +337,19 @@ class Learner:
                 for r in records
             ]
         return self._valid
+
+    def _sft_batches(self) -> StepPrefetcher:
+        """This rank's micro-batches of a step, the next step's prepared in the background."""
+        if self._batches is None:
+            t = self.optim
+            self._batches = StepPrefetcher(
+                lambda step: self._sft_data().micro_batches(
+                    step, global_batch_size=t.global_batch_size, rank=self.rank, world_size=self.world_size,
+                    micro_batch_size=t.micro_batch_size,
+                ),
+                enabled=self.cfg.prefetch_batches,
+            )
+        return self._batches
 
     def _sft_data(self):
         if self._data is None:

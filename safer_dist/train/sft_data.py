@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -286,3 +287,35 @@ class SFTData:
                 encoded.append(ex)
             batches.append(pack(encoded) if encoded else None)
         return batches, counts
+
+
+class StepPrefetcher:
+    """``fn(step)`` for consecutive steps, the next one computed on a background thread while
+    the caller trains on this one (tokenizing and packing off the step's critical path).
+
+    ``get(step)`` returns ``fn(step)``: the prefetched result when ``step`` is the one that was
+    scheduled, else computed now; then ``fn(step + 1)`` is scheduled. At most one computation
+    runs at a time and results do not depend on timing, so training is the same with and
+    without it. ``fn`` must not touch global RNG state (SFTData seeds its own generators).
+    """
+
+    def __init__(self, fn, enabled: bool = True):
+        self.fn, self.enabled = fn, enabled
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safer-prefetch") if enabled else None
+        self._next: tuple[int, Future] | None = None
+
+    def get(self, step: int):
+        if self._next is not None and self._next[0] == step:
+            out = self._next[1].result()
+        else:
+            if self._next is not None and not self._next[1].cancel():
+                wait([self._next[1]])  # never two computations at once
+            out = self.fn(step)
+        if self._pool is not None:
+            self._next = (step + 1, self._pool.submit(self.fn, step + 1))
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._next = None

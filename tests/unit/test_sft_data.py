@@ -110,3 +110,50 @@ def test_eval_micro_batches_cover_every_example_once_with_equal_counts_per_rank(
     assert [[b is None for b in bs] for bs in ranks] == [[False], [False]]
     ranks = [eval_micro_batches(examples[:1], rank=r, world_size=2, micro_batch_size=2) for r in (0, 1)]
     assert [[b is None for b in bs] for bs in ranks] == [[False], [True]]  # rank 1 runs an empty pass
+
+
+def test_step_prefetcher_returns_the_same_batches_and_runs_one_computation_at_a_time():
+    import threading
+
+    from safer_dist.train.sft_data import StepPrefetcher
+
+    calls, running, overlap = [], [0], []
+    lock = threading.Lock()
+
+    def fn(step):
+        with lock:
+            running[0] += 1
+            overlap.append(running[0])
+        calls.append((step, threading.current_thread().name))
+        with lock:
+            running[0] -= 1
+        return step * step
+
+    pre = StepPrefetcher(fn)
+    # consecutive steps come from the background thread; a jump (a resume) is computed at once
+    assert [pre.get(s) for s in (0, 1, 2, 7, 8)] == [0, 1, 4, 49, 64]
+    pre.close()
+    by_step = dict(calls)
+    assert by_step[1].startswith("safer-prefetch") and by_step[2].startswith("safer-prefetch")
+    assert not by_step[0].startswith("safer-prefetch") and not by_step[7].startswith("safer-prefetch")
+    assert max(overlap) == 1
+    off = StepPrefetcher(fn, enabled=False)
+    calls.clear()
+    assert [off.get(s) for s in (0, 1)] == [0, 1] and all(not n.startswith("safer-prefetch") for _, n in calls)
+
+
+def test_step_prefetcher_raises_the_background_error_at_the_step_that_needs_it():
+    import pytest
+
+    from safer_dist.train.sft_data import StepPrefetcher
+
+    def fn(step):
+        if step == 1:
+            raise ValueError("bad record at step 1")
+        return step
+
+    pre = StepPrefetcher(fn)
+    assert pre.get(0) == 0
+    with pytest.raises(ValueError, match="bad record at step 1"):
+        pre.get(1)
+    pre.close()
