@@ -77,20 +77,34 @@ SHAPES: dict[str, ModelShape] = {
 # Dense bf16 tensor-core peak (vendor datasheets, TFLOP/s), matched in order against
 # torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+# HBM bandwidth (vendor datasheets, GB/s), matched in order the same way (bench/rollout.py's
+# decode bound). "NVIDIA H100 80GB HBM3" is the SXM card; A100 names carry 80GB only on 80 GB cards.
+HBM_GBPS = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0), ("H200", 4800.0),
+            ("A100 80GB PCIe", 1935.0), ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0), ("L40S", 864.0))
 ROWS = ("sft", "dpo")
 TRL, PLAIN, LEARNER = "TRL SFTTrainer", "plain PyTorch", "safer Learner"
 
 
+def device_figure(table, given: float | None, option: str, device: str, what: str, purpose: str):
+    """(value, where it came from): ``given`` (the command line's ``option``), else the first
+    entry of ``table`` whose key is in the CUDA device's name; None off CUDA or when none matches."""
+    if given:
+        return given, option
+    if device != "cuda":
+        return None, f"CPU: pass {option} {purpose}"
+    name = torch.cuda.get_device_name()
+    for key, value in table:
+        if key in name:
+            return value, f"{name}, {what}"
+    return None, f"{name}: not in the table, pass {option}"
+
+
 def peak_tflops(args, device: str) -> tuple[float | None, str]:
-    if args.peak_tflops:
-        return args.peak_tflops, "--peak-tflops"
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_BF16_TFLOPS:
-            if key in name:
-                return tflops, f"{name}, dense bf16"
-        return None, f"{name}: not in the table, pass --peak-tflops"
-    return None, "CPU: pass --peak-tflops for an MFU"
+    return device_figure(PEAK_BF16_TFLOPS, args.peak_tflops, "--peak-tflops", device, "dense bf16", "for an MFU")
+
+
+def hbm_gbps(given: float | None, device: str) -> tuple[float | None, str]:
+    return device_figure(HBM_GBPS, given, "--hbm-gbps", device, "HBM", "for a bound")
 
 
 def build_model_dir(shape: ModelShape, tok, out: Path, *, device: str, dtype: torch.dtype, seed: int) -> int:

@@ -7,7 +7,9 @@ on the same left-padded prefixes, which encodes every prefix N times. Both sampl
 (temperature ``--temperature``, top-p 1), stop a row at EOS or at the step's closing tag
 (``stop_strings``; transformers' own ``StopStringCriteria`` for the peer), batch the same
 number of rows (``--batch-rows`` = prefixes per batch x N), and run the same random Llama
-(``--preset``, default bench-20m) in fp32 on CPU with the KV cache on.
+(``--preset``, default bench-20m; or ``--shape``, a shape of bench/gpu.py such as
+``tinyllama-1.1b``) with the KV cache on and SDPA attention: fp32 on CPU (the default
+``--device``), bf16 on CUDA.
 
 The figure is candidate tokens/s: sampled tokens before EOS, up to and including the
 closing tag, per second. A random model rarely writes the closing tag, so rows run to
@@ -15,8 +17,18 @@ closing tag, per second. A random model rarely writes the closing tag, so rows r
 trained model would stop there. Rows that all end together leave continuous batching nothing
 to gain: this figure measures prefix reuse and the decode loop, not early exits. A window is ``--steps`` passes over the prefixes.
 
+Decode bound: a decode step reads every weight (all parameters but the input embedding, of
+which it reads one row per token) and the KV cache of every row in flight, so decoding runs at
+most at ``rows x HBM bandwidth / (weight bytes + rows x KV bytes per token x mean context)``
+tokens/s, the mean context being the mean prefix plus half the new tokens. Rows in flight are
+the batch's (``--batch-rows``, rounded down to whole prefixes); the bandwidth comes from
+bench/gpu.py's table of GPUs by name, or ``--hbm-gbps`` (GB/s). Each contestant's tokens/s is
+also printed as a fraction of that bound (n/a without a bandwidth, as on CPU). Prefill and
+sampling are not in the bound, so no contestant reaches 1.
+
     .venv/bin/python bench/rollout.py                 # ~2 min on 2 cores
     .venv/bin/python bench/rollout.py --step answer --max-new-tokens 96
+    python bench/rollout.py --device cuda --shape tinyllama-1.1b --prefixes 256 --n 8 --batch-rows 256
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ import _harness as h  # noqa: I001 - sets DS_ACCELERATOR etc. before torch/trans
 import statistics
 
 import torch
+
+from gpu import SHAPES, build_model_dir, hbm_gbps, synchronize, write_json
 
 
 def prefixes_for(ws, tok, step: str, num: int) -> tuple[list[list[int]], float]:
@@ -68,6 +82,41 @@ def _safer_tokens(c: dict, max_new: int) -> int:
     return min(c["num_tokens"], max_new) if c["stopped"] else max_new
 
 
+def weight_bytes_per_step(model) -> int:
+    """Bytes of the parameters one decode step reads: all but the input embedding (a lookup
+    reads one row per token), unless it is tied to the LM head, which reads it whole."""
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embedding)
+
+
+def kv_bytes_per_token(model) -> int:
+    """KV-cache bytes of one token: keys and values of every layer's KV heads, in the model's dtype."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+
+
+def decode_bound(weight_bytes: int, kv_per_token: int, rows: int, mean_context: float, gbps: float) -> float:
+    """Tokens/s of ``rows`` rows decoding at ``gbps`` GB/s when each step reads the weights once
+    and each row's KV cache of ``mean_context`` tokens."""
+    return rows * gbps * 1e9 / (weight_bytes + rows * kv_per_token * mean_context)
+
+
+def load_contestant_model(args, ws):
+    """The model both contestants sample from: ``--shape`` built at random (bench/gpu.py), else
+    the workspace's ``--preset``; fp32 on CPU, bf16 on CUDA; SDPA attention, as generate uses."""
+    from safer_dist.train.learner import resolve_dtype
+    from safer_dist.train.models import load_model, load_tokenizer
+
+    dtype, model_dir = resolve_dtype("auto", args.device), ws.model_dir
+    if args.shape:
+        model_dir = ws.root / f"model-{args.shape}"
+        build_model_dir(SHAPES[args.shape], load_tokenizer(ws.model_dir), model_dir, device=args.device,
+                        dtype=dtype, seed=args.seed)
+    return load_model(model_dir, dtype=dtype, attn_implementation="sdpa", device=args.device).eval()
+
+
 def main() -> None:
     p = h.parser(__doc__.split("\n")[0], repeats=5, steps=1)
     p.add_argument("--step", default="rules", choices=("assessment", "rules", "calibration", "answer"))
@@ -76,24 +125,36 @@ def main() -> None:
     p.add_argument("--batch-rows", type=int, default=64, help="rows (prefixes x n) per generate call")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the step's mean length in the demo traces")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="a random Llama of this bench/gpu.py shape instead of --preset (the 3k tokenizer is kept)")
+    p.add_argument("--hbm-gbps", type=float, default=None, help="memory bandwidth (GB/s) for the decode bound "
+                   "(default: from the GPU's name)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the rates and the bound's terms to OUT")
     args = p.parse_args()
     h.apply_smoke(args, prefixes=4, n=2, batch_rows=4, max_new_tokens=4)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if args.shape:
+        args.preset = "test"  # the workspace's model gives only the tokenizer
     h.set_threads(args.threads)
     h.header("candidate sampling: prefix KV reuse vs generate(num_return_sequences=N)", args)
 
     from safer_dist.reasoning.exante import STEP_CLOSE
-    from safer_dist.train.models import load_model, load_tokenizer
+    from safer_dist.train.models import load_tokenizer
     from safer_dist.erpo.sampling import sample_candidates
 
     ws = h.workspace(args, num_sft=max(64, args.prefixes))
     try:
         tok = load_tokenizer(ws.model_dir)
-        # as RolloutWorker loads it on CPU
-        model = load_model(ws.model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+        model = load_contestant_model(args, ws)
+        device = args.device
         prefixes, mean_step = prefixes_for(ws, tok, args.step, args.prefixes)
         max_new = args.max_new_tokens or round(mean_step)
         stops = [STEP_CLOSE[args.step]] if STEP_CLOSE[args.step] else []
         lens = [len(x) for x in prefixes]
+        print(f"# model: {args.shape or 'preset ' + args.preset}, {model.dtype}, {device}"
+              + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
         print(f"# {len(prefixes)} prefixes before step {args.step!r}: {min(lens)}-{max(lens)} tokens "
               f"(mean {statistics.mean(lens):.0f}); {args.n} candidates each; max_new_tokens {max_new} "
               f"(the step's mean length {mean_step:.1f}); {args.batch_rows} rows per batch; "
@@ -109,6 +170,7 @@ def main() -> None:
                     outs += sample_candidates(model, tok, prefixes, args.n, max_new_tokens=max_new,
                                               stop_strings=stops or None, temperature=args.temperature, top_p=1.0,
                                               seed=args.seed, batch_rows=args.batch_rows)
+                synchronize(device)
             assert len(outs) == args.steps * len(prefixes) and all(len(c) == args.n for c in outs)
             return sum(_safer_tokens(c, max_new) for cs in outs for c in cs), sw.seconds
 
@@ -121,8 +183,8 @@ def main() -> None:
                 for start in [s for _ in range(args.steps) for s in range(0, len(prefixes), per_batch)]:
                     chunk = prefixes[start : start + per_batch]
                     width = max(len(x) for x in chunk)
-                    ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
-                    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+                    ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)
+                    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
                     gen = model.generate(
                         input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=True,
                         temperature=args.temperature, top_p=1.0, top_k=None, num_return_sequences=args.n,
@@ -130,14 +192,35 @@ def main() -> None:
                         stop_strings=stops or None, tokenizer=tok,
                     )
                     rows += gen[:, width:].tolist()
+                synchronize(device)
             return _kept_tokens(rows, tok, stops), sw.seconds
 
         safer_window(), hf_window()  # warm-up
         names = {"safer": "safer sample_candidates (prefix reuse, continuous)",
                  "hf": f"HF generate(num_return_sequences={args.n})"}
         rates = h.alternate({names["safer"]: safer_window, names["hf"]: hf_window}, args.repeats)
-        h.print_table(f"candidate tokens/s, preset {args.preset}, step {args.step}, {args.threads} thread(s)",
-                      "tokens/s", rates)
+        # The decode bound, for the rows a batch holds (whole prefixes, at most all of them).
+        rows_in_flight = min(per_batch, len(prefixes)) * args.n
+        weights, kv_token = weight_bytes_per_step(model), kv_bytes_per_token(model)
+        mean_context = statistics.mean(lens) + max_new / 2
+        gbps, gbps_source = hbm_gbps(args.hbm_gbps, device)
+        bound = decode_bound(weights, kv_token, rows_in_flight, mean_context, gbps) if gbps else None
+        fraction = {name: h.median(r) / bound if bound else None for name, r in rates.items()}
+        print(f"decode bound: {f'{bound:.0f} tokens/s' if bound else 'n/a'} = {rows_in_flight} rows x "
+              f"{gbps or 'n/a'} GB/s ({gbps_source}) / ({weights / 1e9:.3f} GB weights + {rows_in_flight} x "
+              f"{kv_token} B KV per token x {mean_context:.1f} tokens) per step")
+        h.print_table(f"candidate tokens/s, {args.shape or 'preset ' + args.preset}, step {args.step}, {device}, "
+                      f"{args.threads} thread(s)", "tokens/s", rates,
+                      {name: f"{f:.3f} of the decode bound" if f is not None else "n/a of the decode bound"
+                       for name, f in fraction.items()})
+        if args.json:
+            write_json(args.json, args, [
+                {"contestant": name, "tokens_per_s": h.median(r), "window_tokens_per_s": r,
+                 "fraction_of_bound": fraction[name]} for name, r in rates.items()
+            ], device=device, model=args.shape or args.preset, dtype=str(model.dtype), max_new_tokens=max_new,
+                mean_prefix_tokens=statistics.mean(lens), rows_in_flight=rows_in_flight, weight_bytes=weights,
+                kv_bytes_per_token=kv_token, mean_context_tokens=mean_context, hbm_gbps=gbps,
+                hbm_source=gbps_source, bound_tokens_per_s=bound)
         print(h.paired_line(rates, names["safer"], names["hf"]))
         print(h.ratio_line(h.median(rates[names["safer"]]), h.median(rates[names["hf"]])))
     finally:

@@ -32,7 +32,32 @@ def run_smoke(script: str, workdir: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("script", ["packed_attention.py", "sft_vs_trl.py", "dpo_vs_trl.py", "rollout.py"])
 def test_benchmark_smoke(script, tmp_path):
-    run_smoke(script, tmp_path)
+    lines = run_smoke(script, tmp_path)
+    if script == "rollout.py":  # no bandwidth on CPU without --hbm-gbps: no bound, no fractions
+        assert any(line.startswith("decode bound: n/a = ") for line in lines)
+        assert sum(line.endswith(": n/a of the decode bound") for line in lines) == 2
+
+
+def test_rollout_smoke_decode_bound(tmp_path):
+    """bench/rollout.py with a bench/gpu.py shape: the decode bound and each contestant's
+    fraction of it computed as documented."""
+    out = tmp_path / "rollout.json"
+    run_smoke("rollout.py", tmp_path / "work", "--shape", "smoke", "--hbm-gbps", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["model"] == "smoke" and report["dtype"] == "torch.float32"
+    # Weights read per step: the 266048 parameters besides the input embedding of the smoke shape
+    # (see test_gpu_benchmark_smoke_rows) x 4 bytes (fp32) = 1064192. KV per token: keys and
+    # values x 2 layers x 2 kv heads x head dim 16 x 4 bytes = 512.
+    assert report["weight_bytes"] == 1064192 and report["kv_bytes_per_token"] == 512
+    # --smoke: 4 prefixes x 2 candidates in batches of 4 rows, 4 new tokens.
+    assert report["rows_in_flight"] == 4 and report["max_new_tokens"] == 4
+    context = report["mean_prefix_tokens"] + 4 / 2
+    assert report["mean_context_tokens"] == pytest.approx(context)
+    bound = 4 * 1e9 / (1064192 + 4 * 512 * context)  # rows x 1 GB/s / bytes per step
+    assert report["hbm_gbps"] == 1.0 and report["bound_tokens_per_s"] == pytest.approx(bound)
+    assert len(report["rows"]) == 2
+    for r in report["rows"]:
+        assert r["tokens_per_s"] > 0 and r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / bound)
 
 
 def test_gpu_benchmark_smoke_rows(tmp_path):
