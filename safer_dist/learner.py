@@ -183,7 +183,7 @@ class Learner:
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int) -> dict:
         import deepspeed
 
-        from safer_dist.models import load_model, load_tokenizer
+        from safer_dist.models import count_params, load_tokenizer
 
         self.rank, self.world_size = rank, world_size
         quiet_libraries()
@@ -198,16 +198,13 @@ class Learner:
         torch.manual_seed(self.seed)
         self.dtype = resolve_dtype(self.model_cfg.dtype, self.device)
         self.tokenizer = load_tokenizer(self.model_cfg.path, trust_remote_code=self.model_cfg.trust_remote_code)
-        model = load_model(
-            self.model_cfg.path, dtype=self.dtype, attn_implementation=self.model_cfg.attn_implementation,
-            device=self.device, trust_remote_code=self.model_cfg.trust_remote_code,
-        )
+        t = self.train_cfg
+        ds_config = deepspeed_config(self.cfg, t, world_size, self.dtype)
+        model = self._load_model(ds_config)
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.attn_implementation = model.config._attn_implementation
-        t = self.train_cfg
         optimizer = None
-        ds_config = deepspeed_config(self.cfg, t, world_size, self.dtype)
         if self.cfg.offload_optimizer:
             ds_config["optimizer"] = {
                 "type": "AdamW",
@@ -228,8 +225,27 @@ class Learner:
         return {
             "rank": rank, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
             "attn_implementation": self.attn_implementation,
-            "num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
+            "num_params": count_params(model),
         }
+
+    def _load_model(self, ds_config: dict):
+        """The model to train. Under ZeRO-3 it is built and loaded partitioned, so no rank ever
+        holds the full weights (:mod:`safer_dist.partitioned_load`); otherwise every rank loads
+        it whole, as rollout workers do."""
+        from safer_dist.models import load_model
+
+        m = self.model_cfg
+        if self.cfg.zero_stage == 3:
+            from safer_dist.partitioned_load import load_model_partitioned
+
+            # transformers holds the HfDeepSpeedConfig weakly: keep it for the learner's lifetime
+            model, self._hf_ds_config = load_model_partitioned(
+                m.path, dtype=self.dtype, ds_config=ds_config, attn_implementation=m.attn_implementation,
+                device=self.device, trust_remote_code=m.trust_remote_code,
+            )
+            return model
+        return load_model(m.path, dtype=self.dtype, attn_implementation=m.attn_implementation, device=self.device,
+                          trust_remote_code=m.trust_remote_code)
 
     # -- training -------------------------------------------------------------------------
     def _all_reduce(self, values: list[float]) -> list[float]:
