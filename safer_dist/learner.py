@@ -165,6 +165,7 @@ class Learner:
         if self.device == "cpu":
             torch.set_num_threads(learner.cpus_per_learner)
         self.engine = None
+        self._hf_ds_config = None  # ZeRO-3: transformers' HfDeepSpeedConfig, which it only references weakly
         self._data = None
         self._pairs = None
 
@@ -238,7 +239,6 @@ class Learner:
         if self.cfg.zero_stage == 3:
             from safer_dist.partitioned_load import load_model_partitioned
 
-            # transformers holds the HfDeepSpeedConfig weakly: keep it for the learner's lifetime
             model, self._hf_ds_config = load_model_partitioned(
                 m.path, dtype=self.dtype, ds_config=ds_config, attn_implementation=m.attn_implementation,
                 device=self.device, trust_remote_code=m.trust_remote_code,
