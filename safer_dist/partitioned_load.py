@@ -20,7 +20,10 @@ memory grows by its partitions (``1/W`` of the model) plus one module while it i
 Afterwards an ``HfDeepSpeedConfig`` is registered, so transformers treats the model as ZeRO-3
 (``resize_token_embeddings`` gathers the partitioned embedding, ``generate`` syncs ranks).
 transformers keeps only a weak reference to it: the caller keeps the returned object alive for
-as long as the model lives (the learner holds it on itself).
+as long as the model lives (the learner holds it on itself). While it lives, transformers also
+builds every other model of the process under ZeRO-3, so a process that holds it loads no other
+model; rollout workers are processes of their own and load whole models with
+:func:`safer_dist.models.load_model`, unaffected.
 
 Supported checkpoints: ``model.safetensors`` or a sharded ``model.safetensors.index.json``
 whose tensor names are the model's parameter names (what ``save_pretrained`` writes, also for
@@ -133,6 +136,7 @@ def load_model_partitioned(
     that its parameters are ZeRO-3 partitions. Keep ``hf_ds_config`` alive as long as the model.
     """
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import DeepSpeedTensorOverride
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
@@ -154,9 +158,11 @@ def load_model_partitioned(
     # No HfDeepSpeedConfig while constructing: with one registered, from_config would open its own
     # zero.Init and then gather every module to initialise weights we are about to overwrite.
     unset_hf_deepspeed_config()
-    # zero.Init takes its dtype from ds_config's bf16/fp16 flags; do not pass ``dtype=``: DeepSpeed
-    # 0.19 then picks fp16 or bf16 by what the accelerator supports, ignoring the value given.
-    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+    # zero.Init would cast every floating tensor a torch constructor makes to the training dtype,
+    # RoPE's torch.arange(..., dtype=torch.float) included (bf16 rotary frequencies, unlike
+    # from_pretrained's fp32): let it place tensors only; from_config(dtype=) sets the weights' dtype.
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config,
+                                                tensor_overrides=[DeepSpeedTensorOverride.device]):
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
         )

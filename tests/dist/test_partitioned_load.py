@@ -114,6 +114,36 @@ def test_zero3_ranks_load_a_100m_model_partitioned(big_model_dir, monkeypatch):
         assert r["growth_bytes"] < 0.7 * full_fp32_bytes, (rank, r["growth_bytes"] / full_fp32_bytes)
 
 
+def _bf16_against_full_load(rank, world_size, *, model_dir):
+    import deepspeed
+
+    from safer_dist.models import load_model
+    from safer_dist.partitioned_load import load_model_partitioned
+
+    # the full load first: while an HfDeepSpeedConfig lives, transformers partitions every model it builds
+    full = load_model(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    ds_config = {"train_batch_size": world_size, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+    model, _ = load_model_partitioned(model_dir, dtype=torch.bfloat16, ds_config=ds_config, attn_implementation="sdpa")
+    differ = []
+    for (name, p), (_, q) in zip(model.named_parameters(), full.named_parameters(), strict=True):
+        with deepspeed.zero.GatheredParameters([p]):
+            if p.dtype != q.dtype or not torch.equal(p.data, q.data):
+                differ.append(name)
+    for (name, b), (_, c) in zip(model.named_buffers(), full.named_buffers(), strict=True):
+        if b.dtype != c.dtype or not torch.equal(b, c):
+            differ.append(f"{name} ({b.dtype} vs {c.dtype})")
+    same = (model.config.to_dict() == full.config.to_dict() and model.generation_config == full.generation_config
+            and model.training == full.training)
+    return differ, same
+
+
+def test_zero3_bf16_load_equals_from_pretrained(tiny_model_dir):
+    """bf16 (the GPU dtype): the fp32 checkpoint rounds to the same bf16 weights as from_pretrained,
+    and the RoPE frequencies stay fp32 (zero.Init must not cast them to bf16)."""
+    for differ, same in run_group(functools.partial(_bf16_against_full_load, model_dir=tiny_model_dir), world_size=2):
+        assert differ == [] and same, differ
+
+
 # ------------------------------------------------- a learner's ZeRO-3 load equals the full load
 
 
