@@ -114,16 +114,19 @@ def test_zero3_ranks_load_a_100m_model_partitioned(big_model_dir, monkeypatch):
         assert r["growth_bytes"] < 0.7 * full_fp32_bytes, (rank, r["growth_bytes"] / full_fp32_bytes)
 
 
-def _bf16_against_full_load(rank, world_size, *, model_dir):
+def bf16_against_full_load(rank, world_size, *, model_dir, device="cpu"):
+    """Names of the parameters and buffers in which a bf16 partitioned load differs from
+    ``load_model`` (dtype or value), and whether config, generation config and mode agree."""
     import deepspeed
 
     from safer_dist.models import load_model
     from safer_dist.partitioned_load import load_model_partitioned
 
     # the full load first: while an HfDeepSpeedConfig lives, transformers partitions every model it builds
-    full = load_model(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    full = load_model(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device=device)
     ds_config = {"train_batch_size": world_size, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
-    model, _ = load_model_partitioned(model_dir, dtype=torch.bfloat16, ds_config=ds_config, attn_implementation="sdpa")
+    model, _ = load_model_partitioned(model_dir, dtype=torch.bfloat16, ds_config=ds_config, attn_implementation="sdpa",
+                                      device=device)
     differ = []
     for (name, p), (_, q) in zip(model.named_parameters(), full.named_parameters(), strict=True):
         with deepspeed.zero.GatheredParameters([p]):
@@ -140,7 +143,7 @@ def _bf16_against_full_load(rank, world_size, *, model_dir):
 def test_zero3_bf16_load_equals_from_pretrained(tiny_model_dir):
     """bf16 (the GPU dtype): the fp32 checkpoint rounds to the same bf16 weights as from_pretrained,
     and the RoPE frequencies stay fp32 (zero.Init must not cast them to bf16)."""
-    for differ, same in run_group(functools.partial(_bf16_against_full_load, model_dir=tiny_model_dir), world_size=2):
+    for differ, same in run_group(functools.partial(bf16_against_full_load, model_dir=tiny_model_dir), world_size=2):
         assert differ == [] and same, differ
 
 
