@@ -67,12 +67,14 @@ def _spawn(target, args_of_rank, world_size: int, timeout_s: float) -> list:
 
 
 def run_ranks(cfg, fn, world_size: int | None = None, timeout_s: float = 300.0, device: str = "cpu") -> list:
-    """Start ``world_size`` (default learner.num_learners) ranks; return ``fn(learner)`` per rank."""
+    """Start ``world_size`` (default learner.num_learners) ranks; return ``fn(learner)`` per rank.
+    ``fn`` returns plain Python values: a tensor crosses the queue as a file descriptor that
+    vanishes when its rank process exits (``.tolist()`` it)."""
     world_size = world_size or cfg.learner.num_learners
     return _spawn(_worker, lambda r, port, q: (r, world_size, port, cfg, fn, q, device), world_size, timeout_s)
 
 
 def run_group(fn, world_size: int, timeout_s: float = 300.0, device: str = "cpu") -> list:
     """Start ``world_size`` ranks that only join a process group (DeepSpeed's, as learners do);
-    return ``fn(rank, world_size)`` per rank."""
+    return ``fn(rank, world_size)`` per rank (plain Python values, as for :func:`run_ranks`)."""
     return _spawn(_group_worker, lambda r, port, q: (r, world_size, port, fn, q, device), world_size, timeout_s)

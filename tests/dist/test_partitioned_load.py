@@ -21,7 +21,8 @@ BIG_NUM_PARAMS = 98_811_648
 @pytest.fixture(scope="module")
 def big_model_dir(tmp_path_factory):
     """A random ~99M-parameter Llama in two safetensors shards plus an index, as save_pretrained
-    writes large models. Weights are drawn tensor by tensor (no model is built), seeded."""
+    writes large models. Weights are drawn tensor by tensor, seeded (the model is only built on
+    the meta device, for its tensor names and shapes)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,8 +100,8 @@ def test_zero3_ranks_load_a_100m_model_partitioned(big_model_dir, monkeypatch):
     the growth is the peak during the load, anonymous and file-mapped pages alike. The ranks run
     with a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_=1 MiB): glibc's default raises the
     threshold after the first large free, after which freed module-sized blocks stay in the heap
-    and count as resident although nothing holds them (measured on ranks 0 / 1: 0.55x / 0.59x
-    with the fixed threshold, 0.57x / 0.70x with glibc's default).
+    and count as resident although nothing holds them (measured on ranks 0 / 1: 0.52-0.55x /
+    0.59-0.60x with the fixed threshold, 0.57x / 0.70x with glibc's default).
     """
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # read by the spawned ranks at start
     results = run_group(functools.partial(_load_and_measure, model_dir=big_model_dir), world_size=2)
@@ -156,7 +157,7 @@ def _export_logits_train(learner, out_root, ids, steps):
     out = out_root / f"stage{learner.cfg.zero_stage}"
     learner.export_hf(str(out))
     return {"attn": learner.attn_implementation, "num_params": count_params(learner.engine.module),
-            "logits": learner.logits(ids), "losses": [learner.sft_step(s)["loss"] for s in range(steps)]}
+            "logits": learner.logits(ids).tolist(), "losses": [learner.sft_step(s)["loss"] for s in range(steps)]}
 
 
 def test_zero3_learner_load_matches_the_full_load(tiny_model_dir, demo_data_dir, tmp_path):
@@ -175,7 +176,7 @@ def test_zero3_learner_load_matches_the_full_load(tiny_model_dir, demo_data_dir,
     assert got[2]["attn"] == got[3]["attn"] == "safer_segments"
     original = load_file(tiny_model_dir / "model.safetensors")  # tied embeddings: stored once, counted once
     assert got[2]["num_params"] == got[3]["num_params"] == sum(t.numel() for t in original.values())
-    assert torch.equal(got[2]["logits"], got[3]["logits"])
+    assert got[2]["logits"] == got[3]["logits"]
     w2 = load_file(tmp_path / "stage2" / "model.safetensors")
     w3 = load_file(tmp_path / "stage3" / "model.safetensors")
     assert w2.keys() == w3.keys() >= original.keys()

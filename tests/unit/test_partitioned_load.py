@@ -79,7 +79,7 @@ def test_config_mismatches_fail_before_anything_is_built(tiny_model_dir):
 
     with pytest.raises(ValueError, match="zero_optimization.stage 3"):
         load_model_partitioned(tiny_model_dir, dtype=torch.float32, ds_config={"zero_optimization": {"stage": 2}})
-    # zero.Init would partition bf16 weights while the learner computes in fp32
+    # a bf16 engine over fp32 weights
     with pytest.raises(ValueError, match=r"dtype torch.float32 disagrees .*\(torch.bfloat16\)"):
         load_model_partitioned(tiny_model_dir, dtype=torch.float32,
                                ds_config={"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}})
