@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch goes in first, pinned, so nothing else can pull a different (CUDA) build.
+# torch goes in first, pinned, so nothing else can pull a different (CUDA) build; pyproject.toml
+# accepts a range (torch>=2.9,<2.14) so that a GPU environment keeps its own CUDA torch.
 TORCH_SPEC ?= torch==2.13.0
 export DS_BUILD_OPS := 0
 export DS_ACCELERATOR ?= cpu

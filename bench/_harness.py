@@ -32,12 +32,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built locally; never 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def parser(description: str, *, repeats: int, steps: int, preset: str = "bench-20m") -> argparse.ArgumentParser:
+def parser(description: str, *, repeats: int, steps: int,
+           preset: str | None = "bench-20m") -> argparse.ArgumentParser:
+    """The options every benchmark takes. ``preset=None``: no ``--preset`` option; the benchmark
+    builds its own model and uses the workspace's (tiny ``test``) model only for its tokenizer."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--repeats", type=int, default=repeats, help="timed windows per contestant (median reported)")
     p.add_argument("--steps", type=int, default=steps, help="units of work (optimizer steps, batches) per window")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (same for every contestant)")
-    p.add_argument("--preset", default=preset, help="safer_dist.models preset of the random model")
+    if preset is None:
+        p.set_defaults(preset="test")
+    else:
+        p.add_argument("--preset", default=preset, help="safer_dist.train.models preset of the random model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="smallest settings: checks the benchmark runs, measures nothing")
     p.add_argument("--workdir", default=None, help="keep data and model here (default: a temporary directory)")
@@ -70,8 +76,8 @@ def workspace(args: argparse.Namespace, *, num_sft: int) -> Workspace:
     on it and a randomly initialised ``args.preset`` Llama; all local, built in seconds."""
     from safer_dist.data.demo import generate_demo
     from safer_dist.data.records import load_records
-    from safer_dist.models import init_model_from_corpus
-    from safer_dist.rules import Rulebook
+    from safer_dist.train.models import init_model_from_corpus
+    from safer_dist.reasoning.rules import Rulebook
 
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="safer-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -83,6 +89,36 @@ def workspace(args: argparse.Namespace, *, num_sft: int) -> Workspace:
         corpus = [r["prompt"] for r in records] + [r["response"] for r in records]
         init_model_from_corpus(args.preset, corpus, model_dir, seed=args.seed, vocab_size=3000)
     return Workspace(root, paths["sft"], paths["erpo_prompts"], model_dir, records)
+
+
+def learner_sections(args: argparse.Namespace, model_dir: Path, train_path: Path, **train_overrides) -> dict:
+    """The config sections of a single-process safer learner: world size 1, ZeRO
+    ``args.zero_stage``, ``args.global_batch`` sequences (or pairs) per optimizer step in
+    micro-batches of ``args.micro_batch``, SFT data ``train_path`` tokenized without segment
+    dropout (every contestant sees the same tokens). ``train_overrides`` are further
+    ``TrainSection`` fields; everything else keeps the learner's defaults (the step-DPO loss
+    too: ``DpoLossSection()``)."""
+    from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, TrainSection
+
+    return {
+        "learner": LearnerSection(num_learners=1, zero_stage=args.zero_stage, cpus_per_learner=args.threads),
+        "train": TrainSection(max_steps=1 << 20, global_batch_size=args.global_batch,
+                              micro_batch_size=args.micro_batch, warmup_steps=0, **train_overrides),
+        "model": ModelSection(path=str(model_dir), attn_implementation="auto"),
+        "data": DataSection(train=str(train_path), max_seq_len=1024, segment_dropout=0.0),
+        "dpo_loss": DpoLossSection(),
+    }
+
+
+def safer_learner(sections: dict, seed: int, device: str = "cpu"):
+    """``safer_dist.train.learner.Learner`` exactly as a learner rank runs it (a DeepSpeed engine over
+    its own 1-rank process group), set up from :func:`learner_sections`."""
+    from safer_dist.train.learner import Learner
+
+    learner = Learner(sections["learner"], sections["train"], sections["model"], sections["data"], seed=seed,
+                      device=device, dpo_loss=sections["dpo_loss"])
+    learner.setup(0, 1, "127.0.0.1", free_port())
+    return learner
 
 
 def set_threads(n: int) -> None:

@@ -36,14 +36,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from safer_dist import checkpoint as ck
+    from safer_dist.checkpointing import checkpoint as ck
     from safer_dist.config import load_config
     from safer_dist.data.demo import generate_demo
     from safer_dist.data.records import load_records
-    from safer_dist.group import LearnerGroup, start_ray, stop_ray
-    from safer_dist.models import init_model_from_corpus
-    from safer_dist.rules import Rulebook
-    from safer_dist.universal import UNIVERSAL_DIR, ensure_universal
+    from safer_dist.cluster.group import LearnerGroup, start_ray, stop_ray
+    from safer_dist.train.models import init_model_from_corpus
+    from safer_dist.reasoning.rules import Rulebook
+    from safer_dist.checkpointing.universal import UNIVERSAL_DIR, ensure_universal
 
     work = Path(tempfile.mkdtemp(prefix="safer-ckpt-bench-"))
     try:

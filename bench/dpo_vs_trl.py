@@ -9,10 +9,11 @@ Pairs (step-level, as ERPO makes them): from the seeded demo SFT traces, prefix 
 prompt plus the Ex-Ante steps before step k (k cycles over assessment, rules, calibration),
 chosen = that trace's step k, rejected = step k of another trace (a different length).
 
-- safer: ``safer_dist.learner.Learner`` as a learner rank runs it — a single-process DeepSpeed
+- safer: ``safer_dist.train.learner.Learner`` as a learner rank runs it — a single-process DeepSpeed
   engine (ZeRO ``--zero-stage``, world size 1) — ``Learner.load_pairs`` + ``Learner.dpo_step``:
   prefix+chosen and prefix+rejected as separate sequences of one padding-free pack, attention
-  ``safer_segments`` (the CPU default), ``losses.sequence_logprobs`` + ``losses.step_dpo_loss``.
+  ``safer_segments`` (the CPU default), the learner's loss head (per-sequence log-probs, chunked
+  per ``learner.loss_chunk_tokens``) + ``losses.step_dpo_loss``.
   Reference log-probs come with the pairs: in ERPO the rollout workers compute them at sampling
   time (``sampling.continuation_logprobs``), so the learner holds one model. That one-off pass
   is timed separately and reported, not counted in the step rate.
@@ -42,7 +43,7 @@ from sft_vs_trl import TokenClock, trl_window
 
 def make_pairs(records: list[dict], num_pairs: int) -> list[dict]:
     """Step-level pairs sharing a prefix (see the module docstring)."""
-    from safer_dist.exante import REASONING_STEPS, step_texts
+    from safer_dist.reasoning.exante import REASONING_STEPS, step_texts
 
     steps = [step_texts(r["response"]) for r in records]
     pairs = []
@@ -58,14 +59,16 @@ def make_pairs(records: list[dict], num_pairs: int) -> list[dict]:
     return pairs
 
 
-def reference_logprobs(ws, pairs: list[dict]) -> float:
-    """Fill ref_chosen / ref_rejected as rollout workers do; returns the seconds it took."""
-    from safer_dist.models import load_model, load_tokenizer
-    from safer_dist.pairs import step_sequence
-    from safer_dist.sampling import continuation_logprobs
+def reference_logprobs(ws, pairs: list[dict], model=None) -> float:
+    """Fill ref_chosen / ref_rejected as rollout workers do, with ``model`` (default: the
+    workspace's model in fp32 on CPU); returns the seconds it took."""
+    from safer_dist.train.models import load_model, load_tokenizer
+    from safer_dist.erpo.pairs import step_sequence
+    from safer_dist.erpo.sampling import continuation_logprobs
 
     tok = load_tokenizer(ws.model_dir)
-    model = load_model(ws.model_dir, dtype=torch.float32).eval()
+    if model is None:
+        model = load_model(ws.model_dir, dtype=torch.float32).eval()
     items = []
     for p in pairs:
         ctx, chosen = step_sequence(tok, p["prompt"], p["prefix"], p["chosen_text"], p["step"] == "answer")
@@ -80,31 +83,11 @@ def reference_logprobs(ws, pairs: list[dict]) -> float:
     return seconds
 
 
-def safer_learner(args, ws, pairs_path):
-    from safer_dist.config import LearnerSection, ModelSection, TrainSection, DataSection
-    from safer_dist.learner import Learner
-
-    learner = Learner(
-        LearnerSection(num_learners=1, zero_stage=args.zero_stage, cpus_per_learner=args.threads),
-        TrainSection(max_steps=1 << 20, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
-                     lr=1e-5, warmup_steps=0, min_lr_ratio=1.0),
-        ModelSection(path=str(ws.model_dir), attn_implementation="auto"),
-        DataSection(train=str(ws.sft_path)),
-        seed=args.seed, device="cpu",
-    )
-    learner.setup(0, 1, "127.0.0.1", h.free_port())
-    learner.load_pairs(str(pairs_path), args.seed)
-    return learner
-
-
 def safer_window(args, learner):
-    from safer_dist.config import ErpoSection
-
-    erpo = ErpoSection(beta=0.1)
     state = {"step": 0}
 
     def step() -> int:
-        m = learner.dpo_step(state["step"], erpo)
+        m = learner.dpo_step(state["step"])
         state["step"] += 1
         return m["num_tokens"]
 
@@ -124,7 +107,7 @@ def trl_trainer(args, ws, pairs: list[dict], *, precompute: bool):
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from safer_dist.models import load_tokenizer
+    from safer_dist.train.models import load_tokenizer
 
     tok = load_tokenizer(ws.model_dir)
     rows = []
@@ -177,7 +160,9 @@ def main() -> None:
         with h.Stopwatch() as sw:
             trl_pre = trl_trainer(args, ws, pairs, precompute=True)
         print(f"# TRL DPOTrainer(precompute_ref_log_probs=True) construction incl. its reference pass: {sw.seconds:.2f} s")
-        learner = safer_learner(args, ws, pairs_path)
+        learner = h.safer_learner(h.learner_sections(args, ws.model_dir, ws.sft_path, lr=1e-5, min_lr_ratio=1.0),
+                                  args.seed)
+        learner.load_pairs(str(pairs_path), args.seed)
         names = {
             "safer": f"safer Learner.dpo_step (ZeRO-{args.zero_stage}, packed, {learner.attn_implementation})",
             "default": "TRL DPOTrainer (defaults: ref model each step)",

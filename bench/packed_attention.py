@@ -33,8 +33,8 @@ def main() -> None:
 
     from transformers import LlamaForCausalLM
 
-    from safer_dist.attention import register_varlen_attention
-    from safer_dist.models import PRESETS, _LLAMA_COMMON
+    from safer_dist.train.attention import register_varlen_attention
+    from safer_dist.train.models import PRESETS, _LLAMA_COMMON
     from transformers import LlamaConfig
 
     register_varlen_attention()

@@ -1,8 +1,8 @@
 """Candidate-step sampling: safer's prefix-KV reuse vs Hugging Face ``generate(num_return_sequences=N)``.
 
 ERPO samples N candidates of one step for many prefixes (prompt + the steps before it). safer
-(``safer_dist.sampling.sample_candidates``) prefills each prefix once and copies its KV cache
-N times; the peer is what a transformers user writes: ``generate(..., num_return_sequences=N)``
+(``safer_dist.erpo.sampling.sample_candidates``) prefills each prefix once and copies its KV cache
+N times, and batches continuously (a row that ends leaves, a waiting prefix joins); the peer is what a transformers user writes: ``generate(..., num_return_sequences=N)``
 on the same left-padded prefixes, which encodes every prefix N times. Both sample
 (temperature ``--temperature``, top-p 1), stop a row at EOS or at the step's closing tag
 (``stop_strings``; transformers' own ``StopStringCriteria`` for the peer), batch the same
@@ -12,7 +12,8 @@ number of rows (``--batch-rows`` = prefixes per batch x N), and run the same ran
 The figure is candidate tokens/s: sampled tokens before EOS, up to and including the
 closing tag, per second. A random model rarely writes the closing tag, so rows run to
 ``--max-new-tokens``; by default that is the mean length of the step in the demo traces, as a
-trained model would stop there. A window is ``--steps`` passes over the prefixes.
+trained model would stop there. Rows that all end together leave continuous batching nothing
+to gain: this figure measures prefix reuse and the decode loop, not early exits. A window is ``--steps`` passes over the prefixes.
 
     .venv/bin/python bench/rollout.py                 # ~2 min on 2 cores
     .venv/bin/python bench/rollout.py --step answer --max-new-tokens 96
@@ -29,8 +30,8 @@ import torch
 
 def prefixes_for(ws, tok, step: str, num: int) -> tuple[list[list[int]], float]:
     """Token ids of ``num`` prefixes before ``step``, and the mean token length of that step."""
-    from safer_dist.exante import STEPS, step_texts
-    from safer_dist.sft_data import encode_prompt
+    from safer_dist.reasoning.exante import STEPS, step_texts
+    from safer_dist.train.sft_data import encode_prompt
 
     k = STEPS.index(step)
     out, lens = [], []
@@ -80,9 +81,9 @@ def main() -> None:
     h.set_threads(args.threads)
     h.header("candidate sampling: prefix KV reuse vs generate(num_return_sequences=N)", args)
 
-    from safer_dist.exante import STEP_CLOSE
-    from safer_dist.models import load_model, load_tokenizer
-    from safer_dist.sampling import sample_candidates
+    from safer_dist.reasoning.exante import STEP_CLOSE
+    from safer_dist.train.models import load_model, load_tokenizer
+    from safer_dist.erpo.sampling import sample_candidates
 
     ws = h.workspace(args, num_sft=max(64, args.prefixes))
     try:
@@ -132,7 +133,7 @@ def main() -> None:
             return _kept_tokens(rows, tok, stops), sw.seconds
 
         safer_window(), hf_window()  # warm-up
-        names = {"safer": "safer sample_candidates (one prefill per prefix)",
+        names = {"safer": "safer sample_candidates (prefix reuse, continuous)",
                  "hf": f"HF generate(num_return_sequences={args.n})"}
         rates = h.alternate({names["safer"]: safer_window, names["hf"]: hf_window}, args.repeats)
         h.print_table(f"candidate tokens/s, preset {args.preset}, step {args.step}, {args.threads} thread(s)",

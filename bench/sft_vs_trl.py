@@ -6,7 +6,7 @@ batch (``--global-batch`` sequences per optimizer step in micro-batches of ``--m
 fp32, AdamW, one process, CPU. The figure is training tokens/s (prompt + response tokens of
 the packed batches; neither side pads).
 
-- safer: ``safer_dist.learner.Learner`` exactly as a learner rank runs it — a single-process
+- safer: ``safer_dist.train.learner.Learner`` exactly as a learner rank runs it — a single-process
   DeepSpeed engine (ZeRO ``--zero-stage``, world size 1, gloo), ``Learner.sft_step``: the
   step's micro-batches tokenized and packed on the fly (``sft_data.pack``), forward, backward,
   optimizer step. Attention: the CPU default (``safer_segments``); a second row forces
@@ -32,22 +32,6 @@ import statistics
 import time
 
 import torch
-
-
-def safer_learner(args, ws):
-    from safer_dist.config import DataSection, LearnerSection, ModelSection, TrainSection
-    from safer_dist.learner import Learner
-
-    learner = Learner(
-        LearnerSection(num_learners=1, zero_stage=args.zero_stage, cpus_per_learner=args.threads),
-        TrainSection(max_steps=1 << 20, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
-                     lr=2e-4, warmup_steps=0),
-        ModelSection(path=str(ws.model_dir), attn_implementation="auto"),
-        DataSection(train=str(ws.sft_path), max_seq_len=1024, segment_dropout=0.0),
-        seed=args.seed, device="cpu",
-    )
-    learner.setup(0, 1, "127.0.0.1", h.free_port())
-    return learner
 
 
 def safer_window(args, learner, attn: str | None):
@@ -98,6 +82,8 @@ class TokenClock:
 
         class _Stamp(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # the step's kernels have finished when it is stamped
                 clock.stamps.append((time.perf_counter(), clock.tokens))
 
         return _Stamp()
@@ -117,12 +103,25 @@ def trl_window(args, trainer, clock):
     return run
 
 
-def trl_trainer(args, ws, pack_len: int):
+def pack_length(ws, micro_batch: int) -> tuple[int, list[int]]:
+    """TRL's packed row length (``micro_batch`` x the mean example length) and every example's length."""
+    from safer_dist.train.models import load_tokenizer
+    from safer_dist.train.sft_data import encode_example
+
+    tok = load_tokenizer(ws.model_dir)
+    lens = [len(encode_example(tok, r["prompt"], r["response"], max_seq_len=1 << 20, overlong="drop").input_ids)
+            for r in ws.records]
+    return round(micro_batch * statistics.mean(lens)), lens
+
+
+def trl_trainer(args, ws, pack_len: int, *, model=None, **overrides):
+    """TRL ``SFTTrainer`` as described in the module docstring, on ``model`` (default: the
+    workspace's model in fp32 with ``sdpa``); ``overrides`` replace ``SFTConfig`` fields."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from safer_dist.models import load_tokenizer
+    from safer_dist.train.models import load_tokenizer
 
     tok = load_tokenizer(ws.model_dir)
     rows = []
@@ -130,10 +129,11 @@ def trl_trainer(args, ws, pack_len: int):
         prompt = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
                                          tokenize=False)
         rows.append({"prompt": prompt, "completion": r["response"]})  # TRL appends the EOS token
-    model = AutoModelForCausalLM.from_pretrained(ws.model_dir, dtype=torch.float32, attn_implementation="sdpa",
-                                                 local_files_only=True)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(ws.model_dir, dtype=torch.float32, attn_implementation="sdpa",
+                                                     local_files_only=True)
     clock = TokenClock(model)
-    config = SFTConfig(
+    config = SFTConfig(**{**dict(
         output_dir=str(ws.root / "trl-sft"), max_steps=args.steps + 1,
         per_device_train_batch_size=1, gradient_accumulation_steps=args.global_batch // args.micro_batch,
         packing=True, max_length=pack_len, learning_rate=2e-4, lr_scheduler_type="constant",
@@ -141,7 +141,7 @@ def trl_trainer(args, ws, pack_len: int):
         bf16=False, gradient_checkpointing=False, use_cpu=True,
         save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10, dataloader_num_workers=0,
         seed=args.seed,
-    )
+    ), **overrides})
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[clock.callback()])
     trainer.remove_callback(PrinterCallback)  # it prints a metrics dict at the end of every window
@@ -161,13 +161,7 @@ def main() -> None:
     h.header("SFT: safer learner step vs TRL SFTTrainer (packing)", args)
     ws = h.workspace(args, num_sft=args.num_sft)
     try:
-        from safer_dist.models import load_tokenizer
-        from safer_dist.sft_data import encode_example
-
-        tok = load_tokenizer(ws.model_dir)
-        lens = [len(encode_example(tok, r["prompt"], r["response"], max_seq_len=1 << 20, overlong="drop").input_ids)
-                for r in ws.records]
-        pack_len = round(args.micro_batch * statistics.mean(lens))
+        pack_len, lens = pack_length(ws, args.micro_batch)
         print(f"# data: {len(lens)} traces, {min(lens)}-{max(lens)} tokens (mean {statistics.mean(lens):.0f}); "
               f"global batch {args.global_batch} = {args.global_batch // args.micro_batch} x {args.micro_batch}; "
               f"TRL packed rows of {pack_len} tokens")
@@ -176,7 +170,7 @@ def main() -> None:
         # after the safer learner has formed its (1-rank) process group it would wrap TRL's model
         # in DDP.
         trainer, clock = trl_trainer(args, ws, pack_len)
-        learner = safer_learner(args, ws)
+        learner = h.safer_learner(h.learner_sections(args, ws.model_dir, ws.sft_path, lr=2e-4), args.seed)
         name_safer = f"safer Learner.sft_step (ZeRO-{args.zero_stage}, {learner.attn_implementation})"
         contestants = {name_safer: safer_window(args, learner, None)}
         if not args.no_sdpa_row:

@@ -9,12 +9,19 @@
     safer data demo [--out DIR] [--seed N]            write the seeded demo data set
     safer init-model --preset tiny --out DIR [--data SFT.jsonl]
     safer plan   CONFIG --gpus-per-node G [--nodes N] --gpu-mem-gb M [--shape NAME]   memory plan
+    safer config CONFIG [overrides]                  print the resolved config (YAML); runs nothing
+    safer --version
     safer export RUN_DIR_OR_CHECKPOINT --out DIR     checkpoint -> safetensors + config + tokenizer
     safer slurm submit CONFIG [overrides] --nodes N --gpus-per-node G [...]   sbatch a job (docs/slurm.md)
 
-Exit codes: 0 success, 2 bad config / input (including a bad checkpoint), 75 stopped by
-SIGTERM/SIGUSR1 after a checkpoint (resume with the same command), 1 anything else (a learner
-that died: the message names it and the last complete checkpoint).
+Exit codes: 0 success, 2 bad config / input (including a bad checkpoint), 3 `safer plan`: no
+setup fits the GPUs, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (resume with the same
+command), 130 stopped by Ctrl-C (SIGINT) after finishing the step and writing a checkpoint (a
+second Ctrl-C aborts at once, also 130; before training starts Ctrl-C aborts at once), 1 anything
+else (a learner that died: the message names it and the last complete checkpoint).
+
+Relative paths in a config file resolve against the file's directory; in an override, against
+the current directory.
 """
 
 from __future__ import annotations
@@ -22,13 +29,34 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
+from safer_dist.checkpointing.export import export_checkpoint
+from safer_dist.cluster.group import LearnerFailure
+from safer_dist.cluster.plan import format_plan, plan_config
+from safer_dist.cluster.slurm import SubmitOptions, prepare, submit
+from safer_dist.config import ALIASES, ConfigError, load_config
+from safer_dist.data.chat import prompt_text
+from safer_dist.data.demo import generate_demo
+from safer_dist.data.records import load_records
+from safer_dist.evaluation.report import ROWS, _fmt
+from safer_dist.reasoning.rules import Rulebook
+from safer_dist.runtime.log import get_logger, set_level
+from safer_dist.runtime.resources import shipped
+from safer_dist.runtime.stop import Preempted
+from safer_dist.synth.pipeline import format_summary, synth_job
+from safer_dist.synth.teachers import TeacherUnavailable
+
 EXIT_USAGE = 2
+EXIT_DOES_NOT_FIT = 3
 
 
 def _parser() -> argparse.ArgumentParser:
+    from safer_dist import __version__
+
     p = argparse.ArgumentParser(prog="safer", description="Ex-Ante safety reasoning: SFT and step-level preference optimisation.")
+    p.add_argument("--version", action="version", version=f"safer {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("run", "the main job: initial model (if missing) -> SFT -> ERPO -> held-out evaluation"),
@@ -47,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="data/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--num-sft", type=int, default=4000)
-    demo.add_argument("--rules", default="configs/rules/default.yaml")
+    demo.add_argument("--rules", default=None, help="rulebook YAML (default: the shipped configs/rules/default.yaml)")
+    cf = sub.add_parser("config", help="print the resolved config (every default filled in, paths absolute); runs nothing")
+    cf.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    cf.add_argument("overrides", nargs="*", help="section.field=value")
     pl = sub.add_parser("plan", help="per-GPU memory of a config on a GPU cluster, and a setup that fits")
     pl.add_argument("config", help="YAML config, e.g. configs/llama3-8b-8xh100.yaml")
     pl.add_argument("overrides", nargs="*", help="section.field=value")
@@ -98,9 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from safer_dist.config import ConfigError
-    from safer_dist.log import get_logger
-
     log = get_logger("cli")
     try:
         return _dispatch(args)
@@ -110,16 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before the graceful stop is installed: nothing to save yet
         return 130
     except Exception as e:  # noqa: BLE001 - the last line the user sees should say what failed
-        from safer_dist.stop import EXIT_PREEMPTED, Preempted
-
         if isinstance(e, Preempted):
             log.warning("%s", e)
-            return EXIT_PREEMPTED
-        from safer_dist.group import LearnerFailure
-        from safer_dist.rollout import RolloutFailure
+            return e.exit_code
+        from safer_dist.cluster.rollout import RolloutFailure  # imports torch: only on this path
 
         if isinstance(e, (LearnerFailure, RolloutFailure)):
             log.error("%s", e)
@@ -128,13 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from safer_dist.config import load_config
-
     if args.command == "data":
-        from safer_dist.data.demo import generate_demo
-        from safer_dist.rules import Rulebook
-
-        paths = generate_demo(Path(args.out), Rulebook.load(args.rules), seed=args.seed, num_sft=args.num_sft)
+        rules = args.rules or shipped("configs/rules/default.yaml")
+        paths = generate_demo(Path(args.out), Rulebook.load(rules), seed=args.seed, num_sft=args.num_sft)
         for k, v in paths.items():
             print(f"{k}: {v}")
         return 0
@@ -143,23 +164,22 @@ def _dispatch(args) -> int:
     if args.command == "slurm":
         return _slurm_submit(args)
     if args.command == "export":
-        from safer_dist.export import export_checkpoint
-
         out = export_checkpoint(args.source, args.out, stage=args.stage, dtype=args.dtype)
         print(f"exported model: {out}")
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(cfg.to_yaml(), end="")
+        return 0
     if args.command == "plan":
-        from safer_dist.plan import format_plan, plan_config
-
         plan = plan_config(cfg, gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_mem_gb=args.gpu_mem_gb,
                            shape=args.shape)
         print(format_plan(plan, args.config))
-        return 0
-    from safer_dist.log import set_level
-
+        return 0 if plan.recommended is not None else EXIT_DOES_NOT_FIT
     set_level(cfg.run.log_level)
+    # The jobs import torch and transformers; the subcommands above run without them.
     from safer_dist import jobs
+    from safer_dist.evaluation.suite import format_suite, suite_job
 
     if args.command == "sft":
         hf = jobs.sft_job(cfg)
@@ -172,8 +192,6 @@ def _dispatch(args) -> int:
     if args.command == "eval":
         model = cfg.model.path if "model.path" in _overridden(args.overrides) else str(cfg.run.dir / "hf")
         if cfg.eval.benchmarks or cfg.eval.models or cfg.eval.attacks:
-            from safer_dist.eval_suite import format_suite, suite_job
-
             out = suite_job(cfg, model)
             print(format_suite(out["results"]))
             print(f"report: {out['report']}\nper-prompt judgements: {cfg.run.dir / 'eval'}/<model>.jsonl")
@@ -182,14 +200,9 @@ def _dispatch(args) -> int:
         _print_summary(result)
         return 0
     if args.command == "synth":
-        from safer_dist.synth import format_summary, synth_job
-        from safer_dist.teachers import TeacherUnavailable
-
         try:
             print(format_summary(synth_job(cfg)))
         except TeacherUnavailable as e:
-            from safer_dist.log import get_logger
-
             get_logger("cli").error("%s", e)
             return 1
         return 0
@@ -205,8 +218,6 @@ def _dispatch(args) -> int:
 
 
 def _slurm_submit(args) -> int:
-    from safer_dist.slurm import SubmitOptions, prepare, submit
-
     opts = SubmitOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
         partition=args.partition, time=args.time, account=args.account, exclusive=args.exclusive,
@@ -225,27 +236,20 @@ def _slurm_submit(args) -> int:
 
 
 def _overridden(overrides: list[str]) -> set[str]:
-    from safer_dist.config import ALIASES
-
     keys = {o.split("=", 1)[0] for o in overrides}
     return {ALIASES.get(k, k) for k in keys}
 
 
 def _init_model(args) -> int:
-    from safer_dist.data.records import load_records
-    from safer_dist.models import init_model_from_corpus
+    from safer_dist.train.models import init_model_from_corpus  # imports torch and transformers
 
     if args.data:
         recs = load_records(args.data, "sft")
     else:
-        import tempfile
-
-        from safer_dist.data.demo import generate_demo
-        from safer_dist.rules import Rulebook
-
         tmp = Path(tempfile.mkdtemp())
-        recs = load_records(generate_demo(tmp, Rulebook.load("configs/rules/default.yaml"), seed=args.seed)["sft"], "sft")
-    corpus = [r["prompt"] for r in recs] + [r["response"] for r in recs]
+        rulebook = Rulebook.load(shipped("configs/rules/default.yaml"))
+        recs = load_records(generate_demo(tmp, rulebook, seed=args.seed)["sft"], "sft")
+    corpus = [prompt_text(r["prompt"]) for r in recs] + [r["response"] for r in recs]
     out = init_model_from_corpus(args.preset, corpus, args.out, seed=args.seed)
     print(f"model: {out}")
     return 0
@@ -255,7 +259,7 @@ def _print_summary(result: dict) -> None:
     s = result["summary"]
     if result.get("sample"):
         print("\n--- sample held-out generation ---")
-        print(f"prompt: {result['sample']['prompt']}")
+        print(f"prompt: {prompt_text(result['sample']['prompt'])}")
         print(result["sample"]["output"])
         print("---")
     print(f"format validity on {s['num_prompts']} held-out prompts: {100 * s['format_validity']:.1f}%")
@@ -267,8 +271,6 @@ def _print_summary(result: dict) -> None:
 
 
 def _print_comparison(results: dict) -> None:
-    from safer_dist.report import ROWS, _fmt
-
     tags = list(results)
     print("\n" + f"{'held-out metric':40s}" + "".join(f"{t:>10s}" for t in tags))
     for key, label, pct in ROWS:

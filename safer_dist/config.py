@@ -6,8 +6,14 @@ A run is described by a YAML file whose top-level keys are the sections below, p
     safer sft configs/tiny.yaml train.max_steps=50 learner.zero_stage=3
 
 Unknown keys, wrong types and inconsistent values raise :class:`ConfigError` before any
-work starts, naming the key and where it came from (the file or the override). The
-resolved config (every default filled in) is written to ``<run dir>/config.yaml``.
+work starts, naming the key and where it came from: the override when one set a key the check
+names, else the file. The resolved config (every default filled in, every path absolute) is
+written to ``<run dir>/config.yaml``.
+
+Paths (:data:`PATH_KEYS`): a relative path in the file, or a default the file leaves as it is,
+resolves against the file's directory; a relative path in an override against the current
+directory. The shipped rulebook and prompt templates are the defaults, found wherever safer is
+installed (safer_dist/runtime/resources.py).
 
 Components receive their own section only (``Learner(cfg.learner, ...)``); defaults live
 here and nowhere else.
@@ -17,13 +23,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from safer_dist.erpo.ranking import Ranking
+from safer_dist.runtime.io import atomic_write_text
+from safer_dist.runtime.log import get_logger
+from safer_dist.runtime.resources import shipped
+from safer_dist.runtime.tracking import missing_package
+
+log = get_logger("config")
 
 
 class ConfigError(ValueError):
@@ -46,8 +64,9 @@ class RunSection:
 class ModelSection:
     # A local Hugging Face directory. Nothing is fetched from a hub.
     path: str = "models/tiny"
-    # When `path` does not exist and init_preset is set, `safer run` creates a randomly
-    # initialised model of that preset there (with a tokenizer trained on the demo corpus).
+    # When `path` does not exist, init_preset is set and `path` is the one the config file
+    # gives (no override changed it), `safer run` creates a randomly initialised model of that
+    # preset there (with a tokenizer trained on data.train). Any other missing path is an error.
     init_preset: str | None = None
     # auto | sdpa | eager | flash_attention_2 | safer_varlen | safer_segments
     attn_implementation: str = "auto"
@@ -62,32 +81,107 @@ class DataSection:
     train: str = "data/demo/sft.jsonl"
     eval: str = "data/demo/eval.jsonl"
     erpo_prompts: str = "data/demo/erpo_prompts.jsonl"
-    # Generate the seeded demo data set into the directory of `train` when it is missing.
+    # Generate the seeded demo data set into the directory of `train` when `train` is missing
+    # and is the path the config file gives (no override changed it); any other missing data
+    # file is an error. Only the embedded default (configs/tiny.yaml) sets it.
     generate_demo: bool = False
     demo_num_sft: int = 4000
-    rulebook: str = "configs/rules/default.yaml"
+    # The shipped rulebook by default.
+    rulebook: str = field(default_factory=lambda: str(shipped("configs/rules/default.yaml")))
     max_seq_len: int = 512
     # What to do with an example longer than max_seq_len: truncate | drop
     overlong: str = "truncate"
     # Probability of splitting a prompt word into sub-word pieces when tokenizing training
     # prompts (deterministic per example and epoch). Exposes rare sub-word tokens.
     segment_dropout: float = 0.1
+    # Validation set of SFT (train.eval_every_steps): a records file like `train`, or, when
+    # None, a held-out fraction `valid_fraction` of `train` chosen by run.seed; those
+    # examples then leave the training set.
+    valid: str | None = None
+    valid_fraction: float = 0.0
 
 
 @dataclass
-class TrainSection:
-    max_steps: int = 200
+class OptimSection:
+    """One training stage's optimisation: batch, AdamW, clipping, warmup.
+
+    The learner takes this type; the learning rate warms up linearly over ``warmup_steps``
+    and then stays at ``lr`` (:class:`TrainSection` adds a cosine decay over its steps).
+    """
+
     global_batch_size: int = 16
-    # Sequences per micro-batch per learner; gradient accumulation is derived.
+    # Sequences (SFT) or pairs (ERPO) per micro-batch per learner; gradient accumulation is derived.
     micro_batch_size: int = 8
     lr: float = 2e-3
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step`` (0-based)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return 1.0
+
+    def validate(self, key: str, num_learners: int) -> None:
+        per_step = self.micro_batch_size * num_learners
+        _check(self.micro_batch_size >= 1, f"{key}.micro_batch_size must be >= 1")
+        _check(
+            self.global_batch_size % per_step == 0,
+            f"{key}.global_batch_size ({self.global_batch_size}) must be a multiple of "
+            f"{key}.micro_batch_size x learner.num_learners ({self.micro_batch_size} x "
+            f"{num_learners} = {per_step})",
+        )
+        _check(self.lr > 0, f"{key}.lr must be > 0")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps must be >= 0 (it is capped at the stage's steps)")
+        _check(self.grad_clip >= 0, f"{key}.grad_clip must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainSection(OptimSection):
+    """SFT: ``max_steps`` optimizer steps, warmup then cosine decay to ``lr * min_lr_ratio``."""
+
+    max_steps: int = 200
+    min_lr_ratio: float = 0.1
     log_every: int = 1
+    # Validation loss (valid_loss in metrics.jsonl) every this many steps and at the last
+    # step, on data.valid or data.valid_fraction; 0: off.
+    eval_every_steps: int = 0
+
+    def lr_factor(self, step: int) -> float:
+        warmup = min(self.warmup_steps, self.max_steps)
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, self.max_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class ErpoOptimSection(OptimSection):
+    """ERPO's optimisation on each iteration's pairs (no decay: iterations have no fixed length)."""
+
+    lr: float = 1e-4
+    warmup_steps: int = 0
+
+
+@dataclass
+class DpoLossSection:
+    """The step-level DPO loss (safer_dist/train/losses.py ``step_dpo_loss``)."""
+
+    beta: float = 0.1
+    # + nll_weight * NLL of the chosen step (per token).
+    nll_weight: float = 0.0
+    # + length_alpha * (|chosen| - |rejected|) inside the sigmoid.
+    length_alpha: float = 0.0
+    label_smoothing: float = 0.0
+
+    def validate(self, key: str) -> None:
+        _check(self.beta > 0, f"{key}.beta must be > 0")
+        _check(0 <= self.label_smoothing < 0.5, f"{key}.label_smoothing must be in [0, 0.5)")
+        _check(self.nll_weight >= 0, f"{key}.nll_weight must be >= 0")
 
 
 @dataclass
@@ -104,6 +198,16 @@ class LearnerSection:
     placement_timeout_s: float = 300.0
     # Seconds a learner call may take before the job is declared hung.
     call_timeout_s: float = 1800.0
+    # Labelled tokens whose logits the loss computes at once (safer_dist/train/lm_head.py): full fp32
+    # logits [tokens, vocab] never exist, only [loss_chunk_tokens, vocab]. SFT and ERPO
+    # alike. 0: the model's full logits, as a plain forward gives them.
+    loss_chunk_tokens: int = 4096
+    # Tokenize and pack the next SFT step's micro-batches on a background thread while this
+    # step trains (the same batches either way).
+    prefetch_batches: bool = True
+    # Peak dense bf16 TFLOP/s of one learner device, for MFU in metrics.jsonl. None: looked up from
+    # the GPU's name (safer_dist/train/throughput.py); on CPU or an unknown GPU, MFU is not reported.
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -112,10 +216,11 @@ class RolloutSection:
     cpus_per_worker: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 256
+    # Rows (prompts x candidates) a worker samples at once; ERPO sampling keeps this many in flight.
     batch_size: int = 32
-    # A worker process that dies is restarted by Ray up to this many times; its shard of the
-    # work is retried on it (results are keyed by position: nothing lost or duplicated).
+    # A worker process that dies is restarted by Ray up to this many times; it rejoins the
+    # weight sync and gets the current weights again, and its shard of the work is retried on
+    # it (results are keyed by position: nothing lost or duplicated).
     max_restarts: int = 3
 
 
@@ -144,39 +249,28 @@ class ErpoSection:
     # Temperature of the completions that judge a candidate's outcome (0: greedy, the
     # policy's most likely continuation, as in evaluation).
     completion_temperature: float = 0.0
-    # Pair selection (see safer_dist/pairs.py).
-    scoring: str = "lexicographic"  # lexicographic | weighted
-    margin: float = 0.25
-    min_length_gap: int = 4
-    # No pair prefers an unacceptable response: utility and length pairs need a chosen response
-    # with safety >= min_chosen_safety; length pairs also need utility >= min_efficiency_utility.
-    min_chosen_safety: float = 0.5
-    min_efficiency_utility: float = 0.5
-    w_safety: float = 1.0
-    w_utility: float = 1.0
-    w_efficiency: float = 0.1
-    # Length control: each iteration multiplies the step token budget by budget_decay and
-    # the efficiency weight by efficiency_growth. A budget of 0 means none.
-    step_token_budget: float = 0.0
-    budget_decay: float = 0.85
-    efficiency_growth: float = 1.5
-    # Loss (safer_dist/losses.py step_dpo_loss).
-    beta: float = 0.1
-    nll_weight: float = 0.0
-    length_alpha: float = 0.0
-    label_smoothing: float = 0.0
     # Reference model: the policy at the start of each iteration, or the fixed SFT model.
     reference: str = "iteration"  # iteration | sft
-    # Optimisation on the pairs of an iteration. Each safety pair (the chosen response is safe,
-    # the rejected one is not) appears safety_pair_repeats times per epoch, so that pairs
-    # against over-refusal, which are usually more numerous, do not outweigh them. Only
-    # lexicographic scoring names safety pairs; weighted pairs are never repeated.
+    # Each safety pair (the chosen response is safe, the rejected one is not) appears
+    # safety_pair_repeats times per epoch, so that pairs against over-refusal, which are usually
+    # more numerous, do not outweigh them. Only lexicographic scoring names safety pairs;
+    # weighted pairs are never repeated.
     safety_pair_repeats: int = 1
+    # Passes over an iteration's pairs.
     epochs: int = 2
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    global_batch_size: int = 16
-    micro_batch_size: int = 8
+    # Which candidates form a pair, and length control (safer_dist/erpo/ranking.py).
+    ranking: Ranking = field(default_factory=Ranking)
+    # The step-DPO loss the learners are set up with.
+    loss: DpoLossSection = field(default_factory=DpoLossSection)
+    # The learners' optimiser during ERPO.
+    optim: ErpoOptimSection = field(default_factory=ErpoOptimSection)
+
+    def init_path(self, run_dir: Path) -> Path:
+        """The model ERPO starts from: ``init_from``, else the run's SFT export."""
+        return Path(self.init_from) if self.init_from else run_dir / "hf"
+
+    def step_names(self) -> list[str]:
+        return [s.strip() for s in self.steps.split(",")]
 
 
 @dataclass
@@ -204,23 +298,45 @@ class LaunchSection:
 
 
 @dataclass
+class TrackSection:
+    """Experiment tracking: every scalar of metrics.jsonl also goes to each enabled backend
+    (safer_dist/runtime/tracking.py; `pip install 'safer[track]'`)."""
+
+    # TensorBoard event files under <run>/tensorboard/<stage>/ (`tensorboard --logdir <run>/tensorboard`).
+    tensorboard: bool = False
+    # Weights & Biases (WANDB_MODE=offline logs without a network; `wandb sync` uploads later).
+    wandb: bool = False
+    wandb_project: str = "safer"
+    wandb_entity: str | None = None  # None: your W&B default entity
+    wandb_run_name: str | None = None  # None: run.name
+    wandb_tags: str = ""  # comma-separated
+
+    def validate(self) -> None:
+        for backend in ("tensorboard", "wandb"):
+            missing = getattr(self, backend) and missing_package(backend)
+            _check(not missing, f"track.{backend}=true needs the {missing} package: pip install 'safer[track]' "
+                                f"(or pip install {missing}), or set track.{backend}=false")
+        _check(bool(self.wandb_project.strip()), "track.wandb_project must not be empty")
+
+
+@dataclass
 class EvalSection:
     max_prompts: int = 0  # 0: all (per benchmark when eval.benchmarks is set)
     max_new_tokens: int = 256
     batch_size: int = 64
     temperature: float = 0.0
-    # Comma list of name:path benchmark files (safer_dist/benchmarks.py): harmbench, advbench,
+    # Comma list of name:path benchmark files (safer_dist/evaluation/safety_sets.py): harmbench, advbench,
     # xstest, strongreject, wildjailbreak, prompts (a records file). Empty: data.eval.
     benchmarks: str = ""
     # Comma list of tag:path model directories compared side by side. Empty: model=PATH or <run>/hf.
     models: str = ""
-    # Comma list of jailbreak transformations of the harmful prompts (safer_dist/attacks.py), or all.
+    # Comma list of jailbreak transformations of the harmful prompts (safer_dist/evaluation/attacks.py), or all.
     attacks: str = ""
 
 
 @dataclass
 class SynthSection:
-    """``safer synth``: Ex-Ante traces from a teacher model (safer_dist/synth.py, docs/data.md)."""
+    """``safer synth``: Ex-Ante traces from a teacher model (safer_dist/synth/pipeline.py, docs/data.md)."""
 
     # Prompts (JSONL / Parquet / save_to_disk): prompt, optional id, category, harmful, reference.
     prompts: str = "data/demo/erpo_prompts.jsonl"
@@ -239,14 +355,14 @@ class SynthSection:
     max_retries: int = 4  # http: retries of a failed request (connection error, timeout, 408/409/429/5xx)
     backoff_s: float = 1.0  # http: first retry delay; doubles each retry (with jitter) up to max_backoff_s
     max_backoff_s: float = 30.0
-    prompt_template: str = "configs/synth/teacher_prompt.txt"
+    prompt_template: str = field(default_factory=lambda: str(shipped("configs/synth/teacher_prompt.txt")))
     max_new_tokens: int = 512
     temperature: float = 0.0
     batch_size: int = 32  # prompts per round; results are appended after each round
     # Category where a record has none: keyword (built from the rulebook) | model.
     classifier: str = "keyword"
     classifier_path: str | None = None  # model: a local directory on rollout workers; None: the teacher
-    classifier_template: str = "configs/synth/classify_prompt.txt"
+    classifier_template: str = field(default_factory=lambda: str(shipped("configs/synth/classify_prompt.txt")))
     # Also reject traces whose category, rule verdict or strategy contradict the record's labels
     # (or, unlabelled, the rulebook's default for the assigned category).
     strict: bool = True
@@ -281,24 +397,40 @@ class Config:
     launch: LaunchSection = field(default_factory=LaunchSection)
     eval: EvalSection = field(default_factory=EvalSection)
     synth: SynthSection = field(default_factory=SynthSection)
+    track: TrackSection = field(default_factory=TrackSection)
+
+    def __post_init__(self) -> None:
+        # Where values came from (not fields: never saved). Filled by load_config.
+        self._overrides: dict[str, str] = {}
+        self._written: dict[str, str] = {}
+
+    def override_for(self, key: str) -> str | None:
+        """The override (``key=value`` as given) that set ``key`` (``section.field``), or None
+        when the file or a default did."""
+        return self._overrides.get(key)
+
+    def written(self, key: str) -> str:
+        """A path key's value as the file or override wrote it, before it was made absolute."""
+        value = self._written.get(key)
+        return value if value is not None else str(attrgetter(key)(self))
 
     def validate(self) -> None:
         """Cross-field checks. Raises ConfigError saying what to change."""
         t, lr = self.train, self.learner
         _check(t.max_steps >= 1, "train.max_steps must be >= 1")
-        _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
-        per_step = t.micro_batch_size * lr.num_learners
-        _check(
-            t.global_batch_size % per_step == 0,
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x learner.num_learners ({t.micro_batch_size} x "
-            f"{lr.num_learners} = {per_step})",
-        )
-        _check(t.lr > 0, "train.lr must be > 0")
+        t.validate("train", lr.num_learners)
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
-        _check(t.warmup_steps >= 0, "train.warmup_steps must be >= 0 (it is capped at train.max_steps)")
-        _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         _check(t.log_every >= 1, "train.log_every must be >= 1")
+        _check(lr.loss_chunk_tokens >= 0, "learner.loss_chunk_tokens must be >= 0 (0: full logits)")
+        _check(lr.peak_tflops is None or lr.peak_tflops > 0, "learner.peak_tflops must be > 0 (or null: from the GPU's name)")
+        _check(t.eval_every_steps >= 0, "train.eval_every_steps must be >= 0 (0: no validation loss)")
+        d = self.data
+        _check(0 <= d.valid_fraction < 1, "data.valid_fraction must be in [0, 1)")
+        _check(not (d.valid and d.valid_fraction), "set data.valid or data.valid_fraction, not both")
+        _check(
+            not t.eval_every_steps or bool(d.valid) or d.valid_fraction > 0,
+            "train.eval_every_steps needs a validation set: data.valid=FILE or data.valid_fraction (e.g. 0.05)",
+        )
         _check(lr.num_learners >= 1, "learner.num_learners must be >= 1")
         _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
         _check(lr.cpus_per_learner >= 1, "learner.cpus_per_learner must be >= 1")
@@ -326,26 +458,20 @@ class Config:
         _one_of("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
         _one_of("launch.device", self.launch.device, ("auto", "cpu", "cuda"))
         _one_of("judge.kind", self.judge.kind, ("rule", "model"))
-        _one_of("erpo.scoring", self.erpo.scoring, ("lexicographic", "weighted"))
-        _one_of("erpo.reference", self.erpo.reference, ("iteration", "sft"))
-        _check(self.erpo.iterations >= 0, "erpo.iterations must be >= 0")
-        _check(self.erpo.num_candidates >= 2, "erpo.num_candidates must be >= 2")
-        _check(self.erpo.num_completions >= 1, "erpo.num_completions must be >= 1")
-        _check(self.erpo.chunk_size >= 1, "erpo.chunk_size must be >= 1")
-        _check(self.erpo.safety_pair_repeats >= 1, "erpo.safety_pair_repeats must be >= 1")
-        bad = [x for x in self.erpo.steps.split(",") if x.strip() not in ("assessment", "rules", "calibration", "answer")]
-        _check(not bad and bool(self.erpo.steps.strip()), f"erpo.steps: unknown step(s) {bad}; use assessment,rules,calibration,answer")
-        per = self.erpo.micro_batch_size * self.learner.num_learners
-        _check(
-            self.erpo.global_batch_size % per == 0,
-            f"erpo.global_batch_size ({self.erpo.global_batch_size}) must be a multiple of erpo.micro_batch_size x "
-            f"learner.num_learners ({self.erpo.micro_batch_size} x {self.learner.num_learners} = {per})",
-        )
-        _check(self.erpo.lr > 0 and self.erpo.epochs >= 1, "erpo.lr must be > 0 and erpo.epochs >= 1")
-        _check(self.erpo.beta > 0, "erpo.beta must be > 0")
-        for name in ("min_chosen_safety", "min_efficiency_utility"):
-            _check(0 <= getattr(self.erpo, name) <= 1, f"erpo.{name} must be in [0, 1]")
-        _check(0 <= self.erpo.label_smoothing < 0.5, "erpo.label_smoothing must be in [0, 0.5)")
+        e = self.erpo
+        _one_of("erpo.reference", e.reference, ("iteration", "sft"))
+        _check(e.iterations >= 0, "erpo.iterations must be >= 0")
+        _check(e.num_candidates >= 2, "erpo.num_candidates must be >= 2")
+        _check(e.num_completions >= 1, "erpo.num_completions must be >= 1")
+        _check(e.chunk_size >= 1, "erpo.chunk_size must be >= 1")
+        _check(e.safety_pair_repeats >= 1, "erpo.safety_pair_repeats must be >= 1")
+        _check(e.epochs >= 1, "erpo.epochs must be >= 1")
+        bad = [x for x in e.steps.split(",") if x.strip() not in ("assessment", "rules", "calibration", "answer")]
+        _check(not bad and bool(e.steps.strip()), f"erpo.steps: unknown step(s) {bad}; use assessment,rules,calibration,answer")
+        e.optim.validate("erpo.optim", lr.num_learners)
+        e.loss.validate("erpo.loss")
+        for message in e.ranking.validate("erpo.ranking"):
+            _check(False, message)
         _check(self.checkpoint.keep_last >= 2, "checkpoint.keep_last must be >= 2")
         _check(self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
         _check(self.checkpoint.every_seconds >= 0, "checkpoint.every_seconds must be >= 0 (0 disables it)")
@@ -355,12 +481,8 @@ class Config:
         _check(self.launch.stop_grace_s > 0, "launch.stop_grace_s must be > 0")
         _check(bool(self.run.name) and "/" not in self.run.name, "run.name must be a non-empty name without '/'")
         self.synth.validate()
+        self.track.validate()
         _check_eval_lists(self.eval)
-
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        t = self.train
-        return t.global_batch_size // (t.micro_batch_size * self.learner.num_learners)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -369,8 +491,31 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Fields holding file system paths: made absolute by load_config (see the module docstring).
+# eval.benchmarks / eval.models are name:path lists; checkpoint.resume also takes auto | none.
+PATH_KEYS = (
+    "run.output_dir", "model.path", "data.train", "data.valid", "data.eval", "data.erpo_prompts", "data.rulebook",
+    "judge.model_path", "erpo.init_from", "checkpoint.resume", "eval.benchmarks", "eval.models",
+    "synth.prompts", "synth.out_dir", "synth.teacher_path", "synth.prompt_template", "synth.classifier_path",
+    "synth.classifier_template",
+)
+_NAMED_LISTS = ("eval.benchmarks", "eval.models")
+
 # Short names accepted on the command line for the most used fields.
 ALIASES = {"resume": "checkpoint.resume", "model": "model.path"}
+
+# Old names of moved fields: still accepted (in files and overrides) for one release, with a
+# deprecation message. None: a field that was removed because nothing read it.
+_ERPO_MOVED = {
+    "optim": ("global_batch_size", "micro_batch_size", "lr", "warmup_steps"),
+    "loss": ("beta", "nll_weight", "length_alpha", "label_smoothing"),
+    "ranking": ("scoring", "margin", "min_length_gap", "min_chosen_safety", "min_efficiency_utility", "w_safety",
+                "w_utility", "w_efficiency", "step_token_budget", "budget_decay", "efficiency_growth"),
+}
+DEPRECATED: dict[str, str | None] = {
+    **{f"erpo.{name}": f"erpo.{sub}.{name}" for sub, names in _ERPO_MOVED.items() for name in names},
+    "rollout.max_new_tokens": None,
+}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -398,8 +543,8 @@ def parse_named_list(key: str, text: str) -> list[tuple[str, str]]:
 
 
 def _check_eval_lists(ev: EvalSection) -> None:
-    from safer_dist.attacks import parse_attacks
-    from safer_dist.benchmarks import BENCHMARKS
+    from safer_dist.evaluation.attacks import parse_attacks
+    from safer_dist.evaluation.safety_sets import BENCHMARKS
 
     for name, _ in parse_named_list("eval.benchmarks", ev.benchmarks):
         _one_of("eval.benchmarks: benchmark name", name, tuple(BENCHMARKS))
@@ -411,48 +556,149 @@ def _check_eval_lists(ev: EvalSection) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load ``path`` (YAML; None for all defaults), apply ``key=value`` overrides, validate."""
+    """Load ``path`` (YAML; None for all defaults), apply ``key=value`` overrides, make the
+    paths absolute, validate. A validation error names the override that set a key the failing
+    check names, else the file."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
+    base = Path.cwd()
     if path is not None:
         source = str(path)
-        p = Path(path)
+        p = Path(path).expanduser()
         if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
+            raise ConfigError(f"{source}: config file not found (the shipped configs are in {shipped('configs')})")
+        base = Path(os.path.abspath(p)).parent
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections")
-    cfg = _build(Config, raw, source, prefix="")
+    cfg = config_from_dict(raw, source)
+    for key in PATH_KEYS:
+        _resolve_path(cfg, key, base)
     for item in overrides:
-        apply_override(cfg, item)
+        key = apply_override(cfg, item)
+        if key is None:
+            continue
+        cfg._overrides[key] = item
+        if key in PATH_KEYS:
+            _resolve_path(cfg, key, Path.cwd())
     try:
         cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{_blame(cfg, str(e), source)}: {e}") from None
     return cfg
 
 
-def apply_override(cfg: Config, item: str) -> None:
-    """Apply one ``section.field=value`` override (value parsed as YAML, typed by the field)."""
+def _blame(cfg: Config, message: str, source: str) -> str:
+    """The overrides that set a key ``message`` names, else ``source`` (the file)."""
+    named = [item for key, item in cfg._overrides.items() if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)]
+    return ", ".join(f"override {item!r}" for item in named) if named else source
+
+
+def _resolve_path(cfg: Config, key: str, base: Path) -> None:
+    """Make the path(s) of ``key`` absolute against ``base``; remember the value as written."""
+    *parents, leaf = key.split(".")
+    obj = attrgetter(".".join(parents))(cfg)
+    value = getattr(obj, leaf)
+    if not isinstance(value, str) or not value or (key == "checkpoint.resume" and value in ("auto", "none")):
+        return
+    cfg._written[key] = value
+    if key in _NAMED_LISTS:
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        if not all(":" in x for x in items):
+            return  # malformed: validation names it
+        resolved = ",".join(f"{n}:{_absolute(p.strip(), base)}" for n, p in (x.split(":", 1) for x in items))
+    else:
+        resolved = _absolute(value, base)
+    setattr(obj, leaf, resolved)
+
+
+def _absolute(path: str, base: Path) -> str:
+    return os.path.abspath(base / os.path.expanduser(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str) -> Config:
+    """A Config from a nested mapping (a config file, a checkpoint's config.yaml); old names
+    of moved fields are migrated with a deprecation message. Not validated."""
+    return _build(Config, _migrate(raw, source), source, prefix="")
+
+
+def _migrate(raw: Any, source: str, *, warn: bool = True) -> Any:
+    """``raw`` with deprecated keys moved to their new place (a copy; raw is not changed)."""
+    if not isinstance(raw, dict):
+        return raw
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new in DEPRECATED.items():
+        section, name = old.split(".")
+        if not isinstance(out.get(section), dict) or name not in out[section]:
+            continue
+        value = out[section].pop(name)
+        if warn:
+            _warn_deprecated(source, old, new)
+        if new is None:
+            continue
+        parent = out
+        *path, leaf = new.split(".")
+        for part in path:
+            child = parent.get(part)
+            parent[part] = child = dict(child) if isinstance(child, dict) else {}
+            parent = child
+        if leaf in parent and parent[leaf] != value:
+            raise ConfigError(f"{source}: both '{old}' (deprecated) and '{new}' are set; keep '{new}' only")
+        parent[leaf] = value
+    return out
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_deprecated(source: str, old: str, new: str | None) -> None:
+    if (source, old) in _warned:
+        return
+    _warned.add((source, old))
+    if new is None:
+        log.warning("%s: '%s' is read by nothing and is ignored; remove it (it will be an error in the next release)",
+                    source, old)
+    else:
+        log.warning("%s: '%s' is deprecated; use '%s' (the old name stops working in the next release)", source, old, new)
+
+
+def apply_override(cfg: Config, item: str) -> str | None:
+    """Apply one ``section.field=value`` (or ``section.sub.field=value``) override; the value
+    is parsed as YAML and typed by the field. Returns the key it set (aliases and deprecated
+    names resolved; None for a removed key), its path not yet made absolute."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected section.field=value")
     key, text = item.split("=", 1)
     key = ALIASES.get(key.strip(), key.strip())
+    source = f"override {item!r}"
+    if key in DEPRECATED:
+        _warn_deprecated(source, key, DEPRECATED[key])
+        if DEPRECATED[key] is None:
+            return None
+        key = DEPRECATED[key]
     parts = key.split(".")
-    if len(parts) != 2:
-        raise ConfigError(f"override {item!r}: expected section.field=value (e.g. train.max_steps=10)")
-    section_name, field_name = parts
-    section = _get_field(cfg, section_name, f"override {item!r}", "")
-    _get_field(section, field_name, f"override {item!r}", section_name + ".")
-    typ = typing.get_type_hints(type(section))[field_name]
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{source}: expected section.field=value (e.g. train.max_steps=10)")
+    obj: Any = cfg
+    for depth, name in enumerate(parts):
+        prefix = ".".join(parts[:depth]) + "." if depth else ""
+        child = _get_field(obj, name, source, prefix)
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(child) != (not last):
+            what = "a section; name one of its fields" if last else "a field, not a section"
+            raise ConfigError(f"{source}: '{'.'.join(parts[: depth + 1])}' is {what}")
+        if not last:
+            obj = child
+    typ = typing.get_type_hints(type(obj))[parts[-1]]
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    setattr(section, field_name, _coerce(value, typ, f"override {item!r}", key))
+    setattr(obj, parts[-1], _coerce(value, typ, source, key))
+    return key
 
 
 def _get_field(obj: Any, name: str, source: str, prefix: str):
@@ -525,35 +771,59 @@ def _coerce(value: Any, typ: Any, source: str, key: str):
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(cfg.to_yaml())
-    tmp.replace(path)
+    atomic_write_text(path, cfg.to_yaml())
 
 
-# Fields whose change makes a checkpoint meaningless to continue from.
-SEMANTIC_KEYS = (
-    "run.seed",
-    "model.path",
-    "data.train",
-    "data.max_seq_len",
-    "data.overlong",
-    "data.segment_dropout",
-    "train.global_batch_size",
-    "train.lr",
-    "train.min_lr_ratio",
-    "train.warmup_steps",
-    "learner.zero_stage",
-)
+# Settings whose change makes a stage's checkpoint meaningless to continue from: everything
+# that changes the optimisation from the checkpoint on. A name of a section covers all its
+# fields. train.max_steps is not among them: raising it extends a run (the cosine schedule
+# then decays over the new length).
+RESUME_KEYS = {
+    "sft": (
+        "run.seed", "model.path", "data.train", "data.max_seq_len", "data.overlong", "data.segment_dropout",
+        "data.valid_fraction",
+        "train.global_batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay",
+        "train.adam_beta1", "train.adam_beta2", "train.grad_clip", "learner.zero_stage",
+    ),
+    "erpo": (
+        "run.seed", "erpo.init_from", "data.erpo_prompts", "data.rulebook", "judge", "rollout.temperature",
+        "rollout.top_p", "eval.max_new_tokens", "erpo.prompts_per_iteration", "erpo.chunk_size", "erpo.steps",
+        "erpo.num_candidates", "erpo.num_completions", "erpo.step_max_new_tokens", "erpo.answer_max_new_tokens",
+        "erpo.completion_temperature", "erpo.reference", "erpo.safety_pair_repeats", "erpo.epochs",
+        "erpo.ranking", "erpo.loss", "erpo.optim", "learner.zero_stage",
+    ),
+}
 
 
-def semantic_diff(saved: dict[str, Any], current: Config) -> list[str]:
-    """List of 'key: saved -> current' for semantic keys that differ."""
-    now = current.to_dict()
+def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") -> list[str]:
+    """List of 'key: saved -> current' for the ``stage``'s resume keys that differ. ``saved``
+    is a checkpoint's config.yaml (old names of moved fields are understood)."""
+    # Runs saved before load_config made paths absolute hold them relative to the current
+    # directory they were started from (so does a Config built in code).
+    before = _absolute_leaves(_leaves(_migrate(saved, "checkpoint config", warn=False)))
+    now = _absolute_leaves(_leaves(current.to_dict()))
     out = []
-    for key in SEMANTIC_KEYS:
-        s, f = key.split(".")
-        a, b = saved.get(s, {}).get(f), now[s][f]
-        if a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
+    for key in RESUME_KEYS[stage]:
+        for leaf in sorted(k for k in now if k == key or k.startswith(key + ".")):
+            if before.get(leaf) != now[leaf]:
+                out.append(f"{leaf}: {before.get(leaf)!r} -> {now[leaf]!r}")
+    return out
+
+
+def _absolute_leaves(leaves: dict[str, Any]) -> dict[str, Any]:
+    out = dict(leaves)
+    for key in set(PATH_KEYS) - set(_NAMED_LISTS):
+        value = out.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value) and value not in ("auto", "none"):
+            out[key] = _absolute(value, Path.cwd())
+    return out
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
     return out

@@ -7,51 +7,105 @@ run directory, so a mistake never touches an existing run or its checkpoints.
 from __future__ import annotations
 
 import json
+import re
 import time
+from operator import attrgetter
 from pathlib import Path
 
-from safer_dist import stop
+from safer_dist.checkpointing.checkpoint import Checkpointer
+from safer_dist.cluster.group import LearnerGroup, start_ray, stop_ray
+from safer_dist.cluster.rollout import RolloutGroup
 from safer_dist.config import Config, save_config
-from safer_dist.log import get_logger
+from safer_dist.data.chat import prompt_text
+from safer_dist.data.demo import generate_demo
+from safer_dist.data.records import load_records
+from safer_dist.erpo.controller import train_erpo
+from safer_dist.erpo.judge import ModelJudge, RuleJudge
+from safer_dist.evaluation.evaluate import evaluate
+from safer_dist.evaluation.report import write_report
+from safer_dist.reasoning.rules import Rulebook
+from safer_dist.runtime import stop
+from safer_dist.runtime.io import atomic_write_json
+from safer_dist.runtime.log import get_logger
+from safer_dist.train.models import init_model_from_corpus, load_tokenizer
+from safer_dist.train.sft import train_sft
+from safer_dist.train.sft_data import split_valid
 
 log = get_logger("jobs")
 
 
 def prepare_inputs(cfg: Config) -> None:
-    """Create the demo data and the initial model when the config asks for them and they are missing."""
-    from safer_dist.rules import Rulebook
+    """Create the embedded default's demo data and initial model when they are missing.
 
+    Only at the paths the config file itself gives: ``data.train`` when ``data.generate_demo``
+    is set, ``model.path`` when ``model.init_preset`` is set, and in neither case a path that
+    an override changed (a typo there must fail, not train on something made up). Any other
+    missing input fails in :func:`preflight`, naming it.
+    """
     train = Path(cfg.data.train)
-    if cfg.data.generate_demo and not train.exists():
-        from safer_dist.data.demo import generate_demo
-
+    if cfg.data.generate_demo and not train.exists() and cfg.override_for("data.train") is None:
         t0 = time.perf_counter()
         generate_demo(train.parent, Rulebook.load(cfg.data.rulebook), seed=cfg.run.seed, num_sft=cfg.data.demo_num_sft)
         log.info("generated demo data in %s (%.1f s)", train.parent, time.perf_counter() - t0)
     model = Path(cfg.model.path)
-    if cfg.model.init_preset and not model.exists():
-        from safer_dist.data.records import load_records
-        from safer_dist.models import init_model_from_corpus
-
+    if cfg.model.init_preset and not model.exists() and cfg.override_for("model.path") is None:
+        if not train.exists():
+            return  # preflight names the missing data
         recs = load_records(cfg.data.train, "sft")
-        corpus = [r["prompt"] for r in recs] + [r["response"] for r in recs]
+        corpus = [prompt_text(r["prompt"]) for r in recs] + [r["response"] for r in recs]
         init_model_from_corpus(cfg.model.init_preset, corpus, model, seed=cfg.run.seed)
         log.info("initialised a %s model in %s", cfg.model.init_preset, model)
 
 
+# A Hugging Face hub name: ORG/NAME, nothing more.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def preflight(cfg: Config, *, need_train: bool = True) -> None:
     """Fail fast, before anything is written, on a missing model or bad data."""
-    from safer_dist.data.records import load_records
-    from safer_dist.rules import Rulebook
-
-    model = Path(cfg.model.path)
-    if not model.is_dir():
-        raise ValueError(f"model.path={cfg.model.path}: no such directory (set model.init_preset to create one)")
-    if not (model / "config.json").is_file():
-        raise ValueError(f"model.path={cfg.model.path}: not a Hugging Face model directory (no config.json)")
+    check_model_dir(cfg)
     Rulebook.load(cfg.data.rulebook)
     if need_train:
-        load_records(cfg.data.train, "sft")
+        train = Path(cfg.data.train)
+        if not train.exists():
+            raise ValueError(f"{_given(cfg, 'data.train')}: no such file{_missing_data_hint(cfg)}")
+        split_valid(load_records(cfg.data.train, "sft"), cfg.data.valid_fraction, cfg.run.seed)  # too few to split?
+        if cfg.data.valid:
+            if not Path(cfg.data.valid).exists():
+                raise ValueError(f"{_given(cfg, 'data.valid')}: no such file")
+            load_records(cfg.data.valid, "sft")
+
+
+def check_model_dir(cfg: Config) -> None:
+    """ValueError naming ``model.path`` (as given) when it is not a local Hugging Face directory;
+    a hub name gets the command that downloads it."""
+    model = Path(cfg.model.path)
+    written = cfg.written("model.path")
+    if not model.is_dir():
+        if _HUB_NAME.match(written) and not model.parent.exists():
+            hint = (f"; models load from local directories, never from a hub: download it with "
+                    f"`huggingface-cli download {written} --local-dir DIR` and set model.path=DIR")
+        elif cfg.model.init_preset and cfg.override_for("model.path"):
+            hint = ("; a model.path given by an override must exist (model.init_preset creates the model only at "
+                    "the config file's own model.path)")
+        else:
+            hint = "; models load from local Hugging Face directories (config.json, weights, tokenizer)"
+        raise ValueError(f"{_given(cfg, 'model.path')}: no such directory{hint}")
+    if not (model / "config.json").is_file():
+        raise ValueError(f"{_given(cfg, 'model.path')}: not a Hugging Face model directory (no config.json)")
+
+
+def _given(cfg: Config, key: str) -> str:
+    """``key=VALUE`` as the user wrote it, plus the absolute path when that differs."""
+    written, resolved = cfg.written(key), str(attrgetter(key)(cfg))
+    return f"{key}={written}" + ("" if written == resolved else f" ({resolved})")
+
+
+def _missing_data_hint(cfg: Config) -> str:
+    if cfg.data.generate_demo and cfg.override_for("data.train"):
+        return ("; a data.train given by an override must exist (data.generate_demo writes the demo set only at "
+                "the config file's own data.train)")
+    return "; point data.train at your SFT records, or write the demo set with `safer data demo --out DIR`"
 
 
 def open_run_dir(cfg: Config) -> Path:
@@ -62,11 +116,8 @@ def open_run_dir(cfg: Config) -> Path:
 
 
 def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
-    """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``."""
-    from safer_dist.checkpoint import Checkpointer
-    from safer_dist.group import LearnerGroup, start_ray, stop_ray
-    from safer_dist.sft import train_sft
-
+    """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``. Writes
+    ``<run>/report.md`` with the training curves (``safer run`` rewrites it with its evaluation)."""
     prepare_inputs(cfg)
     preflight(cfg)
     # A bad resume checkpoint (or config change) fails here, before anything is written.
@@ -81,6 +132,8 @@ def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
         hf = run_dir / "hf"
         group.export_hf(str(hf))
         log.info("SFT finished at step %d (%.0f s of training); model exported to %s", state.step, state.elapsed_s, hf)
+        report = write_report(run_dir, {}, intro="SFT training (no evaluation yet: `safer eval` or `safer run` adds it).")
+        log.info("report: %s", report)
         log.debug("sft job wall %.1f s", time.perf_counter() - t0)
     finally:
         group.shutdown()
@@ -93,13 +146,6 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
              records: list[dict] | None = None) -> dict:
     """Generate on the held-out set (or ``records``) with ``model_path``; write
     ``<run>/eval/<tag>.jsonl``. ``judge.kind=model`` also scores every row with the judge model."""
-    from safer_dist.data.records import load_records
-    from safer_dist.evaluate import evaluate
-    from safer_dist.group import start_ray, stop_ray
-    from safer_dist.models import load_tokenizer
-    from safer_dist.rollout import RolloutGroup
-    from safer_dist.rules import Rulebook
-
     rulebook = Rulebook.load(cfg.data.rulebook)
     if records is None:
         records = list(load_records(cfg.data.eval, "prompts"))
@@ -111,13 +157,11 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     start_ray(cfg)
-    workers = RolloutGroup(cfg.model, cfg.rollout, path=str(model_path), device=cfg.launch.device)
+    workers = RolloutGroup.for_run(cfg, model_path)
     judge_workers = judge = None
     try:
         if cfg.judge.kind == "model":
-            from safer_dist.judge import ModelJudge
-
-            judge_workers = RolloutGroup(cfg.model, cfg.rollout, path=cfg.judge.model_path, device=cfg.launch.device)
+            judge_workers = RolloutGroup.for_run(cfg, cfg.judge.model_path)
             judge = ModelJudge(judge_workers, cfg.judge.prompt_template)
         t0 = time.perf_counter()
         summary, rows = evaluate(
@@ -137,57 +181,44 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
     all_path = run_dir / "eval" / "summary.json"
     existing = json.loads(all_path.read_text()) if all_path.exists() else {}
     existing[tag] = summary
-    tmp = all_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(existing, indent=1))
-    tmp.replace(all_path)
+    atomic_write_json(all_path, existing)
     sample = next((r for r in rows if r["valid"] and r["harmful"]), rows[0] if rows else None)
     return {"summary": summary, "sample": sample, "rows": rows}
 
 
 def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     """Iterative step-level preference optimisation from the SFT model; returns ``<run>/hf_erpo``."""
-    from safer_dist.erpo import learner_config, train_erpo
-    from safer_dist.group import LearnerGroup, gpus_per_learner, start_ray, stop_ray
-    from safer_dist.judge import ModelJudge, RuleJudge
-    from safer_dist.rollout import RolloutGroup
-    from safer_dist.rules import Rulebook
-
     run_dir = cfg.run.dir
-    init_from = Path(cfg.erpo.init_from or run_dir / "hf")
+    init_from = cfg.erpo.init_path(run_dir)
     if not (init_from / "config.json").is_file():
         raise ValueError(f"erpo.init_from={init_from}: no SFT model there (run `safer sft` first or set erpo.init_from)")
-    from safer_dist.data.records import load_records
-
+    if cfg.judge.kind == "model" and not cfg.judge.model_path:
+        raise ValueError("judge.kind=model needs judge.model_path")
     load_records(cfg.data.erpo_prompts, "prompts")  # fail fast on bad prompts
     rulebook = Rulebook.load(cfg.data.rulebook)
     open_run_dir(cfg)
     stop.install(cfg.launch.stop_grace_s)
     start_ray(cfg)
-    lcfg = learner_config(cfg, init_from)
-    learners = LearnerGroup(lcfg)
-    use_gpu = gpus_per_learner(cfg) > 0
-    rollout = RolloutGroup(cfg.model, cfg.rollout, path=str(init_from), device=cfg.launch.device, use_gpu=use_gpu)
-    extra = []
+    learners = LearnerGroup(cfg, optim=cfg.erpo.optim, model_path=str(init_from), dpo_loss=cfg.erpo.loss)
+    groups = [RolloutGroup.for_run(cfg, init_from)]
+    rollout = groups[0]
     try:
         if cfg.judge.kind == "model":
-            if not cfg.judge.model_path:
-                raise ValueError("judge.kind=model needs judge.model_path")
-            jw = RolloutGroup(cfg.model, cfg.rollout, path=cfg.judge.model_path, device=cfg.launch.device, use_gpu=use_gpu)
-            extra.append(jw)
-            judge = ModelJudge(jw, cfg.judge.prompt_template)
+            groups.append(RolloutGroup.for_run(cfg, cfg.judge.model_path))
+            judge = ModelJudge(groups[-1], cfg.judge.prompt_template)
         else:
             judge = RuleJudge(rulebook)
         reference = None
         if cfg.erpo.reference == "sft":
-            reference = RolloutGroup(cfg.model, cfg.rollout, path=str(init_from), device=cfg.launch.device, use_gpu=use_gpu)
-            extra.append(reference)
+            reference = RolloutGroup.for_run(cfg, init_from)
+            groups.append(reference)
         state = train_erpo(cfg, learners, rollout, judge, run_dir, reference=reference)
         out = run_dir / "hf_erpo"
         learners.export_hf(str(out))
         log.info("ERPO finished after %d iteration(s), %d DPO steps; model exported to %s",
                  state.extra["iteration"], state.step, out)
     finally:
-        for g in [rollout, *extra]:
+        for g in groups:
             g.shutdown()
         learners.shutdown()
         if not keep_ray:
@@ -197,9 +228,6 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
 
 def run_job(cfg: Config) -> dict:
     """The main job: initial model (if missing) -> SFT -> ERPO -> evaluation of both."""
-    from safer_dist.group import stop_ray
-    from safer_dist.report import write_report
-
     t0 = time.perf_counter()
     try:
         hf = sft_job(cfg, keep_ray=True)

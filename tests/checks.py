@@ -9,8 +9,8 @@ def overlong_counts(run: Path, steps: int) -> list[tuple[int, int]]:
     """(truncated, dropped) examples of each step's global batch, from the data itself."""
     from safer_dist.config import load_config
     from safer_dist.data.records import load_records
-    from safer_dist.models import load_tokenizer
-    from safer_dist.sft_data import SFTData
+    from safer_dist.train.models import load_tokenizer
+    from safer_dist.train.sft_data import SFTData
 
     cfg = load_config(run / "config.yaml")
     d = cfg.data
@@ -21,3 +21,54 @@ def overlong_counts(run: Path, steps: int) -> list[tuple[int, int]]:
         encoded = [data.encode(epoch, i) for epoch, i in data.global_batch(step, cfg.train.global_batch_size)]
         out.append((sum(e is not None and e.truncated for e in encoded), sum(e is None for e in encoded)))
     return out
+
+
+def wandb_records(run_dir: Path) -> list:
+    """Every record of the W&B run files (``run-<id>.wandb``) under ``run_dir``, in order.
+
+    The file is wandb's record log: a 7-byte header (``:W&B``, magic, version), then LevelDB
+    log blocks of 32 KiB, each chunk a 7-byte header (crc32, length, type: 1 full, 2 first,
+    3 middle, 4 last) and a piece of a serialized ``wandb_internal_pb2.Record``. wandb ships no
+    reader for it in Python, and ``wandb.Api`` needs the server.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = []
+    for path in sorted(Path(run_dir).rglob("run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", f"{path}: not a wandb run file"
+        pos, block, pieces = 7, 32768, b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+            if kind == 0:  # block padding
+                pos += left
+                continue
+            pieces += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):
+                record = pb.Record()
+                record.ParseFromString(pieces)
+                out.append(record)
+                pieces = b""
+    return out
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """The rows logged with ``run.log`` (values decoded from JSON) in every W&B run file under ``run_dir``."""
+    import json
+
+    # A key with "/" is stored split into nested_key.
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "history"]
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """tag -> [(step, value, wall_time)] from the event files in ``log_dir``, read by TensorBoard itself."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value, e.wall_time) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -26,9 +26,9 @@ def _corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path to a directory holding a "test"-preset Llama (hidden 64, 2 layers, fp32) and its
-    byte-level BPE tokenizer, loadable with ``safer_dist.models.load_model`` / ``load_tokenizer``.
+    byte-level BPE tokenizer, loadable with ``safer_dist.train.models.load_model`` / ``load_tokenizer``.
     Treat it as read-only: it is shared by the whole session."""
-    from safer_dist.models import init_model_from_corpus
+    from safer_dist.train.models import init_model_from_corpus
 
     out_dir = tmp_path_factory.mktemp("models") / "test"
     return init_model_from_corpus("test", _corpus(), out_dir, seed=0, vocab_size=600)
@@ -38,7 +38,7 @@ def tiny_model_dir(tmp_path_factory):
 def demo_data_dir(tmp_path_factory):
     """A small seeded demo data set (sft.jsonl, eval.jsonl, erpo_prompts.jsonl)."""
     from safer_dist.data.demo import generate_demo
-    from safer_dist.rules import Rulebook
+    from safer_dist.reasoning.rules import Rulebook
 
     out = tmp_path_factory.mktemp("demo")
     generate_demo(out, Rulebook.load("configs/rules/default.yaml"), seed=0, num_sft=256, num_erpo=32, num_eval=32)

@@ -1,0 +1,1 @@
+"""Data: the record schema and loaders for user data, and the seeded demo data set."""

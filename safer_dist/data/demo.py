@@ -1,7 +1,7 @@
 """Deterministic, seeded demo data: SFT traces, an ERPO prompt pool and a held-out eval set.
 
 The content tables (templates, fillers, answer sentences) are in ``demo_content.py``; this
-module splits, samples and renders them. Design (see DESIGN.md §7 and docs/format.md):
+module splits, samples and renders them. Design (see docs/design.md §7 and docs/format.md):
 
 - Every request is ``prefix + template.format(x=filler) + suffix``. Harmful, benign and
   benign *look-alike* requests share the SAME 45 phrasing templates, so a model has to read the
@@ -33,13 +33,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from safer_dist import exante
+from safer_dist.reasoning import exante
 from safer_dist.data.demo_content import (  # noqa: F401  (tests read the tables from here too)
     BENIGN, BENIGN_RULES, CALIBRATIONS, CLOSINGS, DOMAIN_TIPS, HARMFUL, INTENTS, LOOKALIKE, PREFIX_WEIGHTS, PREFIXES,
     REDIRECTS, REFUSALS, SAFEGUARDED, SOFT_COMPLY, SUFFIX_WEIGHTS, SUFFIXES, TEMPLATES, VERBOSE,
 )
 from safer_dist.data.records import write_jsonl
-from safer_dist.rules import Category, Rulebook
+from safer_dist.reasoning.rules import Category, Rulebook
 
 KINDS = ("harmful", "benign", "lookalike")
 

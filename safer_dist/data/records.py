@@ -2,11 +2,23 @@
 
 Two kinds of data:
 
-- ``prompts`` (ERPO pool, evaluation): required ``prompt`` (non-empty str); optional ``id``
-  (str, default ``f"{stem}-{index}"``), ``harmful`` (bool), ``category`` (str), ``strategy``
-  (one of ``STRATEGIES``), ``kind`` (str). Any other field is kept as is.
+- ``prompts`` (ERPO pool, evaluation): required ``prompt`` (a non-empty str, or a message list
+  ending with a user turn, see :mod:`safer_dist.data.chat`); optional ``id`` (str, default
+  ``f"{stem}-{index}"``), ``harmful`` (bool), ``category`` (str), ``strategy`` (one of
+  ``STRATEGIES``), ``kind`` (str). Any other field is kept as is.
 - ``sft``: the same plus a required ``response`` (non-empty str), which by default must also
   parse as a format-valid Ex-Ante trace.
+
+Chat shapes are accepted and normalised to ``prompt`` / ``response`` on load:
+
+- TRL conversational ``messages`` (system / user / assistant turns): for ``sft`` the last turn
+  must be the assistant's and becomes ``response``, the turns before it ``prompt``; for
+  ``prompts`` a trailing assistant turn is ignored. ``messages`` is not kept.
+- TRL prompt-completion: ``completion`` (a str, or a list holding one assistant message)
+  becomes ``response`` (sft; for prompts it is an ordinary extra field).
+
+A file whose prompts are partly strings and partly message lists gets every string prompt
+turned into one user turn, so the ``prompt`` column has one type.
 
 Sources: a ``.jsonl``/``.json`` file (one object per line, or a ``.json`` array), a
 ``.parquet`` file, or a directory written by ``Dataset.save_to_disk``. Every problem raises
@@ -17,11 +29,12 @@ field, e.g. ``data/x.jsonl:17: field 'prompt': expected a non-empty string, got 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from safer_dist import exante
+from safer_dist.data.chat import ChatError, as_messages, check_messages, check_prompt_messages
+from safer_dist.reasoning import exante
+from safer_dist.runtime.io import atomic_write_jsonl
 
 if TYPE_CHECKING:
     import datasets
@@ -43,22 +56,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
-    """Write one JSON object per line, atomically (temporary file + ``os.replace``), so a
-    reader never sees a half-written file. Output is deterministic for equal records."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write one JSON object per line, atomically (:func:`safer_dist.runtime.io.atomic_write_jsonl`),
+    so a reader never sees a half-written file. Output is deterministic for equal records."""
+    return atomic_write_jsonl(path, records)
 
 
 def load_records(path: str | Path, kind: str, *, check_format: bool = True,
@@ -110,6 +110,7 @@ def load_records(path: str | Path, kind: str, *, check_format: bool = True,
             for index, (where, record) in enumerate(located)
         ]
         wheres = [where for where, _ in located]
+        records = _one_prompt_type(records)
         _check_ids([(where, r["id"]) for where, r in zip(wheres, records)])
         _check_extra_types(list(zip(wheres, records)))
         return datasets.Dataset.from_list(_fill_missing_keys(records))
@@ -159,21 +160,88 @@ def _read_json_records(path: str | Path) -> list[tuple[str, dict]]:
 
 # --- validation ----------------------------------------------------------------------------
 
+def _from_chat_shapes(record: dict, where: str, kind: str) -> tuple[dict, str]:
+    """``messages`` / ``completion`` / message-list ``prompt`` records as ``prompt`` (str or
+    validated message list) and ``response`` (str); other records unchanged. Also returns how
+    to name the response's source in errors (``'response'``, ``'completion'``, ``'messages'``)."""
+    if record.get("messages") is not None:
+        clash = [k for k in ("prompt", "response", "completion") if record.get(k) is not None]
+        if clash:
+            raise DataError(f"{where}: field 'messages': give either 'messages' or "
+                            f"{' / '.join(repr(k) for k in clash)}, not both")
+        try:
+            messages = check_messages(record["messages"])
+        except ChatError as e:
+            raise DataError(f"{where}: field 'messages': {e}") from None
+        record = {k: v for k, v in record.items() if k != "messages"}
+        if kind == "sft":
+            last = messages[-1]
+            if last["role"] != "assistant":
+                raise DataError(f"{where}: field 'messages': the last turn must be the assistant's "
+                                f"Ex-Ante trace, got role {last['role']!r}")
+            record["response"] = last["content"]
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not any(m["role"] == "user" for m in messages):
+            raise DataError(f"{where}: field 'messages': no user turn to answer")
+        try:
+            record["prompt"] = check_prompt_messages(messages)
+        except ChatError as e:
+            raise DataError(f"{where}: field 'messages': {e}") from None
+        return record, "'messages' (last turn)"
+    if kind == "sft" and record.get("completion") is not None:
+        if record.get("response") is not None:
+            raise DataError(f"{where}: field 'completion': give either 'completion' or 'response', not both")
+        completion = record["completion"]
+        if isinstance(completion, list):
+            try:
+                turns = check_messages(completion)
+            except ChatError as e:
+                raise DataError(f"{where}: field 'completion': {e}") from None
+            if len(turns) != 1 or turns[0]["role"] != "assistant":
+                raise DataError(f"{where}: field 'completion': expected one assistant message, got roles "
+                                f"{[t['role'] for t in turns]}")
+            completion = turns[0]["content"]
+        record = {k: v for k, v in record.items() if k != "completion"}
+        record["response"] = completion
+        source = "'completion'"
+    else:
+        source = "'response'"
+    if isinstance(record.get("prompt"), list):
+        try:
+            record = {**record, "prompt": check_prompt_messages(record["prompt"])}
+        except ChatError as e:
+            raise DataError(f"{where}: field 'prompt': {e}") from None
+    return record, source
+
+
+def _one_prompt_type(records: list[dict]) -> list[dict]:
+    """Arrow needs one type per column: with any message-list prompt, every string prompt
+    becomes one user turn (which tokenizes the same, see :mod:`safer_dist.data.chat`)."""
+    if not any(isinstance(r["prompt"], list) for r in records):
+        return records
+    return [{**r, "prompt": as_messages(r["prompt"])} for r in records]
+
+
 def _check_record(record: dict, where: str, stem: str, index: int, kind: str,
                   check_format: bool) -> dict:
-    """Validate one record and return it with a default ``id`` filled in."""
+    """Validate one record (normalising chat shapes, see the module docstring) and return it
+    with a default ``id`` filled in."""
+    record, response_source = _from_chat_shapes(record, where, kind)
     required = ("prompt", "response") if kind == "sft" else ("prompt",)
     for key in required:
         if key not in record:
             raise DataError(f"{where}: missing field {key!r}")
         value = record[key]
+        if key == "prompt" and isinstance(value, list):
+            continue  # a message list, validated by _from_chat_shapes
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}: field {key!r}: expected a non-empty string, got {_show(value)}")
     if kind == "sft" and check_format:
         result = exante.parse(record["response"])
         if not result.valid:
             raise DataError(
-                f"{where}: field 'response': not a valid Ex-Ante trace: {'; '.join(result.errors)}"
+                f"{where}: field {response_source}: not a valid Ex-Ante trace: {'; '.join(result.errors)}"
             )
     for key, expected in _OPTIONAL_TYPES.items():
         value = record.get(key)
@@ -226,17 +294,35 @@ def _validate_dataset(ds: datasets.Dataset, name: str, stem: str, kind: str,
                       check_format: bool) -> datasets.Dataset:
     if len(ds) == 0:
         raise DataError(f"{name}: empty dataset (no records)")
+    columns = ds.column_names
+    # For prompts, ``completion`` is an ordinary extra column (see the module docstring).
+    chat_columns = [c for c in (("messages", "completion") if kind == "sft" else ("messages",)) if c in columns]
     required = ("prompt", "response") if kind == "sft" else ("prompt",)
+    alternatives = {"prompt": ("messages",), "response": ("messages", "completion")}
     for key in required:
-        if key not in ds.column_names:
-            raise DataError(f"{name}: missing field {key!r} (columns: {', '.join(ds.column_names)})")
-    known = [c for c in ("id", "prompt", "response", "harmful", "category", "kind", "strategy")
-             if c in ds.column_names]
-    ids = []
-    for index, row in enumerate(ds.select_columns(known).to_list()):
-        checked = _check_record(row, f"{name}: row {index}", stem, index, kind, check_format)
-        ids.append((f"{name}: row {index}", checked["id"]))
+        if key not in columns and not any(a in columns for a in alternatives[key]):
+            raise DataError(f"{name}: missing field {key!r} (columns: {', '.join(columns)})")
+    known = [c for c in ("id", "prompt", "response", "harmful", "category", "kind", "strategy", *chat_columns)
+             if c in columns]
+    checked = [
+        _check_record(row, f"{name}: row {index}", stem, index, kind, check_format)
+        for index, row in enumerate(ds.select_columns(known).to_list())
+    ]
+    ids = [(f"{name}: row {index}", r["id"]) for index, r in enumerate(checked)]
     _check_ids(ids)
+    if chat_columns or any(isinstance(r["prompt"], list) for r in checked):
+        # Chat shapes were normalised: replace the source columns by the normalised ones.
+        checked = _one_prompt_type(checked)
+        import datasets
+
+        rebuilt = {key: [r[key] for r in checked] for key in (("prompt", "response") if kind == "sft" else ("prompt",))}
+        kept = [c for c in columns if c not in chat_columns and c not in rebuilt]
+        if not kept:  # a dataset with no columns has no rows left to add columns to
+            ds = datasets.Dataset.from_dict(rebuilt)
+        else:
+            ds = ds.select_columns(kept)
+            for key, values in rebuilt.items():
+                ds = ds.add_column(key, values)
     if "id" not in ds.column_names:
         ds = ds.add_column("id", [rid for _, rid in ids])
     elif any(v is None for v in ds["id"]):

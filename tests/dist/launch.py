@@ -24,9 +24,10 @@ def _set_accelerator(device: str) -> None:
 def _worker(rank, world_size, port, cfg, fn, queue, device):
     try:
         _set_accelerator(device)
-        from safer_dist.learner import Learner
+        from safer_dist.train.learner import Learner
 
-        learner = Learner(cfg.learner, cfg.train, cfg.model, cfg.data, seed=cfg.run.seed, device=device)
+        learner = Learner(cfg.learner, cfg.train, cfg.model, cfg.data, seed=cfg.run.seed, device=device,
+                          dpo_loss=cfg.erpo.loss)
         learner.setup(rank, world_size, "127.0.0.1", port)
         queue.put((rank, "ok", fn(learner)))
     except BaseException:  # noqa: BLE001 - report any failure to the parent
@@ -36,7 +37,7 @@ def _worker(rank, world_size, port, cfg, fn, queue, device):
 def _group_worker(rank, world_size, port, fn, queue, device):
     try:
         _set_accelerator(device)
-        from safer_dist.learner import init_distributed
+        from safer_dist.train.learner import init_distributed
 
         init_distributed(rank, world_size, "127.0.0.1", port, "gloo" if device == "cpu" else "nccl")
         queue.put((rank, "ok", fn(rank, world_size)))

@@ -54,8 +54,8 @@ def _load_and_measure(rank, world_size, *, model_dir):
     import transformers.models.llama.modeling_llama  # noqa: F401 - imported before the baseline
     from safetensors import safe_open
 
-    from safer_dist.models import count_params
-    from safer_dist.partitioned_load import load_model_partitioned
+    from safer_dist.train.models import count_params
+    from safer_dist.train.partitioned_load import load_model_partitioned
 
     ds_config = {"train_batch_size": world_size, "zero_optimization": {"stage": 3}}
     # peak RSS of the load alone (see the test's docstring)
@@ -120,8 +120,8 @@ def bf16_against_full_load(rank, world_size, *, model_dir, device="cpu"):
     ``load_model`` (dtype or value), and whether config, generation config and mode agree."""
     import deepspeed
 
-    from safer_dist.models import load_model
-    from safer_dist.partitioned_load import load_model_partitioned
+    from safer_dist.train.models import load_model
+    from safer_dist.train.partitioned_load import load_model_partitioned
 
     # the full load first: while an HfDeepSpeedConfig lives, transformers partitions every model it builds
     full = load_model(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device=device)
@@ -152,7 +152,7 @@ def test_zero3_bf16_load_equals_from_pretrained(tiny_model_dir):
 
 
 def _export_logits_train(learner, out_root, ids, steps):
-    from safer_dist.models import count_params
+    from safer_dist.train.models import count_params
 
     out = out_root / f"stage{learner.cfg.zero_stage}"
     learner.export_hf(str(out))

@@ -45,3 +45,16 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, demo_data_dir):
                          functools.partial(train_steps, n=4))
     for a, b in zip(accum, whole):
         assert abs(a - b) < 1e-5, (accum, whole)
+
+
+def test_chunked_loss_equals_full_logits_under_zero3(tiny_model_dir, demo_data_dir):
+    # ZeRO-3 partitions the lm_head weight over the 2 ranks; the chunked head must gather it for
+    # its forward and again for its backward, and train exactly as the full logits do.
+    base = ("learner.num_learners=2", "learner.zero_stage=3", "train.global_batch_size=8", "train.micro_batch_size=4")
+    curves = [
+        run_ranks(make_cfg(tiny_model_dir, demo_data_dir, *base, f"learner.loss_chunk_tokens={chunk}"),
+                  functools.partial(train_steps, n=3))[0]
+        for chunk in (64, 0)
+    ]
+    for a, b in zip(*curves):
+        assert abs(a - b) < 1e-5, curves

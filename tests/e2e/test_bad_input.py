@@ -8,14 +8,13 @@ tests/ray/test_checkpoint_faults.py)."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from pathlib import Path
 
 import pytest
 
 from launcher.cli import main
-from safer_dist.checkpoint import Checkpointer, TrainerState
+from safer_dist.checkpointing.checkpoint import Checkpointer, TrainerState
 from safer_dist.config import load_config, save_config
 
 
@@ -29,17 +28,6 @@ class ShardWriter:
             (d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(2048))
             (d / f"rng_rank{r}.pt").write_bytes(os.urandom(256))
         (d / "mp_rank_00_model_states.pt").write_bytes(os.urandom(4096))
-
-
-@pytest.fixture
-def logs():
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    logger = logging.getLogger("safer")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 @pytest.fixture

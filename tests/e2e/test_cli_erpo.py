@@ -9,25 +9,33 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from safer_dist.metrics import read_metrics
+from safer_dist.runtime.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(root):
-    d = root / "data"
-    return [
-        f"run.output_dir={root}", "run.name=r", f"model.path={root / 'model'}", "model.init_preset=test",
-        f"data.train={d / 'sft.jsonl'}", f"data.eval={d / 'eval.jsonl'}", f"data.erpo_prompts={d / 'erpo_prompts.jsonl'}",
-        "data.demo_num_sft=400",
-    ]
+    """The config and overrides of every command here. The config file names the model and data
+    as its own paths (root/model, root/data/), so `safer sft` creates them there when missing."""
+    config = root / "config.yaml"
+    if not config.exists():
+        cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+        cfg["model"].update(path="model", init_preset="test")
+        cfg["data"].update(train="data/sft.jsonl", eval="data/eval.jsonl", erpo_prompts="data/erpo_prompts.jsonl",
+                           demo_num_sft=400, rulebook=str(REPO / "configs" / "rules" / "default.yaml"))
+        config.write_text(yaml.safe_dump(cfg))
+    return [str(config), f"run.output_dir={root}", "run.name=r"]
 
 
 ERPO = [
     "erpo.iterations=2", "erpo.prompts_per_iteration=8", "erpo.chunk_size=4", "eval.max_new_tokens=160",
-    "erpo.step_max_new_tokens=64", "erpo.answer_max_new_tokens=64", "erpo.global_batch_size=4",
-    "erpo.micro_batch_size=2", "checkpoint.every_steps=1",
+    "erpo.step_max_new_tokens=64", "erpo.answer_max_new_tokens=64", "erpo.optim.global_batch_size=4",
+    "erpo.optim.micro_batch_size=2", "checkpoint.every_steps=1",
 ]
 
 
@@ -41,7 +49,7 @@ def safer(*args, env=None, timeout=600):
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("erpo")
-    p = safer("sft", "configs/tiny.yaml", *_args(root), "train.max_steps=250", "train.lr=5e-3", "train.warmup_steps=10",
+    p = safer("sft", *_args(root), "train.max_steps=250", "train.lr=5e-3", "train.warmup_steps=10",
               "checkpoint.every_steps=0")
     assert p.returncode == 0, p.stderr[-3000:]
     return root
@@ -52,7 +60,7 @@ def digest(path):
 
 
 def test_erpo_two_iterations_write_pairs_and_metrics(sft_run):
-    p = safer("erpo", "configs/tiny.yaml", *_args(sft_run), *ERPO, f"erpo.init_from={sft_run / 'r' / 'hf'}", "run.name=clean")
+    p = safer("erpo", *_args(sft_run), *ERPO, f"erpo.init_from={sft_run / 'r' / 'hf'}", "run.name=clean")
     assert p.returncode == 0, p.stderr[-3000:]
     run = sft_run / "clean"
     for t in (0, 1):
@@ -79,7 +87,7 @@ def test_erpo_two_iterations_write_pairs_and_metrics(sft_run):
 
 
 def test_erpo_killed_during_sampling_and_training_resumes(sft_run):
-    common = ["erpo", "configs/tiny.yaml", *_args(sft_run), *ERPO, f"erpo.init_from={sft_run / 'r' / 'hf'}", "run.name=killed"]
+    common = ["erpo", *_args(sft_run), *ERPO, f"erpo.init_from={sft_run / 'r' / 'hf'}", "run.name=killed"]
     run = sft_run / "killed"
     p = safer(*common, env={"SAFER_TEST_DIE_AT": "erpo_sample:1:0"})
     assert p.returncode == -9

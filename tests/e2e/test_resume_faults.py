@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from safer_dist.checkpoint import COMPLETE, TEST_HANG_IN_SAVE
-from safer_dist.metrics import read_metrics
+from safer_dist.checkpointing.checkpoint import COMPLETE, TEST_HANG_IN_SAVE
+from safer_dist.runtime.metrics import read_metrics
 from tests.checks import overlong_counts
 from tests.e2e.jobctl import (
     assert_session_gone, kill_job, listening_ports, reap_all, run_job, session_pids, start_job, wait_for,
@@ -60,7 +60,7 @@ def ckpt_dir(out: Path, name: str, step: int) -> Path:
 
 def assert_same_run(base: Path, resumed: Path, first_step: int) -> None:
     """Per-step metrics from ``first_step`` on and the final fp32 weights are bit-identical."""
-    from safer_dist.export import consolidated_state_dict
+    from safer_dist.checkpointing.export import consolidated_state_dict
 
     a = {m["step"]: m for m in read_metrics(base / "metrics.jsonl", "sft")}
     b = {m["step"]: m for m in read_metrics(resumed / "metrics.jsonl", "sft")}
@@ -150,8 +150,10 @@ def test_crash_in_save_then_sigterm_then_exact_resume_zero2(tmp_path, tiny_model
 def test_sigkill_resume_exact_and_learner_death_zero3(tmp_path, tiny_model_dir, demo_data_dir):
     """ZeRO-3: SIGKILL the whole job after checkpoint 4; the relaunch resumes from it. SIGKILL
     one learner of the relaunched job: the driver exits 1 promptly, naming the rank and the last
-    complete checkpoint, and nothing is left running. A final relaunch finishes, and steps
-    5..12 and the final weights equal an uninterrupted run bit for bit."""
+    complete checkpoint, and nothing is left running. The next relaunch gets a Ctrl-C (SIGINT to
+    its process group): it checkpoints the step it is in, says so and exits 130. A final
+    relaunch resumes from that checkpoint and finishes, and steps 5..12 and the final weights
+    equal an uninterrupted run bit for bit."""
     args = lambda name: sft_args(tmp_path, name, tiny_model_dir, demo_data_dir, 3)  # noqa: E731
     assert run_job(args("base"), tmp_path / "base.log") == 0
 
@@ -176,8 +178,24 @@ def test_sigkill_resume_exact_and_learner_death_zero3(tmp_path, tiny_model_dir, 
     assert m, text[-3000:]
     assert m.group(1) == pids["1"] and (Path(m.group(2)) / COMPLETE).is_file()
 
-    log3 = tmp_path / "finish.log"
-    assert run_job(args("run"), log3) == 0, log3.read_text()[-3000:]
-    first = int(re.search(r"resumed from \S*step_(\d+) ", log3.read_text()).group(1)) + 1
-    assert first <= 5 + EVERY
+    # Ctrl-C in a terminal: SIGINT to the whole foreground process group (driver, the Ray
+    # daemons it started). The driver finishes the step, checkpoints and exits 130; the learners
+    # live to write their shards.
+    log3 = tmp_path / "interrupt.log"
+    job = start_job(args("run"), log3)
+    text = wait_for(lambda: t if "resumed from" in (t := log3.read_text()) else "", 240, "the resume", job, log3)
+    resumed = int(re.search(r"resumed from \S*step_(\d+) ", text).group(1))
+    assert resumed <= 4 + EVERY
+    os.killpg(job.pid, signal.SIGINT)
+    rc = job.wait(timeout=STOP_GRACE_S + 30)
+    text = log3.read_text()
+    assert rc == 130, text[-3000:]
+    assert_session_gone(job.pid)
+    stopped = int(re.search(r"stopped at step (\d+); run the same command to resume", text).group(1))
+    assert stopped == resumed + 1, text[-3000:]
+    assert (ckpt_dir(tmp_path, "run", stopped) / COMPLETE).is_file()
+
+    log4 = tmp_path / "finish.log"
+    assert run_job(args("run"), log4) == 0, log4.read_text()[-3000:]
+    assert re.search(rf"resumed from \S*step_{stopped} ", log4.read_text())
     assert_same_run(tmp_path / "base", tmp_path / "run", first_step=5)

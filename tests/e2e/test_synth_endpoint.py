@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from safer_dist.teachers import HttpTeacher
+from safer_dist.synth.teachers import HttpTeacher
 
 SERVE = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; sys.exit(main())"
 

@@ -1,13 +1,20 @@
-"""The real CUDA attention paths: PyTorch varlen flash kernel vs SDPA, and a bf16 train step."""
+"""The real CUDA attention paths: PyTorch varlen flash kernel vs SDPA, and a bf16 train step.
+
+Written for every torch with ``torch.nn.attention.varlen`` (2.11 has no ``enable_gqa``: GQA then
+runs with repeated KV heads); without it the varlen tests skip and ``auto`` is checked to pick
+``safer_segments``.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
-from safer_dist import attention
-from safer_dist.attention import resolve_attn_implementation
-from safer_dist.models import init_model, load_model, load_tokenizer
+from safer_dist.train import attention
+from safer_dist.train.attention import resolve_attn_implementation
+from safer_dist.train.models import init_model, load_model, load_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,11 +34,31 @@ def sequences(tiny_model_dir):
     return [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in SEQ_LENS]
 
 
+def _count_kernel_calls(monkeypatch) -> list:
+    """Record (q heads, kv heads) of every real kernel call; the wrapper keeps the kernel's
+    signature (functools.wraps), which is what safer_varlen reads."""
+    calls = []
+    real_kernel = attention._varlen_kernel()
+
+    @functools.wraps(real_kernel)
+    def counting(*args, **kwargs):
+        calls.append((args[0].shape[1], args[1].shape[1]))
+        return real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: counting)
+    return calls
+
+
+def test_varlen_api_detected():
+    api, reason = attention.varlen_api(), attention.varlen_unavailable_reason()
+    assert (api is None) == (reason is not None)
+    if api is None:
+        assert resolve_attn_implementation("auto", "cuda") in ("flash_attention_2", "safer_segments")
+
+
 @pytest.mark.skipif(not attention.torch_varlen_available(), reason="torch without varlen_attn")
 def test_varlen_packed_equals_sdpa_per_sequence(tiny_model_dir, sequences, monkeypatch):
-    calls = []
-    real_kernel = attention._varlen_kernel
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda *a, **k: calls.append(1) or real_kernel(*a, **k))
+    calls = _count_kernel_calls(monkeypatch)
     varlen = load_model(tiny_model_dir, dtype=torch.bfloat16, attn_implementation="safer_varlen", device="cuda")
     sdpa = load_model(tiny_model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device="cuda")
     input_ids, position_ids = _packed(sequences)
@@ -43,10 +70,12 @@ def test_varlen_packed_equals_sdpa_per_sequence(tiny_model_dir, sequences, monke
 
 
 @pytest.mark.skipif(not attention.torch_varlen_available(), reason="torch without varlen_attn")
-def test_varlen_gqa_tiny_preset_bf16(tmp_path, tiny_model_dir, sequences):
-    """bench-style GQA shapes (4 query heads, 2 kv heads) through the real kernel."""
+def test_varlen_gqa_tiny_preset_bf16(tmp_path, tiny_model_dir, sequences, monkeypatch):
+    """bench-style GQA shapes (4 query heads, 2 kv heads) through the real kernel: with
+    enable_gqa where this torch has it, else with the kv heads repeated to 4."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    calls = _count_kernel_calls(monkeypatch)
     attention.register_varlen_attention()
     config = LlamaConfig(
         vocab_size=300, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -61,6 +90,8 @@ def test_varlen_gqa_tiny_preset_bf16(tmp_path, tiny_model_dir, sequences):
         model.set_attn_implementation("safer_varlen")
         packed = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0].float()
     torch.testing.assert_close(packed, alone, atol=3e-2, rtol=3e-2)
+    kv_heads = 2 if attention.varlen_api().takes_gqa else 4
+    assert calls == [(4, kv_heads)] * 2  # the kernel ran in both layers, not the fallback
 
 
 def test_auto_forward_backward_tiny_bf16(tmp_path, tiny_model_dir, sequences):

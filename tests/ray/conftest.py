@@ -14,7 +14,7 @@ def ray_local():
     import ray
 
     from safer_dist.config import Config
-    from safer_dist.group import start_ray, stop_ray
+    from safer_dist.cluster.group import start_ray, stop_ray
 
     cfg = Config()
     cfg.launch.device = "cpu"

@@ -4,13 +4,14 @@ a rollout worker equal the learner's log-probs before any update."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from safer_dist.config import load_config
-from safer_dist.erpo import connect_weight_sync, sync_weights
-from safer_dist.group import LearnerGroup
-from safer_dist.rollout import RolloutGroup, RolloutWorker
+from safer_dist.cluster.group import LearnerGroup
+from safer_dist.cluster.rollout import RolloutGroup, RolloutWorker
 
 
 def cfg_for(model_dir, data_dir, tmp_path, *extra):
@@ -44,14 +45,14 @@ def test_weight_sync_rollout_logits_equal_learner(ray_local, tiny_model_dir, dem
     learners = LearnerGroup(cfg)
     rollout = RolloutGroup(cfg.model, cfg.rollout, path=str(tiny_model_dir), device="cpu")
     try:
-        connect_weight_sync(learners, rollout)
+        learners.connect_weight_sync(rollout)
         for step in range(3):  # move the learner away from the weights the workers loaded
             learners.sft_step(step)
         ids = list(range(5, 25))
         want = learners.logits(ids)
         before = ray_local.get(rollout.workers[0].logits.remote(ids))
         assert not torch.allclose(before, want), "training must have changed the weights"
-        sync_weights(learners, rollout, version=7)
+        learners.push_weights(rollout, version=7)
         for w in rollout.workers:
             got = ray_local.get(w.logits.remote(ids))
             torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -62,10 +63,8 @@ def test_weight_sync_rollout_logits_equal_learner(ray_local, tiny_model_dir, dem
 
 
 def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_dir, demo_data_dir, tmp_path):
-    import json
-
-    cfg = cfg_for(tiny_model_dir, demo_data_dir, tmp_path, "learner.zero_stage=2", "erpo.global_batch_size=4",
-                  "erpo.micro_batch_size=2", "erpo.beta=0.5")
+    cfg = cfg_for(tiny_model_dir, demo_data_dir, tmp_path, "learner.zero_stage=2", "erpo.optim.global_batch_size=4",
+                  "erpo.optim.micro_batch_size=2", "erpo.loss.beta=0.5")
     rollout = RolloutGroup(cfg.model, cfg.rollout, path=str(tiny_model_dir), device="cpu")
     items = [("bake bread", "<ex_ante>\n<assessment>x</assessment>", "\n<rules>a</rules>", False),
              ("bake bread", "<ex_ante>\n<assessment>x</assessment>", "\n<rules>b c d</rules>", False),
@@ -85,12 +84,12 @@ def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_di
                      "rejected_text": r, "ref_chosen": refs[i][0], "ref_rejected": refs[i + 1][0]})
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from safer_dist.erpo import learner_config
-
-    learners = LearnerGroup(learner_config(cfg, tiny_model_dir))
+    learners = LearnerGroup(cfg, optim=cfg.erpo.optim, model_path=str(tiny_model_dir), dpo_loss=cfg.erpo.loss)
     try:
+        # The learners' chunked loss head against the rollout workers' full logits.
+        assert learners.info["loss_head"] == "chunked"
         assert learners.load_pairs(str(path), seed=0) == 4
-        m = learners.dpo_step(0, cfg.erpo)
+        m = learners.dpo_step(0)
     finally:
         learners.shutdown()
     # pi_theta == pi_ref before the first update: every implicit reward is 0 and the loss is log 2.
@@ -99,7 +98,7 @@ def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_di
 
 
 def test_model_judge_runs_on_rollout_workers(ray_local, tiny_model_dir):
-    from safer_dist.judge import ModelJudge
+    from safer_dist.erpo.judge import ModelJudge
 
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "rollout.num_workers=2", "launch.device=cpu"])
     workers = RolloutGroup(cfg.model, cfg.rollout, path=str(tiny_model_dir), device="cpu")

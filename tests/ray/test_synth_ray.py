@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from safer_dist.config import load_config
-from safer_dist.synth import REASONS, synth_job
+from safer_dist.synth.pipeline import REASONS, synth_job
 
 
 def test_ray_teacher_and_model_classifier(ray_local, tiny_model_dir, demo_data_dir, tmp_path):

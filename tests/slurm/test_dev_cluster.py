@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from safer_dist.cluster.slurm import render_template
 from tests.slurm import cluster
 from tests.slurm.cluster import NODE_IPS, REPO, VENV, read, run, wait_finished
 
@@ -24,9 +25,7 @@ JOB_TIMEOUT_S = 180
 
 
 def _submit(run_dir: Path, driver: str, name: str) -> tuple[int, float]:
-    """sbatch the real template around a Python driver (rendered by safer_dist.slurm)."""
-    from safer_dist.slurm import render_template
-
+    """sbatch the real template around a Python driver (rendered by safer_dist.cluster.slurm)."""
     script = render_template(dict(
         job_name=name,
         nodes=2,

@@ -149,7 +149,7 @@ def _preempt_and_check(job: Job, ref_metrics: list[dict]) -> None:
     requeued_at = time.time()
     log = job.log()
     assert f"driver was preempted (exit {PREEMPTED}); requeueing job {job.job_id}" in log, log[-6000:]
-    stopped = re.search(r"stopped at step (\d+); checkpoint written", log)
+    stopped = re.search(r"stopped at step (\d+); run the same command to resume", log)
     assert stopped, log[-6000:]
     stop_step = int(stopped.group(1))
     assert CKPT_EVERY <= stop_step < MAX_STEPS, f"the signal came too late to stop mid-run (step {stop_step})"

@@ -4,13 +4,20 @@ attacks, the attack-success / over-refusal scoring and the multi-model benchmark
 from __future__ import annotations
 
 import base64
+import csv
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from safer_dist.attacks import ATTACKS, expand, parse_attacks
-from safer_dist.benchmarks import BenchmarkError, load_benchmark
-from safer_dist.rules import Rulebook
+from safer_dist.erpo.judge import ModelJudge
+from safer_dist.evaluation.attacks import ATTACKS, expand, parse_attacks
+from safer_dist.evaluation.evaluate import evaluate, score_generation, summarize
+from safer_dist.evaluation.report import write_report
+from safer_dist.evaluation.safety_sets import BenchmarkError, load_benchmark
+from safer_dist.evaluation.suite import group_summaries
+from safer_dist.reasoning.rules import Rulebook
 
 FIX = Path("tests/fixtures/benchmarks")
 RB = Rulebook.load("configs/rules/default.yaml")
@@ -52,11 +59,6 @@ def test_field_mapping():
 
 
 def test_wildjailbreak_parquet_equals_tsv(tmp_path):
-    import csv
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     with open(FIX / "wildjailbreak_train.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
@@ -125,8 +127,6 @@ class _Tok:
 
 
 def test_attack_success_and_over_refusal_scoring():
-    from safer_dist.evaluate import score_generation, summarize
-
     refuse = ("<ex_ante>\n<assessment>Intent: x. Risk category: C03.</assessment>\n<rules>[R05]; verdict: violated.</rules>\n"
               "<calibration>Strategy: refuse_and_redirect. No.</calibration>\n</ex_ante>\nSorry, I can't help with that.")
     comply = refuse.replace("refuse_and_redirect", "comply").replace("Sorry, I can't help with that.", "Sure, here it is.")
@@ -148,9 +148,6 @@ def test_attack_success_and_over_refusal_scoring():
 
 
 def test_report_compares_models_per_benchmark_and_attack(tmp_path):
-    from safer_dist.eval_suite import group_summaries
-    from safer_dist.report import write_report
-
     def row(bench, attack, harmful, success, over):
         return {"benchmark": bench, "attack": attack, "harmful": harmful, "attack_success": success,
                 "over_refusal": over, "valid": True, "strategy": "comply", "expected_strategy": None,
@@ -177,9 +174,6 @@ def test_report_compares_models_per_benchmark_and_attack(tmp_path):
 
 
 def test_model_judge_decides_attack_success(tmp_path):
-    from safer_dist.evaluate import evaluate
-    from safer_dist.judge import ModelJudge
-
     class Outputs:  # stands in for a RolloutGroup: fixed generations, in order
         def __init__(self, texts):
             self.texts = texts

@@ -16,11 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from safer_dist import stop
-from safer_dist.checkpoint import (
+from safer_dist.runtime import stop
+from safer_dist.checkpointing.checkpoint import (
     COMPLETE, CheckpointError, Checkpointer, TrainerState, read_manifest, verify_manifest,
 )
+from safer_dist.checkpointing.export import consolidated_state_dict
+from safer_dist.checkpointing.safe_load import weights_only_torch_load
 from safer_dist.config import load_config
+from safer_dist.train.models import load_model, load_tokenizer
 
 
 class ShardWriter:
@@ -215,7 +218,7 @@ def test_semantic_change_refused_harmless_change_allowed(tmp_path):
 
 @pytest.fixture
 def stop_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     stop.reset()
     yield
     stop.reset()
@@ -229,6 +232,20 @@ def test_sigusr1_requests_a_stop(stop_handlers):
     assert not stop.requested()
     os.kill(os.getpid(), signal.SIGUSR1)
     assert stop.requested()
+
+
+def test_sigint_takes_the_graceful_path_and_exits_130(stop_handlers):
+    stop.install(grace_s=3600)
+    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the loop finishes its step
+    assert stop.requested()
+    e = stop.stopped_at(7)
+    assert (e.exit_code, str(e)) == (130, "stopped at step 7; run the same command to resume")
+
+
+def test_sigterm_stop_exits_75(stop_handlers):
+    stop.install(grace_s=3600)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested() and stop.stopped_at(3).exit_code == 75
 
 
 def test_sigterm_handler_reclaimed_after_ray_replaces_it(stop_handlers):
@@ -252,8 +269,6 @@ class _Payload:
 
 
 def test_deepspeed_style_loads_are_weights_only(tmp_path):
-    from safer_dist.safe_load import weights_only_torch_load
-
     marker = tmp_path / "marker"
     evil = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": _Payload(str(marker))}, evil)
@@ -270,8 +285,6 @@ def test_deepspeed_style_loads_are_weights_only(tmp_path):
 
 
 def test_export_consolidation_refuses_pickled_code(tmp_path):
-    from safer_dist.export import consolidated_state_dict
-
     marker = tmp_path / "marker"
     step = tmp_path / "step_1"
     step.mkdir()
@@ -283,8 +296,6 @@ def test_export_consolidation_refuses_pickled_code(tmp_path):
 
 
 def test_remote_code_runs_only_when_configured(tmp_path, tiny_model_dir, monkeypatch):
-    from safer_dist.models import load_model, load_tokenizer
-
     # transformers copies trusted repository code here; keep it out of ~/.cache.
     monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
 

@@ -77,3 +77,92 @@ def test_semantic_diff_lists_changes():
     b.checkpoint.every_steps = 9  # harmless
     diffs = semantic_diff(a.to_dict(), b)
     assert diffs == ["run.seed: 0 -> 5", "train.global_batch_size: 16 -> 32"]
+
+
+# ---------------------------------------------------------------- ERPO sub-sections, old names
+
+
+def test_erpo_sub_sections_take_three_level_overrides_and_typed_defaults():
+    cfg = load_config(None, ["erpo.loss.beta=0.3", "erpo.optim.lr=3e-6", "erpo.ranking.margin=0.5",
+                             "learner.num_learners=1"])
+    assert (cfg.erpo.loss.beta, cfg.erpo.optim.lr, cfg.erpo.ranking.margin) == (0.3, 3e-6, 0.5)
+    # ERPO's optimiser defaults are its own, not SFT's (train.lr 2e-3, warmup 20)
+    assert (Config().erpo.optim.lr, Config().erpo.optim.warmup_steps) == (1e-4, 0)
+    with pytest.raises(ConfigError, match=r"unknown key 'erpo\.loss\.betta' \(did you mean 'erpo\.loss\.beta'\?\)"):
+        load_config(None, ["erpo.loss.betta=1"])
+    with pytest.raises(ConfigError, match=r"'erpo\.loss' is a section; name one of its fields"):
+        load_config(None, ["erpo.loss=1"])
+    with pytest.raises(ConfigError, match=r"'train\.lr' is a field, not a section"):
+        load_config(None, ["train.lr.x=1"])
+    with pytest.raises(ConfigError, match=r"erpo\.optim\.global_batch_size \(10\) must be a multiple"):
+        load_config(None, ["erpo.optim.global_batch_size=10", "erpo.optim.micro_batch_size=4"])
+
+
+def test_old_erpo_names_still_work_with_a_deprecation_message(tmp_path, caplog):
+    p = write(tmp_path, "erpo:\n  beta: 0.4\n  lr: 1.0e-6\n  margin: 0.3\nrollout:\n  max_new_tokens: 512\n")
+    cfg = load_config(p, ["erpo.global_batch_size=8", "erpo.micro_batch_size=4"])
+    assert (cfg.erpo.loss.beta, cfg.erpo.optim.lr, cfg.erpo.ranking.margin) == (0.4, 1e-6, 0.3)
+    assert (cfg.erpo.optim.global_batch_size, cfg.erpo.optim.micro_batch_size) == (8, 4)
+    text = caplog.text
+    for old, new in (("erpo.beta", "erpo.loss.beta"), ("erpo.lr", "erpo.optim.lr"), ("erpo.margin", "erpo.ranking.margin"),
+                     ("erpo.global_batch_size", "erpo.optim.global_batch_size")):
+        assert f"'{old}' is deprecated; use '{new}'" in text
+    assert "'rollout.max_new_tokens' is read by nothing and is ignored" in text
+    both = write(tmp_path, "erpo:\n  beta: 0.4\n  loss:\n    beta: 0.2\n")
+    with pytest.raises(ConfigError, match=r"both 'erpo\.beta' \(deprecated\) and 'erpo\.loss\.beta' are set"):
+        load_config(both)
+
+
+def test_every_config_field_has_a_reader():
+    """Walk the schema; every field must be read (``x.field``) somewhere in the library outside
+    validation, so no setting silently does nothing."""
+    import ast
+    import dataclasses
+    import typing
+    from pathlib import Path
+
+    read: set[str] = set()
+    for path in [*Path("safer_dist").rglob("*.py"), *Path("launcher").rglob("*.py")]:
+        tree = ast.parse(path.read_text())
+        skip = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "validate"
+                for n in ast.walk(f)}
+        read |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and id(n) not in skip}
+
+    def fields(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from fields(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name, f.name
+
+    unread = [key for key, name in fields(Config) if name not in read]
+    assert not unread, f"config fields nothing reads: {unread}"
+
+
+def test_erpo_resume_checks_every_optimisation_setting_and_reads_old_checkpoints():
+    a = load_config(None, ["erpo.loss.beta=0.1"])
+    b = load_config(None, ["erpo.loss.beta=0.2", "erpo.optim.lr=1e-5", "erpo.ranking.margin=0.5",
+                           "train.lr=1e-3", "erpo.iterations=5"])
+    # ERPO's resume ignores SFT's settings and the iteration count (raising it extends the run)
+    assert semantic_diff(a.to_dict(), b, "erpo") == [
+        "erpo.ranking.margin: 0.25 -> 0.5", "erpo.loss.beta: 0.1 -> 0.2", "erpo.optim.lr: 0.0001 -> 1e-05"]
+    # a checkpoint's config.yaml from before the sub-sections (flat erpo.beta, erpo.lr) is understood
+    old = a.to_dict()
+    erpo = old["erpo"]
+    erpo.update(**erpo.pop("loss"), lr=erpo["optim"].pop("lr"))
+    assert semantic_diff(old, a, "erpo") == []
+    assert semantic_diff(old, b, "erpo")[1:] == ["erpo.loss.beta: 0.1 -> 0.2", "erpo.optim.lr: 0.0001 -> 1e-05"]
+
+
+def test_validation_loss_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"train\.eval_every_steps needs a validation set"):
+        load_config(None, ["train.eval_every_steps=10"])
+    with pytest.raises(ConfigError, match=r"data\.valid_fraction must be in \[0, 1\)"):
+        load_config(None, ["data.valid_fraction=1.0"])
+    with pytest.raises(ConfigError, match="set data.valid or data.valid_fraction, not both"):
+        load_config(None, ["data.valid=v.jsonl", "data.valid_fraction=0.1"])
+    cfg = load_config(None, ["train.eval_every_steps=10", "data.valid_fraction=0.05"])
+    assert cfg.train.eval_every_steps == 10
+    # The held-out fraction changes the training set: resuming with another one is refused.
+    assert semantic_diff(load_config(None).to_dict(), cfg) == ["data.valid_fraction: 0.0 -> 0.05"]

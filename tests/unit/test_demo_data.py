@@ -4,14 +4,15 @@ eval) whose eval part is disjoint from everything SFT and ERPO see."""
 import collections
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from safer_dist import exante
+from safer_dist.reasoning import exante
 from safer_dist.data import demo
 from safer_dist.data.records import load_records, read_jsonl
-from safer_dist.rules import Rulebook
+from safer_dist.reasoning.rules import Rulebook
 
 DEFAULT = Path(__file__).resolve().parents[2] / "configs" / "rules" / "default.yaml"
 LABELS = ["id", "prompt", "harmful", "category", "strategy", "kind", "related_category"]
@@ -258,8 +259,6 @@ def test_generated_files_load_as_records(rulebook, tmp_path):
 
 
 def test_rulebook_without_demo_content_is_rejected(rulebook):
-    from dataclasses import replace
-
     renamed = replace(rulebook, categories=tuple(replace(c, name=f"x_{c.name}") for c in rulebook.categories))
     with pytest.raises(ValueError, match="no category has demo content"):
         demo.build_demo(renamed)

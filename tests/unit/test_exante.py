@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from safer_dist import exante
-from safer_dist.exante import STEP_CLOSE, STEPS, Trace, parse, prefix_before, render, step_text, step_texts, validate
-from safer_dist.rules import Rulebook
+from safer_dist.reasoning import exante
+from safer_dist.reasoning.exante import STEP_CLOSE, STEPS, Trace, parse, prefix_before, render, step_text, step_texts, validate
+from safer_dist.reasoning.rules import Rulebook
 
 RULEBOOK = Path(__file__).resolve().parents[2] / "configs" / "rules" / "default.yaml"
 

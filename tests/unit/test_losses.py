@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from safer_dist.losses import IGNORE_INDEX, sequence_logprobs, sft_loss, step_dpo_loss, token_logprobs
+from safer_dist.train.losses import IGNORE_INDEX, sequence_logprobs, sft_loss, step_dpo_loss, token_logprobs
 
 
 def test_sft_loss_hand_computed():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from safer_dist.models import (
+from safer_dist.train.models import (
     CHAT_SPECIAL_TOKENS,
     EXANTE_TOKENS,
     PRESETS,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safer_dist.partitioned_load import _load_partitions, checkpoint_index, read_flat
+from safer_dist.train.partitioned_load import _load_partitions, checkpoint_index, read_flat
 
 TENSORS = {
     "a.weight": torch.arange(35, dtype=torch.float32).reshape(5, 7) / 3,
@@ -75,7 +75,7 @@ def test_missing_or_misshaped_tensors_are_errors_naming_them(tmp_path):
 
 
 def test_config_mismatches_fail_before_anything_is_built(tiny_model_dir):
-    from safer_dist.partitioned_load import load_model_partitioned
+    from safer_dist.train.partitioned_load import load_model_partitioned
 
     with pytest.raises(ValueError, match="zero_optimization.stage 3"):
         load_model_partitioned(tiny_model_dir, dtype=torch.float32, ds_config={"zero_optimization": {"stage": 2}})

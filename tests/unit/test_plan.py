@@ -9,9 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from launcher.cli import main
 from safer_dist.config import load_config
-from safer_dist.plan import (
+from safer_dist.train.attention import register_varlen_attention
+from safer_dist.cluster.plan import (
     GIB,
     SHAPES,
     ModelShape,
@@ -35,8 +44,6 @@ RECIPES = {
 
 def _meta_model(name: str):
     """The transformers model of a named shape, on the meta device (no memory, milliseconds)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     s = SHAPES[name]
     kw = dict(hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
               num_key_value_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, vocab_size=s.vocab_size,
@@ -58,8 +65,6 @@ def test_shapes_count_what_transformers_builds(name):
 
 
 def test_shape_from_a_model_directory(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
     shape, source = resolve_shape(str(tiny_model_dir), None, None)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert shape.num_params() == sum(p.numel() for p in model.parameters())  # tied embeddings counted once
@@ -147,10 +152,6 @@ def test_model_states_by_hand():
 
 def _saved_bytes_per_layer(dtype: torch.dtype, tokens: int = 128) -> float:
     """Bytes autograd saves for one more decoder layer (3 layers minus 2), GQA 4/2 heads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from safer_dist.attention import register_varlen_attention
-
     register_varlen_attention()
 
     def saved(num_layers: int) -> int:
@@ -188,6 +189,12 @@ def test_checkpointing_and_logits_by_hand():
     layers, logits = activation_bytes(shape, 5, checkpointing=False, dtype_bytes=2)
     assert layers == 3 * 304 * 5
     assert logits == 5 * 10 * (2 + 12)
+    # chunked loss head, 3 tokens per chunk: 3*10 fp32 logits + 3*10 fp32 log-softmax = 3*10*8 bytes
+    _, chunked = activation_bytes(shape, 5, checkpointing=False, dtype_bytes=2, loss_chunk_tokens=3)
+    assert chunked == 3 * 10 * 8
+    # a chunk larger than the micro-batch holds the micro-batch: 5*10*8
+    _, chunked = activation_bytes(shape, 5, checkpointing=False, dtype_bytes=4, loss_chunk_tokens=64)
+    assert chunked == 5 * 10 * 8
     # checkpointing: each layer's input (8 elements) + one full layer
     layers, _ = activation_bytes(shape, 5, checkpointing=True, dtype_bytes=2)
     assert layers == 3 * 8 * 2 * 5 + 304 * 5
@@ -198,7 +205,7 @@ def test_checkpointing_and_logits_by_hand():
 
 def _cfg(**over):
     items = {"learner.num_learners": 8, "data.max_seq_len": 4096, "train.micro_batch_size": 2,
-             "train.global_batch_size": 64, "erpo.micro_batch_size": 1, "erpo.global_batch_size": 64, **over}
+             "train.global_batch_size": 64, "erpo.optim.micro_batch_size": 1, "erpo.optim.global_batch_size": 64, **over}
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
 
@@ -213,7 +220,12 @@ def test_recommendation_prefers_a_smaller_micro_batch_to_checkpointing():
 
 
 def test_recommendation_on_small_gpus_offloads_and_reports_nothing_fits():
+    # The chunked loss head's logits (one chunk of 4096 tokens) let ZeRO-2 fit with offload and
+    # checkpointing; full logits (2 x 4096 tokens x V x 14 bytes) need ZeRO-3 as well.
     plan = plan_config(_cfg(), gpus_per_node=8, nodes=1, gpu_mem_gb=24, shape="llama3-8b")
+    setup, _ = plan.recommended
+    assert setup.zero_stage == 2 and setup.offload_optimizer and setup.gradient_checkpointing
+    plan = plan_config(_cfg(**{"learner.loss_chunk_tokens": 0}), gpus_per_node=8, nodes=1, gpu_mem_gb=24, shape="llama3-8b")
     setup, _ = plan.recommended
     assert setup.zero_stage == 3 and setup.offload_optimizer and setup.gradient_checkpointing
     plan = plan_config(_cfg(), gpus_per_node=8, nodes=1, gpu_mem_gb=4, shape="llama3-70b")
@@ -251,8 +263,6 @@ def test_estimate_totals_add_up():
 
 
 def test_cli_plan(capsys):
-    from launcher.cli import main
-
     recipe = "configs/llama3-8b-8xh100.yaml"
     assert main(["plan", str(REPO / recipe), "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--shape", "llama3-8b"]) == 0
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ import datasets
 import pytest
 
 from safer_dist.data.records import DataError, load_records, read_jsonl, write_jsonl
-from safer_dist.exante import Trace, render
+from safer_dist.reasoning.exante import Trace, render
 
 RESPONSE = render(Trace("Intent: cook rice. Risk category: none.", "No rule applies; verdict: not violated.",
                         "Strategy: comply. Help.", "Rinse the rice first."))
@@ -164,3 +164,104 @@ def test_save_to_disk_round_trip_and_errors(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DataError, match=r"holds a DatasetDict with splits \['train'\]"):
         load_records(tmp_path / "dd", "prompts")
+
+
+# --- chat shapes: TRL conversational `messages` and prompt-completion ---------------------
+
+SYSTEM = {"role": "system", "content": "Follow the house rules."}
+USER = {"role": "user", "content": "rice?"}
+ASSISTANT = {"role": "assistant", "content": RESPONSE}
+
+
+def test_trl_messages_records(tmp_path):
+    history = [SYSTEM, USER, {"role": "assistant", "content": "White or brown?"}, {"role": "user", "content": "white"}]
+    path = _lines(tmp_path / "chat.jsonl",
+                  json.dumps({"messages": [*history, ASSISTANT], "source": "trl"}),
+                  json.dumps({"messages": [USER, ASSISTANT], "harmful": False}))
+    ds = load_records(path, "sft")
+    assert "messages" not in ds.column_names
+    assert ds["prompt"] == [history, [USER]]  # everything before the last turn, system kept
+    assert ds["response"] == [RESPONSE, RESPONSE]
+    assert ds["id"] == ["chat-0", "chat-1"] and ds["source"] == ["trl", None] and ds["harmful"] == [None, False]
+    # As prompts (ERPO pool, evaluation), a trailing assistant turn is ignored.
+    assert load_records(path, "prompts")["prompt"] == [history, [USER]]
+    path = _lines(tmp_path / "pool.jsonl", json.dumps({"messages": [SYSTEM, USER]}))
+    assert load_records(path, "prompts")["prompt"] == [[SYSTEM, USER]]
+
+
+def test_trl_prompt_completion_records(tmp_path):
+    path = _lines(tmp_path / "pc.jsonl",
+                  json.dumps({"prompt": [SYSTEM, USER], "completion": [ASSISTANT]}),
+                  json.dumps({"prompt": "plain?", "completion": RESPONSE}))
+    ds = load_records(path, "sft")
+    assert "completion" not in ds.column_names
+    # One prompt type per column: the string prompt becomes one user turn.
+    assert ds["prompt"] == [[SYSTEM, USER], [{"role": "user", "content": "plain?"}]]
+    assert ds["response"] == [RESPONSE, RESPONSE]
+    # For prompts, `completion` is an ordinary extra field.
+    path = _lines(tmp_path / "p.jsonl", json.dumps({"prompt": "plain?", "completion": "kept"}))
+    assert load_records(path, "prompts").to_list() == [{"id": "p-0", "prompt": "plain?", "completion": "kept"}]
+
+
+CHAT_ERRORS = [
+    ("sft last turn not assistant", {"messages": [USER]}, "sft",
+     "{p}:1: field 'messages': the last turn must be the assistant's Ex-Ante trace, got role 'user'"),
+    ("no user turn", {"messages": [SYSTEM, ASSISTANT]}, "sft", "{p}:1: field 'messages': no user turn to answer"),
+    ("unknown role", {"messages": [{"role": "tool", "content": "x"}, ASSISTANT]}, "sft",
+     "{p}:1: field 'messages': turn 0: 'role' must be one of system, user, assistant, got 'tool'"),
+    ("empty content", {"messages": [{"role": "user", "content": " "}, ASSISTANT]}, "sft",
+     "{p}:1: field 'messages': turn 0: 'content' must be a non-empty string, got ' '"),
+    ("content parts", {"messages": [{"role": "user", "content": [{"type": "text"}]}, ASSISTANT]}, "sft",
+     "{p}:1: field 'messages': turn 0: 'content' must be a non-empty string, got [{{'type': 'text'}}]"),
+    ("late system", {"messages": [USER, SYSTEM, ASSISTANT]}, "sft",
+     "{p}:1: field 'messages': turn 1: a system message may only be the first turn"),
+    ("not a list", {"messages": "hi"}, "prompts",
+     "{p}:1: field 'messages': expected a non-empty list of {{role, content}} messages, got 'hi'"),
+    ("turn not an object", {"messages": ["hi"]}, "prompts",
+     "{p}:1: field 'messages': turn 0: expected an object with 'role' and 'content', got 'hi'"),
+    ("prompt ends with assistant", {"messages": [USER, ASSISTANT, ASSISTANT]}, "sft",
+     "{p}:1: field 'messages': turn 1: a prompt must end with a user turn, got role 'assistant'"),
+    ("messages and prompt", {"messages": [USER, ASSISTANT], "prompt": "x"}, "sft",
+     "{p}:1: field 'messages': give either 'messages' or 'prompt', not both"),
+    ("prompt list", {"prompt": [USER, ASSISTANT]}, "prompts",
+     "{p}:1: field 'prompt': turn 1: a prompt must end with a user turn, got role 'assistant'"),
+    ("completion two turns", {"prompt": [USER], "completion": [ASSISTANT, ASSISTANT]}, "sft",
+     "{p}:1: field 'completion': expected one assistant message, got roles ['assistant', 'assistant']"),
+    ("completion and response", {"prompt": "x", "completion": RESPONSE, "response": RESPONSE}, "sft",
+     "{p}:1: field 'completion': give either 'completion' or 'response', not both"),
+    ("completion malformed", {"prompt": "x", "completion": [{"role": "assistant", "content": "plain"}]}, "sft",
+     "{p}:1: field 'completion': not a valid Ex-Ante trace: missing <ex_ante>"),
+    ("messages malformed trace", {"messages": [USER, {"role": "assistant", "content": "plain"}]}, "sft",
+     "{p}:1: field 'messages' (last turn): not a valid Ex-Ante trace: missing <ex_ante>"),
+]
+
+
+@pytest.mark.parametrize("what,record,kind,message", CHAT_ERRORS, ids=[e[0] for e in CHAT_ERRORS])
+def test_chat_shape_errors_name_file_line_and_field(tmp_path, what, record, kind, message):
+    path = _lines(tmp_path / "x.jsonl", json.dumps(record))
+    with pytest.raises(DataError) as info:
+        load_records(path, kind)
+    assert str(info.value) == message.format(p=path)
+
+
+def test_messages_in_parquet_and_dataset_dirs(tmp_path):
+    # Arrow stores messages as structs; a later turn's extra key becomes None in the others.
+    rows = [{"messages": [SYSTEM, USER, ASSISTANT], "harmful": False},
+            {"messages": [USER, {**ASSISTANT, "name": "bot"}], "harmful": True}]
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    ds = load_records(path, "sft", cache_dir=tmp_path / "cache")
+    assert sorted(ds.column_names) == ["harmful", "id", "prompt", "response"]
+    assert ds["prompt"] == [[SYSTEM, USER], [USER]] and ds["response"] == [RESPONSE, RESPONSE]
+    assert ds["harmful"] == [False, True] and ds["id"] == ["train-0", "train-1"]
+    assert load_records(path, "prompts", cache_dir=tmp_path / "cache")["prompt"] == [[SYSTEM, USER], [USER]]
+
+    datasets.Dataset.from_list([{"prompt": [USER], "completion": [ASSISTANT]}]).save_to_disk(str(tmp_path / "pc"))
+    ds = load_records(tmp_path / "pc", "sft")
+    assert ds.to_list() == [{"prompt": [USER], "response": RESPONSE, "id": "pc-0"}]
+
+    datasets.Dataset.from_list([{"messages": [USER]}]).to_parquet(str(path))
+    with pytest.raises(DataError) as info:
+        load_records(path, "sft", cache_dir=tmp_path / "cache")
+    assert str(info.value) == (f"{path}: row 0: field 'messages': the last turn must be the assistant's "
+                               "Ex-Ante trace, got role 'user'")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safer_dist.rules import Rulebook
+from safer_dist.reasoning.rules import Rulebook
 
 DEFAULT = Path(__file__).resolve().parents[2] / "configs" / "rules" / "default.yaml"
 

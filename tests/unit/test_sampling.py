@@ -1,10 +1,19 @@
-"""Candidate sampling with one prefill per prefix equals unbatched, unpadded generation."""
+"""Candidate sampling with one prefill per prefix and continuous batching: greedy equals
+unbatched, unpadded generation; a row's sample depends on its prefix, seed and index only."""
 
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
 import torch
+from transformers.generation.logits_process import TopPLogitsWarper
 
-from safer_dist.models import load_model, load_tokenizer
-from safer_dist.sampling import continuation_logprobs, cut_at_stop, sample_candidates
-from safer_dist.sft_data import encode_prompt
+from safer_dist.erpo.decode import _check_full_attention, draw
+
+from safer_dist.train.models import load_model, load_tokenizer
+from safer_dist.erpo.sampling import continuation_logprobs, cut_at_stop, sample_candidates
+from safer_dist.train.sft_data import encode_prompt
 
 
 def setup(tiny_model_dir):
@@ -18,6 +27,8 @@ def test_prefix_reuse_equals_each_prefix_alone(tiny_model_dir):
     tok, model, prefixes = setup(tiny_model_dir)
     assert len({len(p) for p in prefixes}) == 3, "different lengths exercise the left padding"
     batched = sample_candidates(model, tok, prefixes, 2, max_new_tokens=10, temperature=0.0)
+    # 3 rows at most: prefixes enter one at a time, next to rows of another prefix.
+    assert sample_candidates(model, tok, prefixes, 2, max_new_tokens=10, temperature=0.0, batch_rows=3) == batched
     for prefix, cands in zip(prefixes, batched):
         with torch.no_grad():
             alone = model.generate(torch.tensor([prefix]), max_new_tokens=10, do_sample=False,
@@ -31,6 +42,54 @@ def test_prefix_reuse_equals_each_prefix_alone(tiny_model_dir):
     a = sample_candidates(model, tok, prefixes, 3, max_new_tokens=8, temperature=1.0, seed=5)
     b = sample_candidates(model, tok, prefixes, 3, max_new_tokens=8, temperature=1.0, seed=5, reuse_prefix=False)
     assert a == b
+
+
+def test_rows_do_not_depend_on_batch_composition(tiny_model_dir):
+    tok, model, prefixes = setup(tiny_model_dir)
+    # "e" is frequent in the tiny model's text: rows end at different steps, so rows leave and
+    # waiting prefixes join a running batch of another width.
+    kw = dict(max_new_tokens=12, stop_strings=["e"], temperature=1.0, seed=7)
+    ref = sample_candidates(model, tok, prefixes, 3, **kw)
+    ends = [c["num_tokens"] for cs in ref for c in cs]
+    assert len(set(ends)) >= 3 and any(c["stopped"] for cs in ref for c in cs), ends
+    assert all(c["text"].endswith("e") for cs in ref for c in cs if c["stopped"])
+    assert sample_candidates(model, tok, prefixes, 3, **kw, batch_rows=4) == ref  # one prefix at a time
+    assert sample_candidates(model, tok, prefixes, 3, **kw, batch_rows=5, reuse_prefix=False) == ref
+    # Another prefix in the middle changes that prefix's rows only.
+    other = sample_candidates(model, tok, [prefixes[0], prefixes[0][:-2], prefixes[2]], 3, **kw, batch_rows=4)
+    assert other[0] == ref[0] and other[2] == ref[2] and other[1] != ref[1]
+    assert sample_candidates(model, tok, prefixes, 3, **{**kw, "seed": 8}) != ref
+
+
+def test_draw_matches_softmax_and_top_p():
+    # probabilities 0.5, 0.3, 0.15, 0.05; top_p 0.7 drops the tokens whose cumulative probability
+    # from the least likely up is <= 1 - 0.7 = 0.3: 0.05 (cum 0.05) and 0.15 (cum 0.20), keeping
+    # 0.3 (cum 0.50) and 0.5, renormalised to 0.5 / 0.8 = 0.625 and 0.3 / 0.8 = 0.375.
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    rngs = [random.Random(i) for i in range(4000)]
+    got = draw(logits, rngs, temperature=1.0, top_p=0.7)
+    assert set(got) == {0, 1} and abs(got.count(0) / 4000 - 0.625) < 0.03  # 4 sigma: 4 * sqrt(.625 * .375 / 4000)
+    got = draw(logits, [random.Random(i) for i in range(4000)], temperature=1.0, top_p=1.0)
+    for t, p in enumerate([0.5, 0.3, 0.15, 0.05]):
+        assert abs(got.count(t) / 4000 - p) < 4 * math.sqrt(p * (1 - p) / 4000) + 1e-9, (t, got.count(t))
+    # Temperature 2 flattens to p^(1/2) / sum: 0.7071, 0.5477, 0.3873, 0.2236 over 1.8657.
+    got = draw(logits, [random.Random(i) for i in range(4000)], temperature=2.0, top_p=1.0)
+    assert abs(got.count(3) / 4000 - 0.2236 / 1.8657) < 0.021
+    # The nucleus is transformers' TopPLogitsWarper's, on random logits; temperature 0 is argmax.
+    wide = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
+    kept = TopPLogitsWarper(0.9)(None, wide.clone()) > float("-inf")
+    drawn = draw(wide, [random.Random(i) for i in range(64)], temperature=1.0, top_p=0.9)
+    assert all(kept[i, t] for i, t in enumerate(drawn))
+    assert draw(wide, [], temperature=0.0, top_p=0.9) == wide.argmax(-1).tolist()
+
+
+def test_sliding_window_models_are_refused():
+    full = SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention"] * 2, sliding_window=4096))
+    _check_full_attention(full)
+    with pytest.raises(ValueError, match="sliding-window"):
+        _check_full_attention(SimpleNamespace(config=SimpleNamespace(layer_types=["sliding_attention", "full_attention"])))
+    with pytest.raises(ValueError, match="sliding-window"):
+        _check_full_attention(SimpleNamespace(config=SimpleNamespace(sliding_window=4096)))
 
 
 def test_token_counts_and_stops(tiny_model_dir):

@@ -3,9 +3,12 @@ import random
 import pytest
 import torch
 
-from safer_dist.losses import IGNORE_INDEX
-from safer_dist.models import load_model, load_tokenizer
-from safer_dist.sft_data import SFTData, encode_example, encode_prompt, num_label_tokens, pack, split_segments
+from safer_dist.train.losses import IGNORE_INDEX
+from safer_dist.train.models import load_model, load_tokenizer
+from safer_dist.train.sft_data import (
+    Encoded, SFTData, encode_example, encode_prompt, eval_micro_batches, num_label_tokens, pack, split_segments,
+    split_valid,
+)
 
 
 def test_split_segments_concatenates_back_and_is_seeded():
@@ -78,3 +81,79 @@ def test_global_batches_deterministic_and_cover_epoch(tiny_model_dir):
     assert torch.equal(parts, whole["input_ids"])
     with pytest.raises(ValueError, match="empty"):
         SFTData([], tok, seed=0, max_seq_len=64, overlong="truncate", segment_dropout=0.0)
+
+
+def test_split_valid_is_seeded_disjoint_and_keeps_order():
+    recs = [{"prompt": f"p{i}", "response": "r"} for i in range(40)]
+    train, valid = split_valid(recs, 0.1, seed=3)
+    assert len(valid) == 4 and len(train) == 36  # round(40 * 0.1)
+    assert sorted(r["prompt"] for r in train + valid) == sorted(r["prompt"] for r in recs)
+    assert train == [r for r in recs if r in train] and valid == [r for r in recs if r in valid]
+    assert split_valid(recs, 0.1, seed=3) == (train, valid)
+    assert split_valid(recs, 0.1, seed=4)[1] != valid
+    assert split_valid(recs, 0.0, seed=3) == (recs, [])
+    assert len(split_valid(recs[:3], 0.01, seed=0)[1]) == 1  # at least one example
+    with pytest.raises(ValueError, match="too few to split"):
+        split_valid(recs[:1], 0.5, seed=0)
+
+
+def test_eval_micro_batches_cover_every_example_once_with_equal_counts_per_rank():
+    # 7 examples (one dropped for length) over 2 ranks, 2 per micro-batch: shards of 4 and 3,
+    # both ranks run ceil(4 / 2) = 2 micro-batches.
+    examples = [Encoded([i, i + 100], [-100, i + 100]) for i in range(7)]
+    examples[2] = None
+    ranks = [eval_micro_batches(examples, rank=r, world_size=2, micro_batch_size=2) for r in (0, 1)]
+    assert [len(b) for b in ranks] == [2, 2]
+    seen = [int(x) for bs in ranks for b in bs if b is not None for x in b["input_ids"][0] if x < 100]
+    assert seen == [0, 1, 3, 4, 5, 6]
+    ranks = [eval_micro_batches(examples[3:6], rank=r, world_size=2, micro_batch_size=2) for r in (0, 1)]
+    assert [[b is None for b in bs] for bs in ranks] == [[False], [False]]
+    ranks = [eval_micro_batches(examples[:1], rank=r, world_size=2, micro_batch_size=2) for r in (0, 1)]
+    assert [[b is None for b in bs] for bs in ranks] == [[False], [True]]  # rank 1 runs an empty pass
+
+
+def test_step_prefetcher_returns_the_same_batches_and_runs_one_computation_at_a_time():
+    import threading
+
+    from safer_dist.train.sft_data import StepPrefetcher
+
+    calls, running, overlap = [], [0], []
+    lock = threading.Lock()
+
+    def fn(step):
+        with lock:
+            running[0] += 1
+            overlap.append(running[0])
+        calls.append((step, threading.current_thread().name))
+        with lock:
+            running[0] -= 1
+        return step * step
+
+    pre = StepPrefetcher(fn)
+    # consecutive steps come from the background thread; a jump (a resume) is computed at once
+    assert [pre.get(s) for s in (0, 1, 2, 7, 8)] == [0, 1, 4, 49, 64]
+    pre.close()
+    by_step = dict(calls)
+    assert by_step[1].startswith("safer-prefetch") and by_step[2].startswith("safer-prefetch")
+    assert not by_step[0].startswith("safer-prefetch") and not by_step[7].startswith("safer-prefetch")
+    assert max(overlap) == 1
+    off = StepPrefetcher(fn, enabled=False)
+    calls.clear()
+    assert [off.get(s) for s in (0, 1)] == [0, 1] and all(not n.startswith("safer-prefetch") for _, n in calls)
+
+
+def test_step_prefetcher_raises_the_background_error_at_the_step_that_needs_it():
+    import pytest
+
+    from safer_dist.train.sft_data import StepPrefetcher
+
+    def fn(step):
+        if step == 1:
+            raise ValueError("bad record at step 1")
+        return step
+
+    pre = StepPrefetcher(fn)
+    assert pre.get(0) == 0
+    with pytest.raises(ValueError, match="bad record at step 1"):
+        pre.get(1)
+    pre.close()

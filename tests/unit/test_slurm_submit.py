@@ -15,7 +15,7 @@ import pytest
 
 from launcher.cli import main
 from safer_dist.config import ConfigError
-from safer_dist.slurm import REPO, SubmitOptions, prepare, render_template, submit
+from safer_dist.cluster.slurm import REPO, SubmitOptions, prepare, render_template, submit
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -67,7 +67,7 @@ def test_prepare_renders_the_job(tmp_path):
 
 def test_prepare_gpu_request_and_options(tmp_path):
     job = prepare(TINY, [f"run.output_dir={tmp_path}", "learner.num_learners=14", "train.global_batch_size=112",
-                         "train.micro_batch_size=8", "erpo.global_batch_size=112", "rollout.num_workers=2"],
+                         "train.micro_batch_size=8", "erpo.optim.global_batch_size=112", "rollout.num_workers=2"],
                   _opts(gpus_per_node=8, cpus_per_node=64, exclusive=True, grace_s=300, stage="run",
                         job_name="my-job"), cwd=REPO)
     lines = _sbatch_lines(job.script)
@@ -78,9 +78,11 @@ def test_prepare_gpu_request_and_options(tmp_path):
 
 
 def test_relative_paths_are_made_absolute(tmp_path):
-    (tmp_path / "cfg.yaml").write_text(TINY.read_text())
-    job = prepare("cfg.yaml", [], _opts(), cwd=tmp_path)
-    assert job.command[4] == str(tmp_path / "cfg.yaml")
+    # tiny.yaml's run.output_dir is ../runs: relative to the file's directory, exp/
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "cfg.yaml").write_text(TINY.read_text())
+    job = prepare("exp/cfg.yaml", [], _opts(), cwd=tmp_path)
+    assert job.command[4] == str(tmp_path / "exp" / "cfg.yaml")
     assert job.run_dir == tmp_path / "runs" / "tiny"
 
 
@@ -98,8 +100,8 @@ def test_relative_paths_are_made_absolute(tmp_path):
 ])
 def test_prepare_rejects_before_submitting(tmp_path, overrides, opts, match):
     with pytest.raises(ConfigError, match=match):
-        # erpo.micro_batch_size=1: the ERPO batch divides over any of these learner counts
-        prepare(TINY, [f"run.output_dir={tmp_path}", "erpo.micro_batch_size=1", *overrides], _opts(**opts), cwd=REPO)
+        # erpo.optim.micro_batch_size=1: the ERPO batch divides over any of these learner counts
+        prepare(TINY, [f"run.output_dir={tmp_path}", "erpo.optim.micro_batch_size=1", *overrides], _opts(**opts), cwd=REPO)
     assert not any(tmp_path.iterdir())
 
 
@@ -147,7 +149,7 @@ def test_cli_rejects_stray_arguments():
 
 
 def test_learner_gloo_interface_is_the_one_holding_the_node_address():
-    from safer_dist.learner import gloo_interface
+    from safer_dist.train.learner import gloo_interface
 
     assert gloo_interface("127.0.0.1") is not None
     assert gloo_interface("203.0.113.77") is None  # TEST-NET-3: on no interface here

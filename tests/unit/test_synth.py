@@ -9,14 +9,15 @@ import re
 
 import pytest
 
-from safer_dist.classify import KeywordClassifier, ModelClassifier
+from safer_dist.synth.classify import KeywordClassifier, ModelClassifier
 from safer_dist.config import ConfigError, load_config
-from safer_dist.rules import Rulebook
-from safer_dist.synth import (
+from safer_dist.data.records import load_records
+from safer_dist.reasoning.rules import Rulebook
+from safer_dist.synth.pipeline import (
     TEACHER_FIELDS, AppendLog, assign_labels, check_trace, load_template, normalize_output, render_teacher_prompt,
     synth_job,
 )
-from safer_dist.teachers import Completion, TeacherUnavailable
+from safer_dist.synth.teachers import Completion, TeacherUnavailable
 from tests.stub_openai import StubServer
 
 RB = Rulebook.load("configs/rules/default.yaml")
@@ -175,8 +176,6 @@ def test_crash_and_rerun_skip_done_ids(tmp_path):
     assert summary["accepted"] == 8 and summary["rejected"] == 4 and summary["rejected_by_reason"] == {"unsafe": 4}
     assert summary["this_run"]["accepted"] + summary["this_run"]["rejected"] == 6
     # Accepted traces are SFT data as they stand (the preamble was stripped).
-    from safer_dist.data.records import load_records
-
     sft = load_records(out / "accepted.jsonl", "sft")
     assert len(sft) == 8 and sft[0]["response"].startswith("<ex_ante>") and sft[0]["teacher"] == "http:stub"
     # A third run has nothing to do and asks nothing.

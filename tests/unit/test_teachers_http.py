@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from safer_dist.teachers import HttpTeacher
+from safer_dist.synth.teachers import HttpTeacher
 from tests.stub_openai import StubServer
 
 

@@ -1,0 +1,439 @@
+"""Per-GPU memory planner for a run config: ``safer plan CONFIG --gpus-per-node G --nodes N --gpu-mem-gb M``.
+
+One learner per GPU, so the data-parallel world size is ``W = G * N``. For ``P`` parameters,
+mixed precision (bf16/fp16 weights, fp32 master weights, AdamW) and ZeRO stage ``s``, the
+model states per GPU in bytes are (the accounting of DeepSpeed's own estimators,
+``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``)::
+
+    stage 0   2P params + 2P 16-bit grads + 4P fp32 grads + 12P (fp32 master weights, Adam m, v)
+    stage 1   2P + 2P + 16P / W                  (fp32 grads and optimizer states partitioned)
+    stage 2   2P + 18P / W                       (16-bit grads partitioned too)
+    stage 3   18P / W + 4 * largest layer        (2 params + 4 fp32 grads + 12; the gathered
+                                                  layer's 16-bit params and grads)
+    + offload_optimizer: fp32 grads and optimizer states move to the CPU (stage 2: 2P left;
+                         stage 3: 2P / W + 4 * largest)
+    + offload_params (stage 3): the 16-bit params move too (4 * largest left)
+
+fp32 training (no master copy) is 4P params + 4P grads + 8P Adam, partitioned the same way.
+"Largest layer" is the largest single module's parameters (the embedding or LM head for
+Llama-shaped models), as DeepSpeed counts it.
+
+Activations per GPU for one packed micro-batch of ``T = micro_batch_size * max_seq_len``
+tokens (the worst case: every sequence at the length limit): what autograd saves per decoder
+layer and token, measured with ``torch.autograd.graph.saved_tensors_hooks`` on transformers'
+Llama with flash-style attention (no T x T scores; tests/unit/test_plan.py checks it)::
+
+    bf16: (10h + 2kv + 4i) x 2 bytes      h hidden, kv = kv heads x head dim, i intermediate
+    fp32: ( 8h + 2kv + 4i) x 4 bytes      (RMSNorm computes in fp32, hence the larger bf16 h term)
+
+With gradient checkpointing only each layer's input is kept (``h`` per layer and token) plus
+one layer's full set while it is recomputed. With ``learner.loss_chunk_tokens=0`` the vocabulary
+logits add ``T * V`` x (dtype bytes + 12): the logits, the fp32 log-softmax the loss saves, and
+the fp32 gradients of both. The chunked loss head (``learner.loss_chunk_tokens=c``,
+safer_dist/train/lm_head.py) holds one chunk at a time instead: ``min(c, T) * V * 8`` bytes (a chunk's
+fp32 logits and log-softmax).
+DeepSpeed's default communication buckets (reduce bucket 5e8 elements, ZeRO-3 prefetch 5e7)
+are added as ``buffers``. A setup fits when the total is at most 90% of the GPU's memory (the
+rest: CUDA context, NCCL, allocator fragmentation). Memory is in GiB (2**30 bytes).
+
+The recommendation walks setups from fastest to leanest — ZeRO-2, ZeRO-3, then both with
+gradient checkpointing, then optimizer offload, then parameter offload — each at the
+configured micro-batch or the largest smaller one that fits and divides the global batch,
+and takes the first that fits with the configured micro-batch or with at least
+``MIN_MICRO_BATCH_TOKENS`` tokens per micro-batch (else the fitting one with the largest
+micro-batch). A smaller micro-batch only adds accumulation steps; checkpointing recomputes
+the forward (~1/3 more compute) and offload moves the optimizer step to the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safer_dist.config import Config
+
+GIB = 1 << 30
+USABLE_FRACTION = 0.9
+REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size, elements
+PREFETCH_BUCKET = 5e7  # DeepSpeed's default stage3_prefetch_bucket_size, elements
+# Below this many tokens a micro-batch underuses a GPU; the planner would rather checkpoint or
+# shard more than shrink the micro-batch further.
+MIN_MICRO_BATCH_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a Llama-shaped decoder that memory depends on."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: biases on q, k, v
+    head_dim: int | None = None
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * (self.head_dim or self.hidden_size // self.num_heads)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * (self.head_dim or self.hidden_size // self.num_heads)
+
+    def num_params(self) -> int:
+        h, kv, q, i = self.hidden_size, self.kv_dim, self.q_dim, self.intermediate_size
+        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.attention_bias else 0)
+        layer = attn + 3 * h * i + 2 * h  # + two RMSNorm weights
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + embed + h  # + final norm
+
+    def largest_layer_params(self) -> int:
+        """Parameters of the largest single module (DeepSpeed's ``largest_layer_params``)."""
+        h = self.hidden_size
+        return max(self.vocab_size * h, h * self.intermediate_size, h * self.q_dim + self.q_dim * self.attention_bias)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> ModelShape:
+        try:
+            return cls(
+                hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
+                num_heads=cfg["num_attention_heads"],
+                num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+                head_dim=cfg.get("head_dim"),
+            )
+        except KeyError as e:
+            raise ValueError(f"model config has no {e.args[0]!r}: safer plan knows Llama-shaped decoders only") from None
+
+
+# Published architectures (their config.json values) for planning before the weights are local.
+SHAPES: dict[str, ModelShape] = {
+    "llama3-8b": ModelShape(4096, 32, 32, 8, 14336, 128256),
+    "qwen2.5-7b": ModelShape(3584, 28, 28, 4, 18944, 152064, attention_bias=True),
+    "llama3-70b": ModelShape(8192, 80, 64, 8, 28672, 128256),
+}
+PRESET_VOCAB = 3000  # safer_dist.train.models presets take their vocabulary from a demo tokenizer
+
+
+def resolve_shape(model_path: str, init_preset: str | None, shape: str | None) -> tuple[ModelShape, str]:
+    """The shape to plan for and where it came from: ``shape`` (a name of :data:`SHAPES`, a
+    ``safer_dist.train.models`` preset, or a config.json path), else ``model_path``/config.json,
+    else ``init_preset``."""
+    # train.models imports torch and transformers; `safer plan` needs them only for a preset.
+    from safer_dist.train.models import PRESETS
+
+    def preset(name: str) -> ModelShape:
+        p = PRESETS[name]
+        return ModelShape(p["hidden_size"], p["num_hidden_layers"], p["num_attention_heads"],
+                          p["num_key_value_heads"], p["intermediate_size"], PRESET_VOCAB, p["tie_word_embeddings"])
+
+    if shape is not None:
+        if shape in SHAPES:
+            return SHAPES[shape], f"named shape {shape}"
+        if shape in PRESETS:
+            return preset(shape), f"preset {shape} (vocab {PRESET_VOCAB})"
+        path = Path(shape)
+        if path.is_dir():
+            path = path / "config.json"
+        if path.is_file():
+            return ModelShape.from_hf_config(json.loads(path.read_text())), str(path)
+        raise ValueError(f"--shape {shape!r}: not a named shape ({', '.join(SHAPES)}), a preset "
+                         f"({', '.join(PRESETS)}) or a config.json")
+    config_json = Path(model_path) / "config.json"
+    if config_json.is_file():
+        return ModelShape.from_hf_config(json.loads(config_json.read_text())), str(config_json)
+    if init_preset in PRESETS:
+        return preset(init_preset), f"model.init_preset {init_preset} (vocab {PRESET_VOCAB})"
+    raise ValueError(f"{config_json} does not exist yet; pass --shape with one of {', '.join(SHAPES)} "
+                     "or a config.json path")
+
+
+@dataclass(frozen=True)
+class Setup:
+    zero_stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = False
+    micro_batch_size: int = 1
+
+    def overrides(self) -> str:
+        return (f"learner.zero_stage={self.zero_stage} learner.offload_optimizer={str(self.offload_optimizer).lower()} "
+                f"learner.offload_params={str(self.offload_params).lower()} "
+                f"model.gradient_checkpointing={str(self.gradient_checkpointing).lower()} "
+                f"train.micro_batch_size={self.micro_batch_size}")
+
+    def label(self) -> str:
+        parts = [f"ZeRO-{self.zero_stage}"]
+        if self.offload_optimizer:
+            parts.append("offload optim")
+        if self.offload_params:
+            parts.append("offload params")
+        if self.gradient_checkpointing:
+            parts.append("ckpt")
+        return " + ".join(parts) + f", mb {self.micro_batch_size}"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per GPU (and offloaded bytes per node on the CPU side)."""
+
+    params: float
+    grads: float
+    optimizer: float  # fp32 master weights (mixed precision) + Adam moments (+ fp32 grads)
+    gathered: float  # ZeRO-3: the largest layer gathered for compute
+    buffers: float
+    activations: float
+    logits: float
+    cpu_per_node: float
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer + self.gathered
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.buffers + self.activations + self.logits
+
+
+def model_states(num_params: int, largest_layer: int, setup: Setup, *, world_size: int, mixed_precision: bool,
+                 gpus_per_node: int = 1) -> dict[str, float]:
+    """Model-state bytes per GPU — ``params`` (training dtype), ``grads`` (16-bit and fp32
+    gradients), ``optimizer`` (fp32 master weights with mixed precision, Adam m and v),
+    ``gathered`` (ZeRO-3's gathered layer) — and ``cpu_per_node`` (offloaded bytes per node)."""
+    p, w, s = float(num_params), world_size, setup.zero_stage
+    shard = lambda n, from_stage: n * p / (w if s >= from_stage else 1)  # noqa: E731
+    if mixed_precision:
+        params = shard(2, 3)
+        if s == 3:  # gradients are reduced straight into the fp32 partition
+            grads16, grads32 = 0.0, shard(4, 3)
+        else:
+            grads16, grads32 = shard(2, 2), shard(4, 1)
+        optimizer = shard(12, 1)  # fp32 master weights + Adam m, v
+    else:
+        params, grads16, grads32, optimizer = shard(4, 3), 0.0, shard(4, 2), shard(8, 1)
+    gathered = 4.0 * largest_layer if s == 3 else 0.0
+    cpu = 0.0
+    if setup.offload_optimizer:  # the optimizer steps on the CPU, on fp32 gradients kept there
+        cpu += (optimizer + grads32) * gpus_per_node
+        optimizer = grads32 = 0.0
+        if s == 2:  # reduced 16-bit gradients stream to the CPU partitions in buckets
+            grads16 = 0.0
+    if setup.offload_params:
+        cpu += params * gpus_per_node
+        params = 0.0
+    return {"params": params, "grads": grads16 + grads32, "optimizer": optimizer, "gathered": gathered,
+            "cpu_per_node": cpu}
+
+
+def activation_bytes(
+    shape: ModelShape, num_tokens: int, *, checkpointing: bool, dtype_bytes: int, loss_chunk_tokens: int = 0,
+) -> tuple[float, float]:
+    """(decoder-layer activations, logits) bytes for one micro-batch of ``num_tokens``;
+    ``loss_chunk_tokens`` as learner.loss_chunk_tokens (0: full logits)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    h_coef = 10 if dtype_bytes < 4 else 8  # see the module docstring
+    per_layer = (h_coef * h + 2 * shape.kv_dim + 4 * i) * dtype_bytes * num_tokens
+    if checkpointing:
+        layers = shape.num_layers * h * dtype_bytes * num_tokens + per_layer
+    else:
+        layers = shape.num_layers * per_layer
+    if loss_chunk_tokens:
+        logits = min(num_tokens, loss_chunk_tokens) * shape.vocab_size * 8
+    else:
+        logits = num_tokens * shape.vocab_size * (dtype_bytes + 12)
+    return float(layers), float(logits)
+
+
+def estimate(shape: ModelShape, setup: Setup, *, world_size: int, gpus_per_node: int, max_seq_len: int,
+             mixed_precision: bool = True, loss_chunk_tokens: int = 0) -> Estimate:
+    ms = model_states(shape.num_params(), shape.largest_layer_params(), setup, world_size=world_size,
+                      mixed_precision=mixed_precision, gpus_per_node=gpus_per_node)
+    dtype_bytes = 2 if mixed_precision else 4
+    buffers = dtype_bytes * (REDUCE_BUCKET + (PREFETCH_BUCKET if setup.zero_stage == 3 else 0))
+    if setup.zero_stage == 0:
+        buffers = dtype_bytes * REDUCE_BUCKET
+    layers, logits = activation_bytes(shape, setup.micro_batch_size * max_seq_len,
+                                      checkpointing=setup.gradient_checkpointing, dtype_bytes=dtype_bytes,
+                                      loss_chunk_tokens=loss_chunk_tokens)
+    return Estimate(buffers=buffers, activations=layers, logits=logits, **ms)
+
+
+# Fastest first. Offloading the optimizer only pays once the model states are what does not fit.
+CANDIDATES = (
+    (2, False, False, False), (3, False, False, False),
+    (2, False, False, True), (3, False, False, True),
+    (2, True, False, True), (3, True, False, True), (3, True, True, True),
+)
+
+
+def rollout_bytes(shape: ModelShape, *, rows: int, tokens_per_row: int, score_tokens: int = 8192) -> dict[str, float]:
+    """One rollout worker (a bf16 inference copy on one GPU): weights, the KV cache of ``rows``
+    sequences of ``tokens_per_row``, and the logits of one packed scoring pass
+    (``sampling.continuation_logprobs``: ``score_tokens`` tokens, bf16 logits + fp32 log-softmax)."""
+    weights = 2.0 * shape.num_params()
+    kv_cache = 2.0 * 2 * shape.num_layers * shape.kv_dim * rows * tokens_per_row
+    logits = float(score_tokens * shape.vocab_size * (2 + 4))
+    return {"weights": weights, "kv_cache": kv_cache, "logits": logits, "total": weights + kv_cache + logits}
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    shape_source: str
+    world_size: int
+    gpus_per_node: int
+    nodes: int
+    gpu_mem_bytes: float
+    max_seq_len: int
+    mixed_precision: bool
+    configured: Setup
+    rows: list[tuple[Setup, Estimate]]
+    recommended: tuple[Setup, Estimate] | None
+    rollout: dict[str, float]
+    lines: list[str]  # ERPO and rollout findings, notes
+
+    @property
+    def usable_bytes(self) -> float:
+        return USABLE_FRACTION * self.gpu_mem_bytes
+
+    def fits(self, est: Estimate | float) -> bool:
+        return (est.total if isinstance(est, Estimate) else est) <= self.usable_bytes
+
+
+def _recommend(plan: Plan, shape: ModelShape, configured: Setup, sizes: list[int], kw: dict):
+    """Walk CANDIDATES (see the module docstring); appends the rows it looked at to plan.rows."""
+    best = fallback = None
+    for stage, off_opt, off_par, ckpt in CANDIDATES:
+        fits = False
+        for m in [configured.micro_batch_size] + [m for m in sizes if m < configured.micro_batch_size]:
+            setup = Setup(stage, off_opt, off_par, ckpt, m)
+            est = estimate(shape, setup, **kw)
+            fits = plan.fits(est)
+            if setup != configured and (fits or m == configured.micro_batch_size):
+                plan.rows.append((setup, est))
+            if fits:
+                break
+        if not fits:
+            continue
+        if fallback is None or setup.micro_batch_size > fallback[0].micro_batch_size:
+            fallback = (setup, est)
+        if setup.micro_batch_size == configured.micro_batch_size or \
+                setup.micro_batch_size * kw["max_seq_len"] >= MIN_MICRO_BATCH_TOKENS:
+            best = (setup, est)
+            break
+    return best or fallback
+
+
+def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: float, shape: str | None = None) -> Plan:
+    """Estimate ``cfg`` (``learner.num_learners`` learners, one GPU each) on ``nodes`` x
+    ``gpus_per_node`` GPUs of ``gpu_mem_gb`` GiB and recommend a setup. Raises ValueError
+    when the learners do not fit on the GPUs or the model shape is unknown."""
+    if gpus_per_node < 1 or nodes < 1 or gpu_mem_gb <= 0:
+        raise ValueError("--gpus-per-node and --nodes must be >= 1 and --gpu-mem-gb > 0")
+    model_shape, source = resolve_shape(cfg.model.path, cfg.model.init_preset, shape)
+    ln, t, e = cfg.learner, cfg.train, cfg.erpo
+    gpus, world = gpus_per_node * nodes, ln.num_learners
+    if world > gpus:
+        raise ValueError(f"learner.num_learners={world} needs {world} GPUs (one each); the cluster has {gpus}")
+    mixed = cfg.model.dtype in ("auto", "bfloat16", "float16")  # auto is bf16 on CUDA
+    seq = cfg.data.max_seq_len
+    configured = Setup(ln.zero_stage, ln.offload_optimizer, ln.offload_params, cfg.model.gradient_checkpointing,
+                       t.micro_batch_size)
+    kw = dict(world_size=world, gpus_per_node=min(gpus_per_node, world), max_seq_len=seq, mixed_precision=mixed,
+              loss_chunk_tokens=cfg.learner.loss_chunk_tokens)
+    rollout = rollout_bytes(model_shape, rows=cfg.rollout.batch_size, tokens_per_row=seq)
+    plan = Plan(model_shape, source, world, gpus_per_node, nodes, gpu_mem_gb * GIB, seq, mixed, configured,
+                [(configured, estimate(model_shape, configured, **kw))], None, rollout, [])
+    # micro-batches that keep global_batch_size a multiple of micro_batch_size x learners
+    sizes = [m for m in range(t.micro_batch_size, 0, -1) if t.global_batch_size % (m * world) == 0]
+    plan.recommended = _recommend(plan, model_shape, configured, sizes, kw)
+
+    out = plan.lines
+    if plan.recommended is not None and e.iterations > 0:
+        # an ERPO micro-batch of k pairs packs 2k sequences (prefix+chosen, prefix+rejected)
+        base = plan.recommended[0]
+        ok = [k for k in range(e.optim.micro_batch_size, 0, -1) if e.optim.global_batch_size % (k * world) == 0 and plan.fits(
+            estimate(model_shape, Setup(base.zero_stage, base.offload_optimizer, base.offload_params,
+                                        base.gradient_checkpointing, 2 * k), **kw))]
+        if ok and ok[0] == e.optim.micro_batch_size:
+            out.append(f"ERPO learners: erpo.optim.micro_batch_size={e.optim.micro_batch_size} pairs fits with the recommended setup")
+        elif ok:
+            out.append(f"ERPO learners: erpo.optim.micro_batch_size={e.optim.micro_batch_size} pairs does not fit; "
+                       f"erpo.optim.micro_batch_size={ok[0]} does")
+        else:
+            out.append("ERPO learners: not even one pair per micro-batch fits; shorten data.max_seq_len")
+    # `safer run`, `eval` and `erpo` generate on rollout workers
+    fits = plan.fits(rollout["total"])
+    out.append(
+        f"rollout worker (1 GPU, bf16 copy, no tensor parallelism): weights {rollout['weights'] / GIB:.1f} + "
+        f"KV cache {rollout['kv_cache'] / GIB:.1f} ({cfg.rollout.batch_size} rows x {seq} tokens) + scoring logits "
+        f"{rollout['logits'] / GIB:.1f} = {rollout['total'] / GIB:.1f} GiB: "
+        + ("fits" if fits else "DOES NOT FIT — `safer eval`/`erpo`/`run` cannot place this model on one GPU; "
+           "use `safer sft`")
+    )
+    groups = 1 + (cfg.judge.kind == "model") + (e.reference == "sft")
+    need = world + groups * cfg.rollout.num_workers
+    if e.iterations > 0 and need > gpus:
+        out.append(f"ERPO places {world} learners + {groups} x {cfg.rollout.num_workers} rollout workers = {need} "
+                   f"GPUs; the cluster has {gpus}: lower learner.num_learners or rollout.num_workers")
+    load = 2.0 * model_shape.num_params()  # the 16-bit weights
+    per_node = min(gpus_per_node, world)
+    if ln.zero_stage == 3:  # safer_dist/train/partitioned_load.py
+        out.append(f"note: load: ZeRO-3 learners build the model partitioned and each reads only its own 1/{world} of "
+                   f"the weights from the checkpoint ({load / world / GIB:.1f} GiB in 16-bit): no GPU and no learner "
+                   "process ever holds the whole model")
+    else:
+        out.append(f"note: load: each of the {per_node} learners of a node reads the full weights into host RAM "
+                   f"(~{load * per_node / GIB:.1f} GiB per node in 16-bit), then moves them to its GPU"
+                   + (f"; they ({load / GIB:.1f} GiB) do not fit on one GPU: learner.zero_stage=3 loads them "
+                      "partitioned" if load > plan.usable_bytes else ""))
+    return plan
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def format_plan(plan: Plan, config_path: str) -> str:
+    s = plan.shape
+    g = lambda b: f"{b / GIB:8.1f}"  # noqa: E731
+    precision = "bf16 mixed precision (fp32 master weights, AdamW)" if plan.mixed_precision else "fp32, AdamW"
+    lines = [
+        f"safer plan: {config_path}",
+        f"model     {plan.shape_source}: {_count(s.num_params())} parameters (largest layer "
+        f"{_count(s.largest_layer_params())}), hidden {s.hidden_size}, {s.num_layers} layers, "
+        f"{s.num_heads}/{s.num_kv_heads} heads, vocab {s.vocab_size}; {precision}",
+        f"cluster   {plan.nodes} node(s) x {plan.gpus_per_node} GPUs, {plan.world_size} learners (one GPU each); "
+        f"{plan.gpu_mem_bytes / GIB:.0f} GiB per GPU, {plan.usable_bytes / GIB:.1f} usable",
+        f"batch     packed micro-batch = micro_batch_size x data.max_seq_len {plan.max_seq_len} tokens (worst case)",
+        "",
+        f"per GPU, GiB {'':46s}  params    grads   optim  gathered  states  buffers  activ.  logits    total",
+    ]
+    for i, (setup, est) in enumerate(plan.rows):
+        tag = "config" if i == 0 else ("recommended" if plan.recommended and setup == plan.recommended[0] else "")
+        fits = "fits" if plan.fits(est) else "DOES NOT FIT"
+        lines.append(
+            f"{tag:<12s} {setup.label():<46s}{g(est.params)}{g(est.grads)}{g(est.optimizer)}{g(est.gathered)}  "
+            f"{g(est.model_states)}{g(est.buffers)}{g(est.activations)}{g(est.logits)} {g(est.total)}  {fits}"
+        )
+        if est.cpu_per_node:
+            lines.append(f"{'':12s} {'':46s}offloaded to host RAM: {est.cpu_per_node / GIB:.1f} GiB per node")
+    lines.append("")
+    if plan.recommended is None:
+        lines.append("recommendation: nothing fits, even ZeRO-3 with parameter and optimizer offload at micro-batch 1: "
+                     "use more GPUs, a shorter data.max_seq_len, or GPUs with more memory")
+    else:
+        setup, est = plan.recommended
+        same = setup == plan.configured
+        lines.append(f"recommendation: {setup.label()} -> {est.total / GIB:.1f} GiB per GPU"
+                     + (" (the config as it is)" if same else ""))
+        if not same:
+            lines.append(f"  overrides: {setup.overrides()}")
+    lines += plan.lines
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""Rollout workers: an inference copy of the policy on a Ray actor.
+
+A ``RolloutWorker`` loads a Hugging Face directory and generates batched, left-padded,
+with the same prompt tokenization as training (:func:`safer_dist.train.sft_data.encode_prompt`);
+a prompt is a string or a message list (:mod:`safer_dist.data.chat`).
+``RolloutGroup`` spreads a list of prompts over M workers and returns results in order.
+A worker that dies is restarted by Ray (``rollout.max_restarts``), rejoins the weight sync
+and gets the current weights again, and its shard is retried (see :meth:`RolloutGroup._map`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safer_dist.cluster.group import gpus_per_learner
+from safer_dist.config import Config, ModelSection, RolloutSection
+from safer_dist.data.chat import Prompt
+from safer_dist.train.sft_data import encode_context, encode_prompt
+from safer_dist.runtime.log import get_logger, quiet_libraries
+
+log = get_logger("rollout")
+
+
+class RolloutFailure(RuntimeError):
+    """A rollout worker kept dying, or came back without the weights the others hold."""
+
+
+class RolloutWorker:
+    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto"):
+        from safer_dist.train.learner import resolve_device, resolve_dtype
+        from safer_dist.train.models import load_model, load_tokenizer
+
+        quiet_libraries()
+        self.cfg = rollout
+        self.device = resolve_device(device)
+        if self.device == "cpu":
+            torch.set_num_threads(rollout.cpus_per_worker)
+        path = path or model.path
+        self.tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code)
+        self.model = load_model(
+            path, dtype=resolve_dtype(model.dtype, self.device), attn_implementation=model.attn_implementation,
+            device=self.device, trust_remote_code=model.trust_remote_code,
+        )
+        self.model.eval()
+        self.path = path
+        self.version = 0
+        self.sync_group = None
+
+    def weights_version(self) -> int:
+        """Version of the weights held: 0 as loaded from ``path``, then what the last sync sent."""
+        return self.version
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[Prompt], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+        batch_size: int = 32, seed: int = 0,
+    ) -> list[dict]:
+        """Complete each chat prompt; returns [{text, num_tokens, latency_s}] in input order."""
+        tok = self.tokenizer
+        encoded = [encode_prompt(tok, p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        out: list[dict | None] = [None] * len(prompts)
+        torch.manual_seed(seed)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]) :] = 1
+            t0 = time.perf_counter()
+            sample = temperature > 0
+            gen = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
+                do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+                top_k=None, eos_token_id=tok.eos_token_id, pad_token_id=pad, use_cache=True,
+            )
+            latency = (time.perf_counter() - t0) / len(idx)
+            for row, i in enumerate(idx):
+                new = gen[row, width:].tolist()
+                if tok.eos_token_id in new:
+                    new = new[: new.index(tok.eos_token_id)]
+                out[i] = {
+                    "text": tok.decode(new, skip_special_tokens=True),
+                    "num_tokens": len(new),
+                    "latency_s": latency,
+                }
+        return out  # type: ignore[return-value]
+
+
+    # -- ERPO ------------------------------------------------------------------------------
+    def sample(
+        self, items: list[tuple[Prompt, str]], *, n: int, stop_strings: list[str] | None, max_new_tokens: int,
+        temperature: float, top_p: float = 1.0, seed: int = 0,
+    ) -> list[list[dict]]:
+        """``n`` continuations of each (prompt, response prefix), one prefill per prefix."""
+        from safer_dist.erpo.sampling import sample_candidates
+
+        contexts = [encode_context(self.tokenizer, p, x) for p, x in items]
+        return sample_candidates(
+            self.model, self.tokenizer, contexts, n, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+            temperature=temperature, top_p=top_p, seed=seed, batch_rows=self.cfg.batch_size,
+        )
+
+    def logprobs(self, items: list[tuple[Prompt, str, str, bool]]) -> list[tuple[float, int]]:
+        """log p(continuation | prompt, prefix) under the weights held, for (prompt, prefix,
+        continuation, ends_with_eos) items; tokenized exactly as the learners do."""
+        from safer_dist.erpo.pairs import step_sequence
+        from safer_dist.erpo.sampling import continuation_logprobs
+
+        pairs = [step_sequence(self.tokenizer, p, x, c, eos) for p, x, c, eos in items]
+        return continuation_logprobs(self.model, pairs)
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the weight-sync group as member ``rank``, leaving any group joined before (the
+        group is rebuilt when a worker restarts). The weights held, and their version, stay."""
+        from safer_dist.erpo.weight_sync import close_group, make_group
+
+        close_group(self.sync_group)
+        self.sync_group = None
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        self.sync_group = make_group(host, port, rank, world_size, backend, local_ip=self.node_ip())
+
+    def receive_weights(self, version: int) -> int:
+        from safer_dist.erpo.weight_sync import receive_weights
+
+        receive_weights(self.model, self.sync_group)
+        self.version = version
+        return version
+
+    def logits(self, input_ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            ids = torch.tensor([input_ids], device=self.device)
+            return self.model(input_ids=ids, use_cache=False).logits[0].float().cpu()
+
+
+class RolloutGroup:
+    """M rollout workers as Ray actors (one GPU each on CUDA, else ``cpus_per_worker``).
+
+    ``expected_version``: the weight version every worker must hold (0: the weights loaded from
+    ``path``; ``LearnerGroup.push_weights`` sets it). Every call's answer is checked against it.
+    A worker that Ray restarted holds version 0 again: its answer is discarded, the worker is
+    brought back to ``expected_version`` through ``resync`` and its shard runs again; where that
+    cannot be done, RolloutFailure. A worker never silently serves stale weights.
+
+    ``resync``: set by ``LearnerGroup.connect_weight_sync``. ``resync()`` rebuilds the
+    weight-sync group with every worker and sends the weights of ``expected_version`` again, or
+    raises RolloutFailure when the learners no longer hold them. None: no weight sync.
+    """
+
+    @classmethod
+    def for_run(cls, cfg: Config, path: str | Path) -> RolloutGroup:
+        """Workers holding the model at ``path``, placed as the run's config says: one GPU
+        each where the learners get GPUs, else ``rollout.cpus_per_worker`` CPUs."""
+        return cls(cfg.model, cfg.rollout, path=str(path), device=cfg.launch.device, use_gpu=gpus_per_learner(cfg) > 0)
+
+    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto", use_gpu: bool = False):
+        import ray
+
+        remote = ray.remote(
+            num_cpus=rollout.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=rollout.max_restarts,
+        )(RolloutWorker)
+        self.cfg = rollout
+        self.workers = [remote.remote(model, rollout, path=path, device=device) for _ in range(rollout.num_workers)]
+        self.expected_version = 0
+        self.resync: Callable[[], None] | None = None
+        self.num_retries = 0  # shards re-run after a worker died or came back restarted (for logs and tests)
+
+    def _map(self, what: str, call: Callable[[Any, list], Any], items: list) -> list:
+        """``call(worker, shard)`` (a Ray call's reference) on interleaved shards of ``items``,
+        one per worker; results in the order of ``items``. ``what`` names the call in messages.
+
+        Fault tolerance: a worker that dies is restarted by Ray (``rollout.max_restarts``),
+        whether it died during this call or before it. Either way its answer is not used: the
+        call fails, or the restarted process answers with weights of the wrong version. The
+        worker is brought back to ``expected_version`` (:meth:`_bring_back`) and its whole shard
+        is sent again with the same arguments (a call seeds its own sampling, so the retry
+        returns what the first try would have). Each shard has one call in flight at a time and
+        its result is placed by position, so no item is lost or duplicated. A shard retried more
+        than ``max_restarts`` times, or a worker that cannot be brought to ``expected_version``,
+        raises RolloutFailure.
+        """
+        import ray
+        from ray.exceptions import RayActorError
+
+        n = len(self.workers)
+        shards = {i: items[i::n] for i in range(n) if items[i::n]}
+        attempts = dict.fromkeys(shards, 0)
+        running: dict = {}  # a call's reference -> (worker index, reference of its version check)
+
+        def submit(i: int) -> None:
+            w = self.workers[i]
+            ref = call(w, shards[i])
+            # Queued right behind the call on the same actor, so it runs in the process that ran
+            # the call (or in a later one, if that died): the version the call's answer came from.
+            running[ref] = (i, w.weights_version.remote())
+
+        for i in shards:
+            submit(i)
+        out: list = [None] * len(items)
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            i, version_ref = running.pop(ref)
+            try:
+                res = ray.get(ref)
+                version = ray.get(version_ref)
+            except RayActorError as e:
+                failed = f"died during {what} ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+            else:
+                if version == self.expected_version:
+                    assert len(res) == len(shards[i]), (what, i, len(res), len(shards[i]))
+                    out[i::n] = res
+                    continue
+                failed = (f"was restarted: it answered {what} with weights version {version}, the policy is at "
+                          f"version {self.expected_version}")
+            attempts[i] += 1
+            if attempts[i] > self.cfg.max_restarts:
+                raise RolloutFailure(
+                    f"rollout worker {i} failed {attempts[i]} time(s) during {what} (rollout.max_restarts="
+                    f"{self.cfg.max_restarts}); last: {failed}"
+                )
+            log.warning("rollout worker %d %s; retrying its %d item(s) on the restarted worker",
+                        i, failed, len(shards[i]))
+            self._bring_back(i, busy=list(running))
+            self.num_retries += 1
+            submit(i)
+        return out
+
+    def _bring_back(self, i: int, busy: list, timeout_s: float = 600.0) -> None:
+        """Wait until Ray has restarted worker ``i``, then make sure it holds ``expected_version``.
+
+        A restarted worker holds version 0 (the weights at ``path``). For any later version the
+        weight-sync group is rebuilt with every worker and the weights are sent again
+        (``resync``), once the calls still running on the other workers (``busy``, references
+        whose results the caller collects afterwards) have finished: a rebuild needs every
+        worker. RolloutFailure if the worker does not come back, or cannot get those weights.
+        """
+        import ray
+        from ray.exceptions import RayError
+
+        version = self._wait_alive(i, timeout_s)
+        if version == self.expected_version:
+            return
+        stale = (f"rollout worker {i} was restarted with weights version {version}, but the policy is at version "
+                 f"{self.expected_version}")
+        if self.resync is None:
+            raise RolloutFailure(
+                f"{stale}, and this group has no weight sync to send those weights again "
+                "(LearnerGroup.connect_weight_sync); its results would be stale"
+            )
+        if busy:
+            ray.wait(busy, num_returns=len(busy))
+        t0 = time.perf_counter()
+        try:
+            self.resync()
+        except RolloutFailure as e:
+            raise RolloutFailure(f"{stale}: {e}") from e
+        except (RuntimeError, RayError) as e:  # LearnerFailure: a member died or hung during the rebuild
+            raise RolloutFailure(f"{stale}, and rebuilding the weight-sync group failed: {e}") from e
+        version = self._wait_alive(i, timeout_s)
+        if version != self.expected_version:  # it died again during the rebuild
+            raise RolloutFailure(f"{stale}; after the weight-sync group was rebuilt it holds version {version}")
+        log.info("rollout worker %d restarted and rejoined the weight-sync group: weights version %d resent to %d "
+                 "worker(s) in %.2f s", i, version, len(self.workers), time.perf_counter() - t0)
+
+    def _wait_alive(self, i: int, timeout_s: float) -> int:
+        """The weights version of worker ``i``, once Ray has it running again."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(self.workers[i].weights_version.remote())
+            except ActorUnavailableError as e:  # still restarting (loading the model)
+                if time.monotonic() > deadline:
+                    raise RolloutFailure(f"rollout worker {i} was not back within {timeout_s:.0f} s of dying") from e
+                time.sleep(0.1)
+            except RayActorError as e:
+                raise RolloutFailure(f"rollout worker {i} died and could not be restarted: {e}") from e
+
+    def generate(self, prompts: list[Prompt], **kwargs) -> list[dict]:
+        """``RolloutWorker.generate`` over all workers; results in the order of ``prompts``."""
+        return self._map("generate", lambda w, shard: w.generate.remote(shard, **kwargs), prompts)
+
+    def sample(self, items: list[tuple[Prompt, str]], **kwargs) -> list[list[dict]]:
+        """``RolloutWorker.sample`` over all workers; results in the order of ``items``."""
+        return self._map("sample", lambda w, shard: w.sample.remote(shard, **kwargs), items)
+
+    def logprobs(self, items: list[tuple[Prompt, str, str, bool]]) -> list[tuple[float, int]]:
+        """``RolloutWorker.logprobs`` over all workers; results in the order of ``items``."""
+        return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard), items)
+
+    # -- weight sync (driven by LearnerGroup.connect_weight_sync / push_weights) ------------
+    def init_sync_refs(self, host: str, port: int, *, first_rank: int, world_size: int) -> list:
+        return [w.init_sync.remote(host, port, first_rank + i, world_size) for i, w in enumerate(self.workers)]
+
+    def receive_weights_refs(self, version: int) -> list:
+        return [w.receive_weights.remote(version) for w in self.workers]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)

@@ -1,0 +1,228 @@
+"""`safer slurm submit`: render the batch script into the run dir and hand it to ``sbatch``.
+
+::
+
+    safer slurm submit CONFIG [overrides] --nodes N --gpus-per-node G [--cpus-per-node C]
+        [--partition P] [--time T] [--account A] [--exclusive] [--grace-s S]
+        [--stage run|sft|erpo] [--dry-run]
+
+    submit host                          allocation (first node runs the batch script)
+      load_config(CONFIG, overrides)       slurm/sbatch.template.sh, rendered
+      check it fits N x (G GPUs, C CPUs)     slurm/ray-cluster.sh: Ray head + workers (srun),
+      mkdir <run>/slurm/                       poll until every node joined
+      write <run>/slurm/<stage>.sbatch.sh    <venv>/bin/python -m launcher <stage> CONFIG
+      sbatch --parsable ... -> job id            overrides... launch.ray_address=auto
+                                             exit 75 (checkpointed on USR1/TERM) -> requeue;
+                                             the requeued job resumes (checkpoint.resume=auto)
+
+The config is validated here, before the job waits in a queue. Paths in the script are
+absolute; the job runs in the submit directory (``sbatch --chdir``), so relative paths (in the
+file: against its directory; in overrides: against the current one) mean the same thing in the
+job as here — the directories must be on a filesystem every node sees. The scripts come from
+the checkout or, in an installed safer, from its package data (safer_dist/runtime/resources.py).
+docs/slurm.md has the whole story.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from safer_dist.config import Config, ConfigError, load_config
+from safer_dist.runtime.io import atomic_write_text
+from safer_dist.runtime.resources import shipped_root
+
+# Holds slurm/ (and configs/): the checkout, or an installed package's data.
+REPO = shipped_root()
+TEMPLATE = REPO / "slurm" / "sbatch.template.sh"
+STAGES = ("run", "sft", "erpo")
+_PLACEHOLDER = re.compile(r"{{(\w+)}}")
+# Seconds added to launch.stop_grace_s for the default --grace-s: stopping Ray and requeueing
+# come after the checkpoint, and SLURM may send the signal up to a minute late.
+_GRACE_MARGIN_S = 60
+
+
+@dataclass
+class SubmitOptions:
+    """What to ask SLURM for; the CLI's ``slurm submit`` flags."""
+
+    nodes: int
+    gpus_per_node: int
+    cpus_per_node: int | None = None  # None: enough for the Ray actors of the stage
+    partition: str | None = None
+    time: str | None = None  # None: the partition's default limit
+    account: str | None = None
+    exclusive: bool = False
+    grace_s: int | None = None  # None: launch.stop_grace_s + 60
+    stage: str = "run"
+    job_name: str | None = None  # None: safer-<run.name>
+    venv: str | None = None  # None: the environment of this Python (sys.prefix)
+
+
+@dataclass
+class Submission:
+    """A rendered job: the script, where it goes, and the driver command inside it."""
+
+    script: str
+    script_path: Path
+    log_path: Path  # with SLURM's %j for the job id
+    run_dir: Path
+    command: list[str]
+
+
+def render_template(values: Mapping[str, object], template: str | None = None) -> str:
+    """``{{name}}`` -> ``values[name]``; a ``#SBATCH`` line whose placeholder renders to "" is
+    dropped (that is how optional lines work). Every placeholder must have a value."""
+    text = TEMPLATE.read_text() if template is None else template
+    missing = sorted({n for n in _PLACEHOLDER.findall(text) if n not in values})
+    if missing:
+        raise ValueError(f"{TEMPLATE.name}: no value for placeholder(s) {', '.join(missing)}")
+    out = []
+    for line in text.splitlines():
+        names = _PLACEHOLDER.findall(line)
+        if line.startswith("#SBATCH") and any(str(values[n]) == "" for n in names):
+            continue
+        out.append(_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), line))
+    return "\n".join(out) + "\n"
+
+
+def default_venv() -> Path:
+    """The environment this ``safer`` runs from: a virtualenv or a conda env (both have bin/python)."""
+    return Path(sys.prefix)
+
+
+def driver_command(venv: Path, stage: str, config_path: Path, overrides: list[str]) -> list[str]:
+    """The job's driver: the same config and overrides, joining the allocation's Ray cluster."""
+    return [str(venv / "bin" / "python"), "-m", "launcher", stage, str(config_path), *overrides,
+            "launch.ray_address=auto"]
+
+
+def check_fits(cfg: Config, opts: SubmitOptions) -> None:
+    """ConfigError when the stage's Ray actors cannot be placed on the allocation (they would
+    otherwise wait learner.placement_timeout_s in the job and then fail)."""
+    lr, ro = cfg.learner, cfg.rollout
+    ask = f"--nodes {opts.nodes} --gpus-per-node {opts.gpus_per_node}"
+    gpu_learners = opts.gpus_per_node > 0 and cfg.launch.device != "cpu" and lr.gpus_per_learner != "0"
+    # ERPO holds learners and rollout workers at once; SFT only learners.
+    workers = ro.num_workers if opts.stage in ("run", "erpo") else 0
+    if gpu_learners:
+        need = lr.num_learners + workers
+        have = opts.nodes * opts.gpus_per_node
+        if need > have:
+            raise ConfigError(
+                f"learner.num_learners={lr.num_learners}"
+                + (f" + rollout.num_workers={workers}" if workers else "")
+                + f" need {need} GPUs; {ask} give {have}"
+            )
+    elif lr.gpus_per_learner == "1":
+        raise ConfigError(f"learner.gpus_per_learner=1 needs GPUs; {ask} gives none")
+    if lr.placement == "STRICT_SPREAD" and lr.num_learners > opts.nodes:
+        raise ConfigError(
+            f"learner.placement=STRICT_SPREAD puts each of the {lr.num_learners} learners on its own node; "
+            f"--nodes {opts.nodes} is too few"
+        )
+    if lr.placement == "STRICT_PACK" and gpu_learners and lr.num_learners > opts.gpus_per_node:
+        raise ConfigError(
+            f"learner.placement=STRICT_PACK puts all {lr.num_learners} learners on one node; "
+            f"--gpus-per-node {opts.gpus_per_node} is too few"
+        )
+    cpus = cpus_per_node(cfg, opts)
+    need_cpus = lr.num_learners * lr.cpus_per_learner + workers * ro.cpus_per_worker
+    if need_cpus > opts.nodes * cpus:
+        raise ConfigError(
+            f"the {opts.stage} stage's Ray actors need {need_cpus} CPUs (learner.cpus_per_learner, "
+            f"rollout.cpus_per_worker); --nodes {opts.nodes} --cpus-per-node {cpus} give {opts.nodes * cpus}"
+        )
+    if lr.placement == "STRICT_PACK" and lr.num_learners * lr.cpus_per_learner > cpus:
+        raise ConfigError(
+            f"learner.placement=STRICT_PACK needs {lr.num_learners * lr.cpus_per_learner} CPUs on one node; "
+            f"--cpus-per-node {cpus} is too few"
+        )
+
+
+def cpus_per_node(cfg: Config, opts: SubmitOptions) -> int:
+    """--cpus-per-node, or by default what the stage's actors need, spread evenly over the nodes."""
+    if opts.cpus_per_node is not None:
+        return opts.cpus_per_node
+    lr, ro = cfg.learner, cfg.rollout
+    workers = ro.num_workers if opts.stage in ("run", "erpo") else 0
+    need = lr.num_learners * lr.cpus_per_learner + workers * ro.cpus_per_worker
+    if lr.placement == "STRICT_PACK":
+        return need
+    return max(1, math.ceil(need / opts.nodes))
+
+
+def prepare(config_path: str | Path, overrides: list[str], opts: SubmitOptions, *, cwd: Path | None = None) -> Submission:
+    """Validate the config and the request and render the script. Writes nothing."""
+    if opts.stage not in STAGES:
+        raise ValueError(f"--stage must be one of {', '.join(STAGES)} (got {opts.stage!r})")
+    if opts.nodes < 1:
+        raise ValueError("--nodes must be >= 1")
+    if opts.gpus_per_node < 0:
+        raise ValueError("--gpus-per-node must be >= 0")
+    if opts.cpus_per_node is not None and opts.cpus_per_node < 1:
+        raise ValueError("--cpus-per-node must be >= 1")
+    cwd = (cwd or Path.cwd()).resolve()
+    config_path = (cwd / config_path).resolve()
+    cfg = load_config(config_path, [*overrides, "launch.ray_address=auto"])
+    check_fits(cfg, opts)
+    stop_grace_s = math.ceil(cfg.launch.stop_grace_s)
+    grace_s = opts.grace_s if opts.grace_s is not None else stop_grace_s + _GRACE_MARGIN_S
+    if grace_s <= stop_grace_s:
+        raise ValueError(
+            f"--grace-s {grace_s} must exceed launch.stop_grace_s ({cfg.launch.stop_grace_s:g}): the signal comes "
+            "grace_s before the time limit, and the driver may take stop_grace_s to checkpoint"
+        )
+    venv = Path(opts.venv).resolve() if opts.venv else default_venv()
+    if not (venv / "bin" / "python").exists():
+        raise ValueError(f"{venv}/bin/python not found: --venv must be a virtualenv or conda env with safer installed")
+    run_dir = (cwd / cfg.run.dir).resolve()
+    slurm_dir = run_dir / "slurm"
+    script_path = slurm_dir / f"{opts.stage}.sbatch.sh"
+    log_path = slurm_dir / "job-%j.log"
+    for what, p in (("run dir", run_dir), ("checkout", REPO), ("environment", venv)):
+        if re.search(r"[\s'\"\\$`]", str(p)):
+            raise ValueError(f"the {what} path {str(p)!r} has whitespace, quotes or '$'; the batch script needs a plain path")
+    command = driver_command(venv, opts.stage, config_path, list(overrides))
+    values = {
+        "job_name": opts.job_name or f"safer-{cfg.run.name}",
+        "nodes": opts.nodes,
+        "gpus_per_node": opts.gpus_per_node or "",
+        "cpus_per_task": cpus_per_node(cfg, opts),
+        "partition": opts.partition or "",
+        "account": opts.account or "",
+        "exclusive": "exclusive" if opts.exclusive else "",
+        "time": opts.time or "",
+        "grace_s": grace_s,
+        "output": log_path,
+        "run_dir": run_dir,
+        "repo_dir": REPO,
+        "venv_dir": venv,
+        "command": shlex.join(command),
+    }
+    return Submission(render_template(values), script_path, log_path, run_dir, command)
+
+
+def submit(sub: Submission, *, cwd: Path | None = None) -> int:
+    """Create the run dir, write the script, ``sbatch`` it; return the job id."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise ValueError("sbatch not found on PATH: submit from a SLURM login node (or use --dry-run)")
+    atomic_write_text(sub.script_path, sub.script)
+    sub.script_path.chmod(0o755)  # before sbatch, the script's only reader
+    cwd = (cwd or Path.cwd()).resolve()
+    proc = subprocess.run(
+        [sbatch, "--parsable", f"--chdir={cwd}", str(sub.script_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    if proc.returncode != 0:
+        raise ValueError(f"sbatch {sub.script_path} failed ({proc.returncode}): {proc.stderr.strip()}")
+    # --parsable prints "<job id>" or "<job id>;<cluster>".
+    return int(proc.stdout.strip().split(";")[0])

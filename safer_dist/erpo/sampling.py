@@ -1,0 +1,108 @@
+"""Candidate-step sampling with one prefill per shared prefix, and teacher-forced log-probs.
+
+``sample_candidates`` encodes each prefix once (a batched, left-padded prefill), copies its
+KV cache N times, and samples N continuations per prefix from the copies — instead of
+re-encoding the prefix N times as ``generate(num_return_sequences=N)`` does. Sampling is
+continuous batching (``safer_dist.erpo.decode``): a row leaves the batch as soon as it ends —
+at EOS, when the text generated so far contains a stop string (a step's closing tag), or at
+its token limit — and waiting prefixes take its place, so no batch runs for its longest row
+only. The returned continuation is cut right after the stop string.
+
+Samples are a function of (seed, prefix index, candidate index) and the prefix: each row
+draws from its own random stream, so a row's sample does not depend on the other prefixes of
+the call, on ``batch_rows`` or on prefix reuse. (The earlier sampler, one ``generate`` call
+per batch under a global ``torch.manual_seed``, drew every row from one stream, so its samples
+depended on batch composition; those exact samples are not reproduced.) Temperature 0 is
+greedy and equals ``model.generate`` greedy decoding.
+
+``continuation_logprobs`` scores given continuations of given contexts in packed,
+padding-free batches with the same tokenization the learners use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from safer_dist.erpo.decode import StopCheck, decode
+from safer_dist.train.losses import IGNORE_INDEX, sequence_logprobs
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
+    """Text up to and including the first stop string, and whether one was found."""
+    best = None
+    for s in stops or ():
+        i = text.find(s)
+        if i >= 0 and (best is None or i + len(s) < best):
+            best = i + len(s)
+    return (text, False) if best is None else (text[:best], True)
+
+
+def sample_candidates(
+    model, tokenizer, prefixes: list[list[int]], n: int, *, max_new_tokens: int,
+    stop_strings: list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
+    seed: int = 0, batch_rows: int = 64, reuse_prefix: bool = True,
+) -> list[list[dict]]:
+    """``n`` sampled continuations of each prefix (token ids, already chat-formatted).
+
+    Returns, per prefix, ``n`` dicts ``{text, num_tokens, stopped}``: ``text`` is cut after the
+    first stop string; ``num_tokens`` counts the tokens of ``text`` (re-encoded) plus 1 for an
+    EOS; ``stopped`` says whether a stop string or EOS ended it (False: the token limit did).
+    At most ``max(batch_rows, n)`` rows are sampled at once. ``reuse_prefix=False`` encodes the
+    prefix once per row (the peer method); it draws the same samples.
+    """
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"sample_candidates needs n >= 1 and max_new_tokens >= 1 (got n={n}, "
+                         f"max_new_tokens={max_new_tokens})")
+    if any(not p for p in prefixes):
+        raise ValueError("sample_candidates: every prefix needs at least one token (the chat-formatted prompt)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    sampled = decode(
+        model, prefixes, n, max_new_tokens=max_new_tokens, eos=eos, pad=pad, stop=StopCheck(tokenizer, stop_strings),
+        temperature=temperature, top_p=top_p, seed=seed, capacity=batch_rows, reuse_prefix=reuse_prefix,
+    )
+    out: list[list[dict]] = []
+    for rows in sampled:
+        cands = []
+        for row in rows:
+            hit_eos = bool(row) and row[-1] == eos
+            if hit_eos:
+                row = row[:-1]
+            text, hit_stop = cut_at_stop(tokenizer.decode(row, skip_special_tokens=False), stop_strings)
+            text = _strip_pad(text, tokenizer)
+            # The token that completed a stop string may carry text past it, which is cut: count
+            # the kept text as the learners will tokenize it.
+            num = len(tokenizer.encode(text, add_special_tokens=False)) + (1 if hit_eos else 0)
+            cands.append({"text": text, "num_tokens": num, "stopped": hit_eos or hit_stop})
+        out.append(cands)
+    return out
+
+
+def _strip_pad(text: str, tokenizer) -> str:
+    pad = tokenizer.pad_token
+    return text.replace(pad, "") if pad else text
+
+
+@torch.no_grad()
+def continuation_logprobs(model, items: list[tuple[list[int], list[int]]], *, max_tokens_per_pack: int = 8192) -> list[tuple[float, int]]:
+    """Sum of log p(continuation | context) and its token count, for each (context, continuation)."""
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = []
+    start = 0
+    while start < len(items):
+        ids, pos, labels, seq = [], [], [], []
+        end = start
+        while end < len(items) and (not ids or len(ids) + sum(map(len, items[end])) <= max_tokens_per_pack):
+            ctx, cont = items[end]
+            full = ctx + cont
+            ids += full
+            pos += range(len(full))
+            labels += [IGNORE_INDEX] * len(ctx) + cont
+            seq += [end - start] * len(full)
+            end += 1
+        as_row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+        logits = model(input_ids=as_row(ids), position_ids=as_row(pos), use_cache=False).logits
+        sums, counts = sequence_logprobs(logits, as_row(labels), as_row(seq), end - start)
+        results += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+        start = end
+    return results

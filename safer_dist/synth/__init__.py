@@ -1,0 +1,1 @@
+"""Trace synthesis: teacher backends, category classification, and the validate-and-filter pipeline."""

@@ -1,0 +1,511 @@
+"""One learner rank: a DeepSpeed ZeRO engine over a Hugging Face causal LM.
+
+A ``Learner`` is a plain object; :mod:`safer_dist.cluster.group` runs one per Ray actor. Ranks form
+their own torch.distributed group (gloo on CPU, NCCL on CUDA) from the address rank 0
+publishes. Each rank derives its shard of every global batch itself (see
+:mod:`safer_dist.train.sft_data`), so no tokens pass through the driver.
+
+Loss scaling: DeepSpeed divides the loss by the gradient-accumulation steps (GAS) and
+averages gradients over the W data-parallel ranks. Each micro-batch's loss is the summed
+token NLL over the *global* count N of labelled tokens, multiplied by GAS*W to undo both,
+so the applied gradient is exactly that of mean NLL over the global batch — identical for
+any split into ranks and micro-batches.
+
+Token log-probs come from :class:`safer_dist.train.lm_head.LMHead`: by default the final hidden
+states are projected onto the vocabulary ``learner.loss_chunk_tokens`` labelled tokens at a time,
+so full fp32 logits never exist. ``setup`` reports the parameter count MFU is computed from
+and the device's peak FLOP/s (:mod:`safer_dist.train.throughput`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
+from safer_dist.train.lm_head import LMHead
+from safer_dist.train.sft_data import StepPrefetcher
+from safer_dist.runtime.log import get_logger, quiet_libraries
+from safer_dist.train.throughput import device_peak_flops, non_embedding_params
+
+log = get_logger("learner")
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("launch.device=cuda but no CUDA device is visible to this learner")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def deepspeed_config(learner: LearnerSection, optim: OptimSection, world_size: int, dtype: torch.dtype) -> dict:
+    gas = optim.global_batch_size // (optim.micro_batch_size * world_size)
+    zero: dict[str, Any] = {"stage": learner.zero_stage}
+    if learner.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if learner.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if learner.zero_stage == 3:
+        # Gather full 16-bit weights on save so export needs no conversion step.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": optim.global_batch_size,
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_distributed(
+    rank: int, world_size: int, master_addr: str, master_port: int, backend: str, *, local_ip: str | None = None,
+) -> None:
+    """Join the default process group. ``local_ip``: this node's address (Ray's); gloo then
+    talks over the interface that holds it (see :func:`gloo_interface`)."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+    )
+    if backend == "gloo" and local_ip and "GLOO_SOCKET_IFNAME" not in os.environ:
+        ifname = gloo_interface(local_ip)
+        if ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
+    import deepspeed
+
+    # DeepSpeed JIT-compiles a shared-memory op (~30 s) at init that only inference
+    # all-reduce uses; skip it. It must be patched on the module object itself.
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, dist_init_required=True)
+
+
+def gloo_interface(ip: str) -> str | None:
+    """The network interface holding ``ip``, or None.
+
+    Without GLOO_SOCKET_IFNAME gloo binds to the address the *hostname* resolves to; where
+    that is 127.0.0.1 (common in /etc/hosts, and on the dev cluster, whose nodes share one
+    hostname) every rank advertises loopback and ranks on other hosts cannot connect.
+    Ray's node address is the one the other hosts reach, so use its interface.
+    """
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            return name
+    return None
+
+
+def rng_state() -> dict:
+    return {
+        "python": list(_flatten(random.getstate())),
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _flatten(state):
+    version, internal, gauss = state
+    return [version, *internal, -1 if gauss is None else gauss]
+
+
+def _numpy_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def set_rng_state(state: dict) -> None:
+    flat = state["python"]
+    gauss = None if flat[-1] == -1 else flat[-1]
+    random.setstate((flat[0], tuple(int(x) for x in flat[1:-1]), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Learner:
+    """One data-parallel rank. Methods are called by the driver through Ray.
+
+    ``optim`` is the stage's optimisation (``cfg.train`` for SFT, ``cfg.erpo.optim`` for
+    ERPO); ``model_path`` overrides ``model.path`` (ERPO starts from the SFT export);
+    ``dpo_loss`` is the step-DPO loss :meth:`dpo_step` trains with.
+    """
+
+    def __init__(
+        self, learner: LearnerSection, optim: OptimSection, model: ModelSection, data: DataSection,
+        *, seed: int, device: str = "auto", model_path: str | None = None, dpo_loss: DpoLossSection | None = None,
+    ):
+        self.cfg, self.optim, self.model_cfg, self.data_cfg = learner, optim, model, data
+        self.model_path = model_path or model.path
+        self.dpo_loss = dpo_loss
+        self.seed = seed
+        self.device = resolve_device(device)
+        if self.device == "cpu":
+            torch.set_num_threads(learner.cpus_per_learner)
+        self.engine = None
+        self._hf_ds_config = None  # ZeRO-3: transformers' HfDeepSpeedConfig, which it only references weakly
+        self._data = None
+        self._batches: StepPrefetcher | None = None
+        self._valid = None  # the encoded validation set (eval_loss)
+        self._pairs = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port, for rank 0 to publish."""
+        import socket
+
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ip, s.getsockname()[1]
+
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int) -> dict:
+        import deepspeed
+
+        from safer_dist.train.models import count_params, load_tokenizer
+
+        self.rank, self.world_size = rank, world_size
+        quiet_libraries()
+        import ray
+
+        init_distributed(
+            rank, world_size, master_addr, master_port, "nccl" if self.device == "cuda" else "gloo",
+            local_ip=ray.util.get_node_ip_address(),
+        )
+        random.seed(self.seed + rank)
+        np.random.seed(self.seed + rank)
+        torch.manual_seed(self.seed)
+        self.dtype = resolve_dtype(self.model_cfg.dtype, self.device)
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=self.model_cfg.trust_remote_code)
+        t = self.optim
+        ds_config = deepspeed_config(self.cfg, t, world_size, self.dtype)
+        model = self._load_model(ds_config)
+        if self.model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.attn_implementation = model.config._attn_implementation
+        optimizer = None
+        if self.cfg.offload_optimizer:
+            ds_config["optimizer"] = {
+                "type": "AdamW",
+                "params": {"lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "weight_decay": t.weight_decay},
+            }
+        else:
+            optimizer = torch.optim.AdamW(
+                model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
+                foreach=self.device == "cuda",
+            )
+        # A plain function (not the bound method): LambdaLR then keeps it out of its state_dict.
+        def lr_factor(step: int) -> float:
+            return t.lr_factor(step)
+
+        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)) if optimizer is None else (
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model_parameters=model.parameters() if optimizer is None else None,
+        )
+        self.head = LMHead(self.engine.module, self.cfg.loss_chunk_tokens, self.device)
+        return {
+            "rank": rank, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
+            "attn_implementation": self.attn_implementation, "loss_head": self.head.mode,
+            "num_params": count_params(model), "num_params_non_embedding": non_embedding_params(model),
+            "peak_flops": device_peak_flops(self.device, self.cfg.peak_tflops),
+        }
+
+    def _load_model(self, ds_config: dict):
+        """The model to train. Under ZeRO-3 it is built and loaded partitioned, so no rank ever
+        holds the full weights (:mod:`safer_dist.train.partitioned_load`); otherwise every rank
+        loads it whole, as rollout workers do."""
+        from safer_dist.train.models import load_model
+
+        m = self.model_cfg
+        if self.cfg.zero_stage == 3:
+            from safer_dist.train.partitioned_load import load_model_partitioned
+
+            model, self._hf_ds_config = load_model_partitioned(
+                self.model_path, dtype=self.dtype, ds_config=ds_config, attn_implementation=m.attn_implementation,
+                device=self.device, trust_remote_code=m.trust_remote_code,
+            )
+            return model
+        return load_model(self.model_path, dtype=self.dtype, attn_implementation=m.attn_implementation,
+                          device=self.device, trust_remote_code=m.trust_remote_code)
+
+    # -- training -------------------------------------------------------------------------
+    def _all_reduce(self, values: list) -> list[float]:
+        """Sums over ranks of ``values`` (numbers or 0-d tensors); one host synchronisation."""
+        import torch.distributed as dist
+
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sft_step(self, step: int) -> dict:
+        """One optimizer step on global batch ``step``. Returns global metrics (same on all ranks)."""
+        from safer_dist.train.sft_data import Encoded, num_label_tokens, pack
+
+        t0 = time.perf_counter()
+        t = self.optim
+        batches, counts = self._sft_batches().get(step)
+        local_label = sum(num_label_tokens(b) for b in batches if b is not None)
+        local_tokens = sum(b["input_ids"].numel() for b in batches if b is not None)
+        n_label, n_tokens, n_trunc, n_drop = self._all_reduce(
+            [local_label, local_tokens, counts["truncated"], counts["dropped"]]
+        )
+        scale = self.engine.gradient_accumulation_steps() * self.world_size
+        lr = self.engine.get_lr()[0]
+        # Summed on the device: no host synchronisation per micro-batch.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b in batches:
+            if b is None:  # every example of this micro-batch was dropped: keep ranks in step
+                b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
+            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            loss = self.head.sft_loss(self.engine, b, max(n_label, 1.0))
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            loss_sum += loss.detach().double()
+        (loss_global,) = self._all_reduce([loss_sum])
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss_global, "lr": lr, "num_tokens": int(n_tokens), "num_loss_tokens": int(n_label),
+            "truncated": int(n_trunc), "dropped": int(n_drop),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "step_time_s": time.perf_counter() - t0,
+        }
+
+    def eval_loss(self) -> dict:
+        """Validation loss under the current weights, no update. Collective.
+
+        Each rank scores its shard of the validation set (``data.valid``, else the held-out
+        ``data.valid_fraction`` of ``data.train``) with the training loss's formula
+        (:func:`~safer_dist.train.losses.sft_loss`, summed NLL over labelled tokens); the sums
+        and token counts are all-reduced, so ``valid_loss`` = total NLL / total labelled tokens
+        over the whole set, for any number of ranks and micro-batch size. Validation prompts
+        are encoded without ``data.segment_dropout``: every evaluation sees the same tokens.
+        Returns ``{"valid_loss", "num_valid_tokens"}`` (same on all ranks).
+        """
+        from safer_dist.train.losses import sft_loss
+        from safer_dist.train.sft_data import Encoded, eval_micro_batches, num_label_tokens, pack
+
+        batches = eval_micro_batches(
+            self._valid_examples(), rank=self.rank, world_size=self.world_size,
+            micro_batch_size=self.optim.micro_batch_size,
+        )
+        nll_sum, n_label = 0.0, 0
+        was_training = self.engine.training
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    if b is None:  # this rank's shard ran out: a forward pass anyway (ZeRO-3 is collective)
+                        b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
+                    n_label += num_label_tokens(b)
+                    b = {k: v.to(self.device) for k, v in b.items()}
+                    logits = self.engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+                    nll_sum += float(sft_loss(logits, b["labels"], 1.0))
+        finally:
+            self.engine.train(was_training)
+        nll_global, n_global = self._all_reduce([nll_sum, n_label])
+        return {"valid_loss": nll_global / max(n_global, 1.0), "num_valid_tokens": int(n_global)}
+
+    def _train_and_valid_records(self) -> tuple[list, list]:
+        from safer_dist.data.records import load_records
+        from safer_dist.train.sft_data import split_valid
+
+        train, valid = split_valid(load_records(self.data_cfg.train, "sft"), self.data_cfg.valid_fraction, self.seed)
+        if self.data_cfg.valid:
+            valid = list(load_records(self.data_cfg.valid, "sft"))
+        return train, valid
+
+    def _valid_examples(self) -> list:
+        if self._valid is None:
+            from safer_dist.train.sft_data import encode_example
+
+            _, records = self._train_and_valid_records()
+            if not records:
+                raise ValueError("no validation set: set data.valid=FILE or data.valid_fraction")
+            self._valid = [
+                encode_example(self.tokenizer, r["prompt"], r["response"], max_seq_len=self.data_cfg.max_seq_len,
+                               overlong=self.data_cfg.overlong)
+                for r in records
+            ]
+        return self._valid
+
+    def _sft_batches(self) -> StepPrefetcher:
+        """This rank's micro-batches of a step, the next step's prepared in the background."""
+        if self._batches is None:
+            t = self.optim
+            self._batches = StepPrefetcher(
+                lambda step: self._sft_data().micro_batches(
+                    step, global_batch_size=t.global_batch_size, rank=self.rank, world_size=self.world_size,
+                    micro_batch_size=t.micro_batch_size,
+                ),
+                enabled=self.cfg.prefetch_batches,
+            )
+        return self._batches
+
+    def _sft_data(self):
+        if self._data is None:
+            from safer_dist.train.sft_data import SFTData
+
+            train, _ = self._train_and_valid_records()
+            self._data = SFTData(
+                train, self.tokenizer, seed=self.seed,
+                max_seq_len=self.data_cfg.max_seq_len, overlong=self.data_cfg.overlong,
+                segment_dropout=self.data_cfg.segment_dropout,
+            )
+        return self._data
+
+    # -- step-level DPO -------------------------------------------------------------------
+    def load_pairs(self, path: str, seed: int, safety_repeats: int = 1) -> int:
+        """Read an iteration's pairs (written by the driver before training); returns how many
+        the learner trains on per epoch (safety pairs count ``safety_repeats`` times)."""
+        import json
+
+        from safer_dist.erpo.pairs import PairData
+
+        recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        self._pairs = PairData([r for r in recs if r.get("chosen") is not None], self.tokenizer, seed=seed,
+                               safety_repeats=safety_repeats)
+        return len(self._pairs)
+
+    def dpo_step(self, step: int) -> dict:
+        """One optimizer step of step-level DPO (``dpo_loss`` of set-up) on pair batch ``step``
+        of the loaded pairs. Reference log-probs come with the pairs (computed by rollout
+        workers at sampling)."""
+        from safer_dist.train.losses import step_dpo_loss, sum_by_sequence
+
+        t0 = time.perf_counter()
+        t, erpo = self.optim, self.dpo_loss
+        assert erpo is not None, "dpo_step needs a learner set up with dpo_loss"
+        batches = self._pairs.micro_batches(
+            step, global_batch_size=t.global_batch_size, rank=self.rank, world_size=self.world_size,
+            micro_batch_size=t.micro_batch_size,
+        )
+        n_tokens_local = sum(b["input_ids"].numel() for b in batches)
+        n_chosen_local = sum(int(b["chosen_len"].sum()) for b in batches)
+        n_tokens, n_chosen = self._all_reduce([n_tokens_local, n_chosen_local])
+        n_pairs = t.global_batch_size
+        scale = self.engine.gradient_accumulation_steps() * self.world_size
+        lr = self.engine.get_lr()[0]
+        sums = {"loss": 0.0, "margin": 0.0, "acc": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0}
+        for b in batches:
+            k = int(b["num_pairs"])
+            dev = {key: b[key].to(self.device) for key in ("input_ids", "position_ids", "labels", "seq_ids")}
+            logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
+            logp = logp.double()
+            chosen, rejected = logp[0::2], logp[1::2]
+            loss, stats = step_dpo_loss(
+                chosen, rejected, b["ref_chosen"].to(logp), b["ref_rejected"].to(logp), beta=erpo.beta,
+                num_pairs_global=n_pairs, label_smoothing=erpo.label_smoothing, length_alpha=erpo.length_alpha,
+                chosen_len=b["chosen_len"].to(self.device), rejected_len=b["rejected_len"].to(self.device),
+                nll_weight=erpo.nll_weight, chosen_nll_sum=-chosen, num_chosen_tokens_global=max(n_chosen, 1.0),
+            )
+            self.engine.backward(loss.float() * scale)
+            self.engine.step()
+            sums["loss"] += float(loss.detach())
+            sums["margin"] += float(stats["margin"].sum())
+            sums["acc"] += float((stats["margin"] > 0).double().sum())
+            sums["reward_chosen"] += float(stats["reward_chosen"].sum())
+            sums["reward_rejected"] += float(stats["reward_rejected"].sum())
+        loss, margin, acc, rc, rr = self._all_reduce([sums[k] for k in ("loss", "margin", "acc", "reward_chosen", "reward_rejected")])
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss, "lr": lr, "reward_margin": margin / n_pairs, "preference_accuracy": acc / n_pairs,
+            "reward_chosen": rc / n_pairs, "reward_rejected": rr / n_pairs, "num_pairs": n_pairs,
+            "num_tokens": int(n_tokens), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "step_time_s": time.perf_counter() - t0,
+        }
+
+    # -- weight sync to rollout workers -----------------------------------------------------
+    def init_sync(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the weight-sync group as member 0 (other ranks have nothing to join),
+        leaving the group it joined before, if any (the group is rebuilt when a rollout worker
+        restarts)."""
+        if self.rank == 0:
+            from safer_dist.erpo.weight_sync import close_group, make_group
+
+            import ray
+
+            close_group(getattr(self, "sync_group", None))
+            self.sync_group = None
+            backend = "nccl" if self.device == "cuda" else "gloo"
+            self.sync_group = make_group(host, port, 0, world_size, backend, local_ip=ray.util.get_node_ip_address())
+
+    def send_weights(self, version: int) -> int:
+        """Broadcast the current weights to the rollout workers. Collective under ZeRO-3."""
+        from safer_dist.erpo.weight_sync import send_weights
+
+        return send_weights(self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
+                            zero3=self.cfg.zero_stage == 3)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+        """Write this rank's shards and RNG state into ``root/tag``. Collective."""
+        self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), Path(root) / tag / f"rng_rank{self.rank}.pt")
+
+    def load_checkpoint(self, root: str, tag: str, *, load_optimizer: bool = True, universal: bool = False) -> dict:
+        """Restore shards, scheduler and this rank's RNG from ``root/tag``. Collective."""
+        from safer_dist.checkpointing.safe_load import weights_only_torch_load
+
+        self.engine._config.load_universal_checkpoint = universal
+        # DeepSpeed asks torch.load for full pickle; force weights-only (safer_dist/checkpointing/safe_load.py).
+        with weights_only_torch_load():
+            path, client_state = self.engine.load_checkpoint(
+                root, tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer,
+                load_module_strict=True,
+            )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {root}/{tag}")
+        rng_file = Path(root) / tag / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return client_state or {}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Consolidated weights on rank 0 (None elsewhere). Collective under ZeRO-3."""
+        if self.cfg.zero_stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = self.engine.module.state_dict() if self.rank == 0 else None
+        if sd is None or self.rank != 0:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+    def export_hf(self, out_dir: str) -> None:
+        """Write a Hugging Face directory (safetensors, config, tokenizer). Collective."""
+        from safer_dist.checkpointing.export import save_hf_atomically
+
+        sd = self.full_state_dict()
+        if self.rank == 0:
+            save_hf_atomically(self.engine.module, self.tokenizer, out_dir, state_dict=sd)
+
+    def logits(self, input_ids: list[int]) -> torch.Tensor:
+        """Logits of one unpacked sequence under the current weights (for tests). Collective under ZeRO-3."""
+        ids = torch.tensor([input_ids], device=self.device)
+        with torch.no_grad():
+            return self.engine(input_ids=ids, use_cache=False).logits[0].float().cpu()
