@@ -382,14 +382,17 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
     if e.iterations > 0 and need > gpus:
         out.append(f"ERPO places {world} learners + {groups} x {cfg.rollout.num_workers} rollout workers = {need} "
                    f"GPUs; the cluster has {gpus}: lower learner.num_learners or rollout.num_workers")
-    load = 2.0 * model_shape.num_params()
-    if load > plan.usable_bytes:
-        out.append(f"note: the full 16-bit weights ({load / GIB:.1f} GiB) do not fit on one GPU: the learners must load "
-                   "them partitioned (DeepSpeed zero.Init); loading the whole model onto each GPU before "
-                   "deepspeed.initialize runs out of memory")
+    load = 2.0 * model_shape.num_params()  # the 16-bit weights
     per_node = min(gpus_per_node, world)
-    out.append(f"note: host RAM at load: each of the {per_node} learners of a node reads the full weights "
-               f"(~{load * per_node / GIB:.1f} GiB per node in 16-bit unless loaded with zero.Init)")
+    if ln.zero_stage == 3:  # safer_dist/train/partitioned_load.py
+        out.append(f"note: load: ZeRO-3 learners build the model partitioned and each reads only its own 1/{world} of "
+                   f"the weights from the checkpoint ({load / world / GIB:.1f} GiB in 16-bit): no GPU and no learner "
+                   "process ever holds the whole model")
+    else:
+        out.append(f"note: load: each of the {per_node} learners of a node reads the full weights into host RAM "
+                   f"(~{load * per_node / GIB:.1f} GiB per node in 16-bit), then moves them to its GPU"
+                   + (f"; they ({load / GIB:.1f} GiB) do not fit on one GPU: learner.zero_stage=3 loads them "
+                      "partitioned" if load > plan.usable_bytes else ""))
     return plan
 
 

@@ -164,6 +164,7 @@ class Learner:
         if self.device == "cpu":
             torch.set_num_threads(learner.cpus_per_learner)
         self.engine = None
+        self._hf_ds_config = None  # ZeRO-3: transformers' HfDeepSpeedConfig, which it only references weakly
         self._data = None
         self._batches: StepPrefetcher | None = None
         self._valid = None  # the encoded validation set (eval_loss)
@@ -184,7 +185,7 @@ class Learner:
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int) -> dict:
         import deepspeed
 
-        from safer_dist.train.models import count_params, load_model, load_tokenizer
+        from safer_dist.train.models import count_params, load_tokenizer
 
         self.rank, self.world_size = rank, world_size
         quiet_libraries()
@@ -199,16 +200,13 @@ class Learner:
         torch.manual_seed(self.seed)
         self.dtype = resolve_dtype(self.model_cfg.dtype, self.device)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=self.model_cfg.trust_remote_code)
-        model = load_model(
-            self.model_path, dtype=self.dtype, attn_implementation=self.model_cfg.attn_implementation,
-            device=self.device, trust_remote_code=self.model_cfg.trust_remote_code,
-        )
+        t = self.optim
+        ds_config = deepspeed_config(self.cfg, t, world_size, self.dtype)
+        model = self._load_model(ds_config)
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.attn_implementation = model.config._attn_implementation
-        t = self.optim
         optimizer = None
-        ds_config = deepspeed_config(self.cfg, t, world_size, self.dtype)
         if self.cfg.offload_optimizer:
             ds_config["optimizer"] = {
                 "type": "AdamW",
@@ -237,6 +235,24 @@ class Learner:
             "num_params": count_params(model), "num_params_non_embedding": non_embedding_params(model),
             "peak_flops": device_peak_flops(self.device, self.cfg.peak_tflops),
         }
+
+    def _load_model(self, ds_config: dict):
+        """The model to train. Under ZeRO-3 it is built and loaded partitioned, so no rank ever
+        holds the full weights (:mod:`safer_dist.train.partitioned_load`); otherwise every rank
+        loads it whole, as rollout workers do."""
+        from safer_dist.train.models import load_model
+
+        m = self.model_cfg
+        if self.cfg.zero_stage == 3:
+            from safer_dist.train.partitioned_load import load_model_partitioned
+
+            model, self._hf_ds_config = load_model_partitioned(
+                self.model_path, dtype=self.dtype, ds_config=ds_config, attn_implementation=m.attn_implementation,
+                device=self.device, trust_remote_code=m.trust_remote_code,
+            )
+            return model
+        return load_model(self.model_path, dtype=self.dtype, attn_implementation=m.attn_implementation,
+                          device=self.device, trust_remote_code=m.trust_remote_code)
 
     # -- training -------------------------------------------------------------------------
     def _all_reduce(self, values: list) -> list[float]:

@@ -233,6 +233,25 @@ def test_recommendation_on_small_gpus_offloads_and_reports_nothing_fits():
     assert "nothing fits" in format_plan(plan, "x.yaml")
 
 
+def test_load_note_says_how_the_learners_load():
+    # ZeRO-3 learners read 1/W of the 16-bit weights each: Llama-3-70B, 70.55e9 x 2 bytes / 32
+    plan = plan_config(_cfg(**{"learner.num_learners": 32, "learner.zero_stage": 3}), gpus_per_node=8, nodes=4,
+                       gpu_mem_gb=80, shape="llama3-70b")
+    (note,) = [line for line in plan.lines if line.startswith("note: load:")]
+    share = 2 * SHAPES["llama3-70b"].num_params() / 32 / GIB
+    assert f"only its own 1/32 of the weights from the checkpoint ({share:.1f} GiB in 16-bit)" in note
+    assert round(share, 1) == 4.1
+    # ZeRO-2 learners read the whole model each; too large for one GPU: the note names the fix
+    plan = plan_config(_cfg(**{"learner.num_learners": 32}), gpus_per_node=8, nodes=4, gpu_mem_gb=80,
+                       shape="llama3-70b")
+    (note,) = [line for line in plan.lines if line.startswith("note: load:")]
+    assert f"each of the 8 learners of a node reads the full weights into host RAM (~{8 * share * 32:.1f} GiB" in note
+    assert "do not fit on one GPU: learner.zero_stage=3 loads them partitioned" in note
+    plan = plan_config(_cfg(), gpus_per_node=8, nodes=1, gpu_mem_gb=80, shape="llama3-8b")
+    (note,) = [line for line in plan.lines if line.startswith("note: load:")]
+    assert "host RAM" in note and "zero_stage=3" not in note
+
+
 def test_plan_rejects_more_learners_than_gpus():
     with pytest.raises(ValueError, match="needs 8 GPUs"):
         plan_config(_cfg(), gpus_per_node=4, nodes=1, gpu_mem_gb=80, shape="llama3-8b")
