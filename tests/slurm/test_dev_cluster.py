@@ -27,10 +27,15 @@ JOB_TIMEOUT_S = 180
 def _submit(run_dir: Path, driver: str, name: str) -> tuple[int, float]:
     """sbatch the real template around a Python driver (rendered by safer_dist.cluster.slurm)."""
     script = render_template(dict(
+        stage="test",
+        submit_dir=REPO,
+        script_path=run_dir / "job.sh",
         job_name=name,
         nodes=2,
         gpus_per_node="",
         cpus_per_task=2,
+        mem="",
+        mem_note="",
         partition="debug",
         account="",
         exclusive="",
