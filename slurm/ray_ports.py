@@ -117,7 +117,8 @@ def _lock_dir(root: Path, host: str) -> Path:
     return d
 
 
-def reserve(job_id: int, num_cpus: float, *, host: str, lock_root: Path, port_range: tuple[int, int]) -> tuple[Ports, list[int]]:
+def reserve(job_id: int, num_cpus: float, *, host: str, lock_root: Path,
+            port_range: tuple[int, int]) -> tuple[Ports, list[int]]:
     """Take a free block: (its ports, the open lock file descriptors to keep while Ray runs).
     Raises RuntimeError when every block in the range is locked or has a port in use."""
     units = block_units(num_cpus)

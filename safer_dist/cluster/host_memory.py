@@ -78,12 +78,10 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
     workers = groups * ro.num_workers if stage in ("run", "erpo") else 0
 
     spread = lr.placement in ("SPREAD", "STRICT_SPREAD")
-    if gpu:
-        fit, left = gpus_per_node, lambda n: gpus_per_node - n
-    else:
-        fit, left = cpus_per_node // lr.cpus_per_learner, lambda n: (cpus_per_node - n * lr.cpus_per_learner) // ro.cpus_per_worker
+    fit = gpus_per_node if gpu else cpus_per_node // lr.cpus_per_learner  # learners one node can hold
     n_learners = min(lr.num_learners, math.ceil(lr.num_learners / nodes) if spread else fit)
-    n_workers = max(0, min(workers, left(n_learners)))
+    room = gpus_per_node - n_learners if gpu else (cpus_per_node - n_learners * lr.cpus_per_learner) // ro.cpus_per_worker
+    n_workers = max(0, min(workers, room))
 
     seq = cfg.data.max_seq_len
     if gpu:

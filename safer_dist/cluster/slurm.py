@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "sbatch.template.sh"
 STAGES = ("run", "sft", "erpo")
 _PLACEHOLDER = re.compile(r"{{(\w+)}}")
-_SLURM_MEM = re.compile(r"\d+[KMGT]?")  # sbatch --mem: a size, megabytes without a unit; 0 is the whole node
+_SLURM_MEM = re.compile(r"\d+[KMGTkmgt]?")  # sbatch --mem: a size, megabytes without a unit; 0 is the whole node
 # Seconds added to launch.stop_grace_s for the default --grace-s: stopping Ray and requeueing
 # come after the checkpoint, and SLURM may send the signal up to a minute late.
 _GRACE_MARGIN_S = 60
