@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--nodes", type=int, required=True)
     sb.add_argument("--gpus-per-node", type=int, required=True, help="0 on CPU-only nodes")
     sb.add_argument("--cpus-per-node", type=int, default=None, help="default: what the stage's Ray actors need")
+    sb.add_argument("--mem", default=None,
+                    help="memory per node, e.g. 64G (sbatch --mem; 0: all of it). Default: estimated from the config "
+                         "and model (0 with --exclusive)")
     sb.add_argument("--partition", default=None)
     sb.add_argument("--time", default=None, help="time limit, e.g. 12:00:00 (default: the partition's)")
     sb.add_argument("--account", default=None)
@@ -219,7 +222,7 @@ def _dispatch(args) -> int:
 
 def _slurm_submit(args) -> int:
     opts = SubmitOptions(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node, mem=args.mem,
         partition=args.partition, time=args.time, account=args.account, exclusive=args.exclusive,
         grace_s=args.grace_s, stage=args.stage, job_name=args.job_name, venv=args.venv,
     )

@@ -4,22 +4,29 @@
 #   slurm/ray-cluster.sh <driver command> [args...]
 #
 # Runs on the allocation's first node (the batch script's node):
-#   1. srun the Ray head on the first node and wait until its GCS answers;
-#   2. srun one Ray worker on each other node (one step for all of them);
+#   1. srun the Ray head on the first node;
+#   2. srun one Ray worker on each other node (one step for all of them), together with 1;
 #   3. poll (slurm/ray_wait.py) until every node is ALIVE in Ray with its CPUs/GPUs, or
 #      fail naming the nodes that are missing;
 #   4. export RAY_ADDRESS and run the driver; USR1/TERM/INT are forwarded to it;
 #   5. on exit, stop the Ray steps and exit with the driver's exit status.
 #
-# Each node's task finds the address Ray will use (the route to 8.8.8.8, as Ray does) and writes
-# it to $STATE_DIR/node-<host>.ip before `ray start`; the head's file gives the address
-# workers and the driver connect to. The state dir is on the shared filesystem (the run dir).
+# Each node's task finds the address Ray will use (the route to 8.8.8.8, as Ray does), takes a
+# block of ports no other job on that node holds (slurm/ray_ports.py: derived from the job id,
+# locked and probed; no fixed 6379), writes $STATE_DIR/node-<host>.ip and, on the head,
+# $STATE_DIR/head.address (ip:GCS port, what workers and the driver connect to), then runs
+# `ray start`. The state dir is on the shared filesystem (the run dir). Each Ray step asks
+# srun for the job's CPUs per node (--cpus-per-task): since Slurm 22.05 a step does not
+# inherit the batch job's --cpus-per-task, and would get one CPU.
 #
 # Environment (all optional):
 #   SAFER_VENV                 virtualenv with ray (default: <repo>/.venv)
 #   SAFER_RUN_DIR              run directory; Ray logs/state go to
 #                              $SAFER_RUN_DIR/slurm/ray-<job>-r<restart>/ (default: submit dir)
-#   SAFER_RAY_PORT             GCS port of the head (default 6379)
+#   SAFER_RAY_PORT_RANGE       ports Ray may use on each node (default 20000-32767);
+#                              each node of a job takes a block of it (slurm/ray_ports.py)
+#   SAFER_RAY_PORT_LOCK_DIR    where the blocks are locked (default /tmp/safer-ray-ports;
+#                              must be node-local and shared by all jobs on the node)
 #   SAFER_RAY_READY_TIMEOUT_S  how long to wait for all nodes (default 300)
 #   SAFER_RAY_CPUS_PER_NODE    default: SLURM_CPUS_PER_TASK, else SLURM_CPUS_ON_NODE
 #   SAFER_RAY_GPUS_PER_NODE    default: SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE, else
@@ -50,8 +57,6 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
 export RAY_USAGE_STATS_ENABLED=0
 
-PORT=${SAFER_RAY_PORT:-6379}
-
 # ---------------------------------------------------------------------------------------
 # Node side: run by srun on each node with SAFER_RAY_NODE_ROLE=head|worker.
 if [[ -n ${SAFER_RAY_NODE_ROLE:-} ]]; then
@@ -73,23 +78,25 @@ if [[ -n ${SAFER_RAY_NODE_ROLE:-} ]]; then
     [[ -n ${SAFER_RAY_NUM_GPUS:-} ]] && opts+=(--num-gpus="$SAFER_RAY_NUM_GPUS")
     [[ -n ${SAFER_RAY_OBJECT_STORE_BYTES:-} ]] &&
         opts+=(--object-store-memory="$SAFER_RAY_OBJECT_STORE_BYTES")
+    ports_opts=(--job-id "$SLURM_JOB_ID" --host "$host" --ip "$ip" --num-cpus "$SAFER_RAY_NUM_CPUS"
+        --state-dir "$SAFER_RAY_STATE_DIR")
     if [[ $SAFER_RAY_NODE_ROLE == head ]]; then
-        opts+=(--head --port="$PORT" --include-dashboard=false)
+        ports_opts+=(--head)
+        opts+=(--head --include-dashboard=false)
     else
         # Workers start together with the head; they only need its address (a worker's
         # `ray start` retries until the head's GCS answers).
-        head_file=$SAFER_RAY_STATE_DIR/node-$SAFER_RAY_HEAD_HOST.ip
+        head_file=$SAFER_RAY_STATE_DIR/head.address
         deadline=$((SECONDS + ${SAFER_RAY_READY_TIMEOUT_S:-300}))
         until [[ -s $head_file ]]; do
             ((SECONDS < deadline)) || { echo "ray-cluster: no $head_file in time" >&2; exit 1; }
             sleep 0.1
         done
-        opts+=(--address="$(<"$head_file"):$PORT")
+        opts+=(--address="$(<"$head_file")")
     fi
-    echo "$ip" >"$SAFER_RAY_STATE_DIR/node-$host.ip.tmp"
-    mv "$SAFER_RAY_STATE_DIR/node-$host.ip.tmp" "$SAFER_RAY_STATE_DIR/node-$host.ip"
-    echo "ray-cluster: $host ($ip): ray start ${opts[*]}"
-    exec "$RAY" start "${opts[@]}"
+    # ray_ports.py takes the ports, writes node-<host>.ip (and head.address), then runs
+    # `ray start` in its own process, which holds the ports' locks for as long as Ray runs.
+    exec "$PYTHON" "$REPO/slurm/ray_ports.py" "${ports_opts[@]}" -- "${opts[@]}"
 fi
 
 # ---------------------------------------------------------------------------------------
@@ -127,7 +134,7 @@ export SAFER_RAY_NUM_GPUS=${gpus##*:}   # "a100:4" -> "4"
 run_dir=${SAFER_RUN_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 export SAFER_RAY_STATE_DIR=$run_dir/slurm/ray-$SLURM_JOB_ID-r${SLURM_RESTART_COUNT:-0}
 mkdir -p "$SAFER_RAY_STATE_DIR"
-rm -f "$SAFER_RAY_STATE_DIR"/node-*.ip
+rm -f "$SAFER_RAY_STATE_DIR"/node-*.ip "$SAFER_RAY_STATE_DIR/head.address"
 unset RAY_ADDRESS
 
 wait_args=(--state-dir "$SAFER_RAY_STATE_DIR" --cpus-per-node "$SAFER_RAY_NUM_CPUS")
@@ -163,23 +170,25 @@ trap stop_ray EXIT
 
 t0=$(date +%s.%N)
 log "job $SLURM_JOB_ID: head $HEAD, workers ${WORKERS[*]:-none}; logs in $SAFER_RAY_STATE_DIR"
+# --cpus-per-task: a step does not inherit the job's (Slurm >= 22.05) and would get one CPU.
 SAFER_RAY_NODE_ROLE="head" srun --job-name=safer-ray-head --nodes=1 --ntasks=1 -w "$HEAD" \
-    --overlap --input=none "$SCRIPT" 2>"$SAFER_RAY_STATE_DIR/srun-head.log" &
+    --cpus-per-task="$SAFER_RAY_NUM_CPUS" --overlap --input=none "$SCRIPT" \
+    2>"$SAFER_RAY_STATE_DIR/srun-head.log" &
 ray_pids+=($!)
 if ((${#WORKERS[@]} > 0)); then
     SAFER_RAY_NODE_ROLE=worker SAFER_RAY_HEAD_HOST=$HEAD srun --job-name=safer-ray-worker \
         --nodes=${#WORKERS[@]} --ntasks=${#WORKERS[@]} --ntasks-per-node=1 \
-        --exclude="$HEAD" --overlap --input=none "$SCRIPT" \
+        --cpus-per-task="$SAFER_RAY_NUM_CPUS" --exclude="$HEAD" --overlap --input=none "$SCRIPT" \
         2>"$SAFER_RAY_STATE_DIR/srun-workers.log" &
     ray_pids+=($!)
 fi
 "$PYTHON" "$REPO/slurm/ray_wait.py" --hosts "${NODES[@]}" --watch-pid "${ray_pids[@]}" \
-    --port "$PORT" --head "$HEAD" --timeout-s "$timeout_s" "${wait_args[@]}" ||
+    --timeout-s "$timeout_s" "${wait_args[@]}" ||
     die "Ray did not come up on all nodes; see ray-{head,worker}-<node>.log and srun-*.log in $SAFER_RAY_STATE_DIR"
-head_ip=$(<"$SAFER_RAY_STATE_DIR/node-$HEAD.ip")
+head_address=$(<"$SAFER_RAY_STATE_DIR/head.address")
 ready_at=$(date +%s.%N)
 ready_s=$(awk -v a="$t0" -v b="$ready_at" 'BEGIN { printf "%.1f", b - a }')
-log "Ray ready: ${#NODES[@]} node(s), $SAFER_RAY_NUM_CPUS CPU(s)${SAFER_RAY_NUM_GPUS:+ and $SAFER_RAY_NUM_GPUS GPU(s)} each, in ${ready_s}s; RAY_ADDRESS=$head_ip:$PORT"
+log "Ray ready: ${#NODES[@]} node(s), $SAFER_RAY_NUM_CPUS CPU(s)${SAFER_RAY_NUM_GPUS:+ and $SAFER_RAY_NUM_GPUS GPU(s)} each, in ${ready_s}s; RAY_ADDRESS=$head_address"
 # For measurements: when Ray became ready (epoch seconds) and how long this script took.
 printf '{"ready_at": %s, "bringup_s": %s}\n' "$ready_at" "$ready_s" >"$SAFER_RAY_STATE_DIR/ready.json"
 
@@ -188,7 +197,7 @@ if [[ -n $pending_signal ]]; then
     exit 75
 fi
 
-export RAY_ADDRESS=$head_ip:$PORT
+export RAY_ADDRESS=$head_address
 "$@" &
 driver_pid=$!
 # `wait` returns >128 when a trapped signal interrupts it: keep waiting for the real status.

@@ -1,10 +1,12 @@
 """Poll a Ray cluster until every expected SLURM node has joined; used by ray-cluster.sh.
 
-    python slurm/ray_wait.py --state-dir DIR --port PORT --head HOST --hosts n1 n2 \
+    python slurm/ray_wait.py --state-dir DIR --hosts n1 n2 \
         [--cpus-per-node N] [--gpus-per-node N] [--timeout-s 300] [--watch-pid PID ...]
 
-The GCS address is the head's address (DIR/node-<head>.ip) and PORT. A node counts as joined when the file DIR/node-<host>.ip exists (written by the node's
-task just before `ray start`) and Ray has an ALIVE node with that address whose total
+The GCS address is DIR/head.address (``ip:port``, written by the head's task once it has
+its ports, slurm/ray_ports.py). A node counts as joined when the file DIR/node-<host>.ip
+exists (written by the node's task just before `ray start`) and Ray has an ALIVE node with
+that address whose total
 resources include the expected CPUs/GPUs. Exits 0 when all have joined; exits 1 naming
 the missing hosts on timeout, or at once when a watched process (the `srun` running a
 node's `ray start`) has exited, since that node will never join.
@@ -50,8 +52,6 @@ def _pid_alive(pid: int) -> bool:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--head", required=True, help="SLURM host name of the Ray head")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--hosts", nargs="+", required=True)
     p.add_argument("--cpus-per-node", type=float, default=None)
@@ -74,8 +74,10 @@ def main() -> int:
                     host_ip[host] = f.read().strip()
         alive = {}
         missing_reason = "head has not written its address yet"
-        if args.head in host_ip:
-            address = f"{host_ip[args.head]}:{args.port}"
+        head_file = os.path.join(args.state_dir, "head.address")
+        if os.path.exists(head_file):
+            with open(head_file) as f:
+                address = f.read().strip()
             try:
                 if gcs_client is None:
                     gcs_client = GcsClient(address=address)

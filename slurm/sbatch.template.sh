@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # safer — sbatch template. Rendered by plain substitution of these double-brace placeholders:
 #
+#   stage              the safer command the job runs (run, sft, erpo)
+#   submit_dir         the directory the job runs in (sbatch --chdir)
+#   script_path        where the rendered script is written
 #   job_name           job name
 #   nodes              number of nodes (one Ray node each)
 #   gpus_per_node      GPUs per node                      (optional: pass "" for none)
 #   cpus_per_task      CPUs per node (one task per node)
+#   mem                memory per node, e.g. 12G; 0: all of each node's (optional)
+#   mem_note           where the mem value comes from     (optional)
 #   partition          partition                          (optional)
 #   account            account                            (optional)
 #   exclusive          "exclusive" to get whole nodes     (optional)
@@ -16,18 +21,25 @@
 #   venv_dir           virtualenv or conda env with safer and ray (absolute)
 #   command            driver command line, already shell-quoted (shlex.join)
 #
-# Rules for the renderer: a `#SBATCH` line whose placeholder renders to "" is deleted
+# Rules for the renderer: a `#SBATCH` or `##` line whose placeholder renders to "" is deleted
 # (that is how the optional lines work; give gpus_per_node "" for none); paths must be
 # absolute and free of whitespace and quotes; every other value is inserted as is.
+# The rendered script is for the user: other full-line comments (these maintainer notes) are
+# left out; `## ` lines are kept, as `# ` (the header a user reads).
 #
 # Preemption contract: on SIGUSR1 (sent by SLURM grace_s seconds before the time limit, or by
 # `scancel --signal=USR1 --batch`) and on SIGTERM the driver gets the same signal; it should
 # checkpoint and exit 75 (EX_TEMPFAIL, "preempted"), and this script then requeues the job,
 # which resumes from the newest complete checkpoint. Any other exit status ends the job.
+## safer {{stage}} job, written by `safer slurm submit` (docs/slurm.md).
+## Resubmit as is:       sbatch --chdir={{submit_dir}} {{script_path}}
+## Checkpoint now, requeue and resume:  scancel --signal=USR1 --batch <job id>
+## --mem: {{mem_note}}
 #SBATCH --job-name={{job_name}}
 #SBATCH --nodes={{nodes}}
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task={{cpus_per_task}}
+#SBATCH --mem={{mem}}
 #SBATCH --gpus-per-node={{gpus_per_node}}
 #SBATCH --partition={{partition}}
 #SBATCH --account={{account}}

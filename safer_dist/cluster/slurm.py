@@ -3,13 +3,15 @@
 ::
 
     safer slurm submit CONFIG [overrides] --nodes N --gpus-per-node G [--cpus-per-node C]
-        [--partition P] [--time T] [--account A] [--exclusive] [--grace-s S]
+        [--mem M] [--partition P] [--time T] [--account A] [--exclusive] [--grace-s S]
         [--stage run|sft|erpo] [--dry-run]
 
     submit host                          allocation (first node runs the batch script)
       load_config(CONFIG, overrides)       slurm/sbatch.template.sh, rendered
       check it fits N x (G GPUs, C CPUs)     slurm/ray-cluster.sh: Ray head + workers (srun),
-      mkdir <run>/slurm/                       poll until every node joined
+      --mem: host memory per node              each node's Ray on its own ports,
+        (cluster/host_memory.py)               poll until every node joined
+      mkdir <run>/slurm/
       write <run>/slurm/<stage>.sbatch.sh    <venv>/bin/python -m launcher <stage> CONFIG
       sbatch --parsable ... -> job id            overrides... launch.ray_address=auto
                                              exit 75 (checkpointed on USR1/TERM) -> requeue;
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from safer_dist.cluster.host_memory import host_memory
 from safer_dist.config import Config, ConfigError, load_config
 from safer_dist.runtime.io import atomic_write_text
 from safer_dist.runtime.resources import shipped_root
@@ -44,6 +47,7 @@ REPO = shipped_root()
 TEMPLATE = REPO / "slurm" / "sbatch.template.sh"
 STAGES = ("run", "sft", "erpo")
 _PLACEHOLDER = re.compile(r"{{(\w+)}}")
+_SLURM_MEM = re.compile(r"\d+[KMGTkmgt]?")  # sbatch --mem: a size, megabytes without a unit; 0 is the whole node
 # Seconds added to launch.stop_grace_s for the default --grace-s: stopping Ray and requeueing
 # come after the checkpoint, and SLURM may send the signal up to a minute late.
 _GRACE_MARGIN_S = 60
@@ -56,6 +60,7 @@ class SubmitOptions:
     nodes: int
     gpus_per_node: int
     cpus_per_node: int | None = None  # None: enough for the Ray actors of the stage
+    mem: str | None = None  # sbatch --mem per node; None: the host-memory estimate (0 with exclusive)
     partition: str | None = None
     time: str | None = None  # None: the partition's default limit
     account: str | None = None
@@ -78,16 +83,28 @@ class Submission:
 
 
 def render_template(values: Mapping[str, object], template: str | None = None) -> str:
-    """``{{name}}`` -> ``values[name]``; a ``#SBATCH`` line whose placeholder renders to "" is
-    dropped (that is how optional lines work). Every placeholder must have a value."""
+    """``{{name}}`` -> ``values[name]``. Every placeholder must have a value.
+
+    The rendered script is what a user reads: full-line comments (the template's notes for its
+    maintainers) are left out, except the first line (``#!``), ``#SBATCH`` lines and ``## ``
+    lines, which are kept as ``# `` (the header). A ``#SBATCH`` or ``##`` line whose
+    placeholder renders to "" is dropped (that is how optional lines work). Runs of blank lines
+    left behind become one."""
     text = TEMPLATE.read_text() if template is None else template
     missing = sorted({n for n in _PLACEHOLDER.findall(text) if n not in values})
     if missing:
         raise ValueError(f"{TEMPLATE.name}: no value for placeholder(s) {', '.join(missing)}")
-    out = []
-    for line in text.splitlines():
+    out: list[str] = []
+    for i, line in enumerate(text.splitlines()):
         names = _PLACEHOLDER.findall(line)
-        if line.startswith("#SBATCH") and any(str(values[n]) == "" for n in names):
+        header = line == "##" or line.startswith("## ")
+        if (line.startswith("#SBATCH") or header) and any(str(values[n]) == "" for n in names):
+            continue
+        if header:
+            line = line[1:]
+        elif line.lstrip().startswith("#") and not line.startswith("#SBATCH") and i > 0:
+            continue
+        if line.strip() == "" and (not out or out[-1].strip() == ""):
             continue
         out.append(_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), line))
     return "\n".join(out) + "\n"
@@ -159,6 +176,23 @@ def cpus_per_node(cfg: Config, opts: SubmitOptions) -> int:
     return max(1, math.ceil(need / opts.nodes))
 
 
+def job_memory(cfg: Config, opts: SubmitOptions, model_dir: Path) -> tuple[str, str]:
+    """(``--mem`` value, where it comes from): --mem as given; 0 (all of each node's memory) with
+    --exclusive; else the host-memory estimate for the fullest node."""
+    if opts.mem is not None:
+        if not _SLURM_MEM.fullmatch(opts.mem):
+            raise ValueError(f"--mem {opts.mem!r}: a size like 64G, 500M or 0 (all of each node's memory)")
+        return opts.mem, "as given (--mem)"
+    if opts.exclusive:
+        return "0", "all of each node's memory (--exclusive)"
+    try:
+        mem = host_memory(cfg, nodes=opts.nodes, gpus_per_node=opts.gpus_per_node,
+                          cpus_per_node=cpus_per_node(cfg, opts), stage=opts.stage, model_dir=model_dir)
+    except ValueError as e:
+        raise ConfigError(f"cannot estimate the job's host memory ({e}); pass --mem, e.g. --mem 64G") from None
+    return mem.slurm_mem(), f"estimated: {mem.describe()}"
+
+
 def prepare(config_path: str | Path, overrides: list[str], opts: SubmitOptions, *, cwd: Path | None = None) -> Submission:
     """Validate the config and the request and render the script. Writes nothing."""
     if opts.stage not in STAGES:
@@ -190,12 +224,18 @@ def prepare(config_path: str | Path, overrides: list[str], opts: SubmitOptions, 
     for what, p in (("run dir", run_dir), ("checkout", REPO), ("environment", venv)):
         if re.search(r"[\s'\"\\$`]", str(p)):
             raise ValueError(f"the {what} path {str(p)!r} has whitespace, quotes or '$'; the batch script needs a plain path")
+    mem, mem_note = job_memory(cfg, opts, cwd / cfg.model.path)
     command = driver_command(venv, opts.stage, config_path, list(overrides))
     values = {
+        "stage": opts.stage,
+        "submit_dir": cwd,
+        "script_path": script_path,
         "job_name": opts.job_name or f"safer-{cfg.run.name}",
         "nodes": opts.nodes,
         "gpus_per_node": opts.gpus_per_node or "",
         "cpus_per_task": cpus_per_node(cfg, opts),
+        "mem": mem,
+        "mem_note": mem_note,
         "partition": opts.partition or "",
         "account": opts.account or "",
         "exclusive": "exclusive" if opts.exclusive else "",

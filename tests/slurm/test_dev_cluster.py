@@ -1,8 +1,9 @@
 """A real two-node SLURM cluster on this machine (slurm/dev-cluster.sh), and Ray on top.
 
 Needs root (network namespaces, daemons); skipped otherwise, or with SAFER_SLURM_TESTS=0.
-One session fixture (conftest.py) brings the cluster up and tears it down; the jobs run one at
-a time because each takes both nodes. Every wait polls with a deadline. The batch script's
+One session fixture (conftest.py) brings the cluster up and tears it down; the jobs here run one
+at a time because each takes all CPUs of both nodes (test_sft_slurm.py also runs two jobs that
+share the nodes). Every wait polls with a deadline. The batch script's
 preemption path (USR1 forwarded, exit 75, requeue) is tested with a real training job in
 test_sft_slurm.py.
 """
@@ -27,10 +28,15 @@ JOB_TIMEOUT_S = 180
 def _submit(run_dir: Path, driver: str, name: str) -> tuple[int, float]:
     """sbatch the real template around a Python driver (rendered by safer_dist.cluster.slurm)."""
     script = render_template(dict(
+        stage="test",
+        submit_dir=REPO,
+        script_path=run_dir / "job.sh",
         job_name=name,
         nodes=2,
         gpus_per_node="",
         cpus_per_task=2,
+        mem="",
+        mem_note="",
         partition="debug",
         account="",
         exclusive="",

@@ -8,8 +8,11 @@
     step, checkpoints and exits 75, the batch script requeues the job, and the requeued job
     resumes (checkpoint.resume=auto) and finishes. Its per-step losses equal (a)'s bit for bit.
 
-Measured and printed in the terminal summary: bring-up (sbatch -> Ray ready on both nodes) and
-preempt-to-resumed (signal -> first training step of the requeued run).
+(c) Two small jobs (4 steps) at once, sharing both nodes (one CPU of each per job): each node
+    runs both jobs' Ray on their own ports (both heads on n1), and both complete.
+
+Measured and printed in the terminal summary: bring-up (sbatch -> Ray ready on both nodes),
+preempt-to-resumed (signal -> first training step of the requeued run) and the two-job run.
 """
 
 from __future__ import annotations
@@ -53,20 +56,22 @@ class Job:
         return json.loads(ready.read_text())["ready_at"]
 
 
-def _submit(root: Path, name: str, data_dir: Path, model_dir: Path) -> Job:
-    """`safer slurm submit` the tiny SFT job; the same config for every run but its name."""
+def _submit(root: Path, name: str, data_dir: Path, model_dir: Path, *, max_steps: int = MAX_STEPS,
+            cpus_per_node: int = 2) -> Job:
+    """`safer slurm submit` the tiny SFT job; the same config for every run but its name (and
+    the shorter runs of (c)). --mem is left to the estimate (4G here: 2 GiB + 1 learner x ~1.7 GiB)."""
     overrides = [
         f"run.output_dir={root}", f"run.name={name}",
         f"model.path={model_dir}", "model.init_preset=null",
         f"data.train={data_dir / 'sft.jsonl'}", "data.generate_demo=false", "data.max_seq_len=256",
-        f"train.max_steps={MAX_STEPS}", "train.warmup_steps=5", "train.global_batch_size=8", "train.micro_batch_size=4",
+        f"train.max_steps={max_steps}", f"train.warmup_steps={min(5, max_steps // 2)}", "train.global_batch_size=8", "train.micro_batch_size=4",
         "learner.num_learners=2", "learner.zero_stage=2", "learner.placement=STRICT_SPREAD",
         f"checkpoint.every_steps={CKPT_EVERY}",
     ]
     submitted_at = time.time()
     out = run([
         VENV / "bin" / "python", "-m", "launcher", "slurm", "submit", REPO / "configs" / "tiny.yaml", *overrides,
-        "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-node", "2", "--partition", "debug",
+        "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-node", str(cpus_per_node), "--partition", "debug",
         "--time", "00:10:00", "--stage", "sft",
     ], timeout_s=120).stdout
     m = re.search(r"^submitted job (\d+)", out, re.M)
@@ -181,3 +186,50 @@ def _preempt_and_check(job: Job, ref_metrics: list[dict]) -> None:
         f"(signal -> checkpointed and requeued {requeued_at - signalled_at:.1f} s; -> Ray ready again "
         f"{job.ready_at(1) - signalled_at:.1f} s; stopped at step {stop_step} of {MAX_STEPS})"
     )
+
+
+PAIR_STEPS = 4
+
+
+def test_two_jobs_share_both_nodes_at_once(slurm_cluster, tmp_path, demo_data_dir, tiny_model_dir):
+    """Both jobs' Ray heads run on n1 and workers on n2 at the same time: with one fixed Ray port
+    the second head could not start. Each job takes 1 CPU of each 2-CPU node, so SLURM runs them
+    together."""
+    jobs = [_submit(tmp_path, f"pair-{i}", demo_data_dir, tiny_model_dir, max_steps=PAIR_STEPS, cpus_per_node=1)
+            for i in (0, 1)]
+    try:
+        infos = [wait_finished(j.job_id, JOB_TIMEOUT_S, j.log_path) for j in jobs]
+        _check_pair(jobs, infos)
+    finally:
+        for j in jobs:
+            run(["scancel", str(j.job_id)], check=False)
+            cluster.remove_ray_tmp(j.run_dir)
+
+
+def _check_pair(jobs: list[Job], infos: list[dict]) -> None:
+    for job, info in zip(jobs, infos):
+        log = job.log()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-6000:])
+        assert info["NodeList"] == "n[1-2]" and "#SBATCH --mem=4G" in (job.run_dir / "slurm" / "sft.sbatch.sh").read_text()
+        m = PLACED.search(log)
+        assert m and sorted(m.group(2, 3)) == NODE_IPS, log[-6000:]
+        manifest = json.loads((job.run_dir / "checkpoints" / "sft" / f"step_{PAIR_STEPS}" / "COMPLETE").read_text())
+        assert manifest["step"] == PAIR_STEPS
+        assert [r["step"] for r in _metrics(job.run_dir)] == list(range(1, PAIR_STEPS + 1))
+    # They ran at the same time: each job's Ray was up before the other job ended (EndTime is in
+    # whole seconds; the overlap is tens of seconds).
+    ends = [_epoch(info["EndTime"]) for info in infos]
+    ready = [job.ready_at(0) for job in jobs]
+    assert ready[0] < ends[1] and ready[1] < ends[0], (ready, ends)
+    # ... both heads on n1, each on a GCS port of its own
+    heads = [(job.run_dir / "slurm" / f"ray-{job.job_id}-r0" / "head.address").read_text().strip() for job in jobs]
+    (ip0, port0), (ip1, port1) = (h.rsplit(":", 1) for h in heads)
+    assert ip0 == ip1 == NODE_IPS[0] and port0 != port1, heads
+    start = min(j.submitted_at for j in jobs)
+    cluster.TIMINGS.append(f"two {PAIR_STEPS}-step jobs sharing both nodes, submit -> both finished: "
+                           f"{max(ends) - start:.0f} s")
+
+
+def _epoch(slurm_time: str) -> float:
+    """scontrol's local time, e.g. 2026-11-26T15:20:01, as epoch seconds."""
+    return time.mktime(time.strptime(slurm_time, "%Y-%m-%dT%H:%M:%S"))

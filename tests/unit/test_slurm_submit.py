@@ -5,6 +5,7 @@ The real thing (sbatch on a two-node SLURM cluster) is tested in tests/slurm.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -164,3 +165,115 @@ def test_venv_option_takes_any_env_with_bin_python(tmp_path):
     assert f'export SAFER_VENV="{env}"' in job.script
     with pytest.raises(ValueError, match="bin/python not found"):
         prepare(TINY, [f"run.output_dir={tmp_path}"], _opts(venv=str(tmp_path / "none")), cwd=REPO)
+
+
+# --- what the rendered script asks for, and what it says -------------------------------------------
+
+def test_rendered_script_keeps_a_short_header_and_no_maintainer_notes(tmp_path):
+    template = (REPO / "slurm" / "sbatch.template.sh").read_text()
+    assert "Rules for the renderer" in template  # the notes are there, for maintainers
+    job = prepare(TINY, [f"run.output_dir={tmp_path}", "run.name=r1"], _opts(), cwd=REPO)
+    comments = [line for line in job.script.splitlines()[1:] if line.lstrip().startswith("#")
+                and not line.startswith("#SBATCH")]
+    assert comments == [
+        "# safer sft job, written by `safer slurm submit` (docs/slurm.md).",
+        f"# Resubmit as is:       sbatch --chdir={REPO} {tmp_path}/r1/slurm/sft.sbatch.sh",
+        "# Checkpoint now, requeue and resume:  scancel --signal=USR1 --batch <job id>",
+        comments[3],
+    ], comments
+    assert comments[3].startswith("# --mem: estimated: Ray + driver 2.0 + 1 learner(s) x "), comments[3]
+    assert "\n\n\n" not in job.script
+    subprocess.run(["bash", "-n"], input=job.script, text=True, check=True)
+
+
+def test_render_template_drops_comments_but_keeps_header_lines():
+    template = "#!/bin/sh\n# note for maintainers\n## run {{a}}\n## optional {{b}}\n\n# more\n\necho {{a}}  # inline stays\n"
+    assert render_template({"a": 1, "b": ""}, template) == "#!/bin/sh\n# run 1\n\necho 1  # inline stays\n"
+
+
+def _llama3_8b_dir(tmp_path: Path) -> Path:
+    """A model directory with Llama-3-8B's config.json (no weights: the estimate needs only the shape)."""
+    d = tmp_path / "llama3-8b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False,
+    }))
+    return d
+
+
+def _mem_line(script: str) -> str:
+    return next(line for line in _sbatch_lines(script) if line.startswith("#SBATCH --mem"))
+
+
+def test_mem_comes_from_the_host_memory_estimate(tmp_path):
+    model = _llama3_8b_dir(tmp_path)
+    base = [f"run.output_dir={tmp_path}", f"model.path={model}", "model.init_preset=null", "erpo.optim.micro_batch_size=1"]
+    # Llama-3-8B: P = 32 x (2 x 4096 x 4096 + 2 x 4096 x 1024 + 3 x 4096 x 14336 + 2 x 4096)
+    #                 + 2 x 128256 x 4096 + 4096 = 8,030,261,248; bf16 weights 2P = 14.957 GiB.
+    # 14 learners on 2 nodes x 8 GPUs, PACK: the fullest node holds 8.
+    # GPU learner: 3 GiB process + 2P = 17.957 GiB -> 2 + 8 x 17.957 = 145.66 GiB -> 146G
+    job = prepare(TINY, [*base, "learner.num_learners=14", "train.global_batch_size=112",
+                         "erpo.optim.global_batch_size=112"], _opts(gpus_per_node=8), cwd=REPO)
+    assert _mem_line(job.script) == "#SBATCH --mem=146G"
+    assert "# --mem: estimated: Ray + driver 2.0 + 8 learner(s) x 18.0 = 145.7 GiB per node" in job.script
+    # + offload_optimizer (ZeRO-2): fp32 grads 4P/14 + master weights and Adam 12P/14 on the host,
+    # 16P/14 = 8.547 GiB per learner -> 2 + 8 x (17.957 + 8.547) = 214.04 GiB -> 215G
+    job = prepare(TINY, [*base, "learner.num_learners=14", "train.global_batch_size=112",
+                         "erpo.optim.global_batch_size=112", "learner.offload_optimizer=true"],
+                  _opts(gpus_per_node=8), cwd=REPO)
+    assert _mem_line(job.script) == "#SBATCH --mem=215G"
+    # `run` on one node: 6 learners + 2 rollout workers (3 GiB + 2P each): 2 + 8 x 17.957 -> 146G
+    job = prepare(TINY, [*base, "learner.num_learners=6", "train.global_batch_size=48",
+                         "erpo.optim.global_batch_size=48"], _opts(nodes=1, gpus_per_node=8, stage="run"), cwd=REPO)
+    assert _mem_line(job.script) == "#SBATCH --mem=146G"
+    assert "6 learner(s) x 18.0 + 2 rollout worker(s) x 18.0" in job.script
+
+
+def test_mem_flag_exclusive_and_unknown_model(tmp_path):
+    out = [f"run.output_dir={tmp_path}"]
+    job = prepare(TINY, out, _opts(mem="12G"), cwd=REPO)
+    assert _mem_line(job.script) == "#SBATCH --mem=12G" and "# --mem: as given (--mem)" in job.script
+    job = prepare(TINY, out, _opts(exclusive=True), cwd=REPO)
+    assert _mem_line(job.script) == "#SBATCH --mem=0"
+    with pytest.raises(ValueError, match="--mem '12 GB'"):
+        prepare(TINY, out, _opts(mem="12 GB"), cwd=REPO)
+    # no config.json and no init preset: no shape to estimate from
+    with pytest.raises(ConfigError, match="cannot estimate the job's host memory .* pass --mem"):
+        prepare(TINY, [*out, f"model.path={tmp_path / 'none'}", "model.init_preset=null"], _opts(), cwd=REPO)
+    job = prepare(TINY, [*out, f"model.path={tmp_path / 'none'}", "model.init_preset=null"], _opts(mem="8G"), cwd=REPO)
+    assert _mem_line(job.script) == "#SBATCH --mem=8G"
+
+
+def test_cli_mem_option(tmp_path, capsys):
+    rc = main(["slurm", "submit", str(TINY), f"run.output_dir={tmp_path}", "--nodes", "2", "--gpus-per-node", "0",
+               "--mem", "3G", "--dry-run"])
+    assert rc == 0
+    assert "#SBATCH --mem=3G" in capsys.readouterr().out
+
+
+def test_ray_steps_ask_for_the_jobs_cpus(tmp_path):
+    """ray-cluster.sh's srun steps pass --cpus-per-task (a step does not inherit the job's since
+    Slurm 22.05). Stand-in srun/scontrol/squeue record what they are asked; the real ones run in
+    tests/slurm. The stand-in srun starts no Ray, so bring-up fails at once: only the arguments count."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "srun": f'#!/bin/sh\necho "$SAFER_RAY_NODE_ROLE $*" >> {tmp_path}/srun.args\n',
+        "scontrol": '#!/bin/sh\nprintf "n1\\nn2\\nn3\\n"\n',
+        "squeue": "#!/bin/sh\n",
+    }
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="77",
+               SLURM_JOB_NODELIST="n[1-3]", SLURM_CPUS_PER_TASK="3", SAFER_VENV=sys.prefix,
+               SAFER_RUN_DIR=str(tmp_path / "run"), SAFER_RAY_READY_TIMEOUT_S="60")
+    p = subprocess.run([str(REPO / "slurm" / "ray-cluster.sh"), "true"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and "Ray did not come up" in p.stderr, p.stderr
+    calls = sorted((tmp_path / "srun.args").read_text().splitlines())
+    assert len(calls) == 2, calls
+    head, workers = calls
+    assert head.startswith("head ") and "-w n1" in head and "--cpus-per-task=3" in head.split(), head
+    assert workers.startswith("worker ") and "--nodes=2" in workers and "--cpus-per-task=3" in workers.split(), workers

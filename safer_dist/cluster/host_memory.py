@@ -1,0 +1,102 @@
+"""Host memory (RAM) per node of a SLURM job: what `safer slurm submit` asks for as ``--mem``.
+
+The tensors come from the memory planner (safer_dist/cluster/plan.py); the rest is an allowance
+per process. For the fullest node (``l`` learners, ``w`` rollout workers)::
+
+    per node = NODE_HOST_BYTES                   Ray's daemons (GCS, raylet, agents), the driver
+             + l x (process + learner tensors)
+             + w x (process + worker tensors)
+
+    process  = PROCESS_HOST_BYTES                Python, torch, transformers, DeepSpeed, Ray's
+                                                 core worker; CUDA_PROCESS_HOST_BYTES on GPUs
+                                                 (CUDA context, pinned staging buffers)
+    GPU learner:  d·P (the weights are read on the host at load, d = 2 bytes in bf16/fp16,
+                  4 in fp32) + the optimizer states and fp32 gradients offloaded to the host
+                  (plan.model_states' cpu_per_node for one GPU)
+    CPU learner:  4P (fp32 weights as loaded) + gradients + optimizer states (ZeRO-partitioned
+                  over learner.num_learners) + activations + logits + DeepSpeed's bucket
+                  buffers, all from plan.estimate in fp32; the buffers count only up to 4P (a
+                  bucket's pages are touched only as far as the gradients fill it)
+    GPU rollout worker: 2P (the bf16 weights pass through the host)
+    CPU rollout worker: plan.rollout_bytes in fp32 (weights, KV cache, scoring logits)
+
+Learners on the fullest node: ``ceil(num_learners / nodes)`` with SPREAD / STRICT_SPREAD, else as
+many as fit (``gpus_per_node``, or ``cpus_per_node // cpus_per_learner``); rollout workers
+(``rollout.num_workers`` per rollout group, as `safer plan` counts groups) fill what is left.
+It errs on the large side: a job killed for memory loses more than one that asks too much.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from safer_dist.cluster.plan import GIB, Setup, estimate, resolve_shape, rollout_bytes
+from safer_dist.config import Config
+
+NODE_HOST_BYTES = 2 * GIB
+PROCESS_HOST_BYTES = 1.5 * GIB
+CUDA_PROCESS_HOST_BYTES = 3 * GIB
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """Bytes per node for the fullest node of the job."""
+
+    learners: int
+    workers: int
+    learner_bytes: float  # each, process allowance included
+    worker_bytes: float
+
+    @property
+    def per_node(self) -> float:
+        return NODE_HOST_BYTES + self.learners * self.learner_bytes + self.workers * self.worker_bytes
+
+    def slurm_mem(self) -> str:
+        """``--mem`` value: whole GiB, rounded up."""
+        return f"{math.ceil(self.per_node / GIB)}G"
+
+    def describe(self) -> str:
+        parts = [f"Ray + driver {NODE_HOST_BYTES / GIB:.1f}",
+                 f"{self.learners} learner(s) x {self.learner_bytes / GIB:.1f}"]
+        if self.workers:
+            parts.append(f"{self.workers} rollout worker(s) x {self.worker_bytes / GIB:.1f}")
+        return " + ".join(parts) + f" = {self.per_node / GIB:.1f} GiB per node"
+
+
+def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: int, stage: str,
+                model_dir: str | Path | None = None) -> HostMemory:
+    """Estimate ``cfg``'s host memory per node on ``nodes`` SLURM nodes. ``stage``: run, sft or erpo
+    (SFT places no rollout workers). ``model_dir``: where model.path is (default: as configured).
+    Raises ValueError when the model's shape is unknown (no config.json, no init preset)."""
+    lr, ro = cfg.learner, cfg.rollout
+    shape, _ = resolve_shape(str(model_dir or cfg.model.path), cfg.model.init_preset, None)
+    p = float(shape.num_params())
+    gpu = gpus_per_node > 0 and cfg.launch.device != "cpu" and lr.gpus_per_learner != "0"
+    groups = 1 + (cfg.judge.kind == "model") + (cfg.erpo.reference == "sft")
+    workers = groups * ro.num_workers if stage in ("run", "erpo") else 0
+
+    spread = lr.placement in ("SPREAD", "STRICT_SPREAD")
+    fit = gpus_per_node if gpu else cpus_per_node // lr.cpus_per_learner  # learners one node can hold
+    n_learners = min(lr.num_learners, math.ceil(lr.num_learners / nodes) if spread else fit)
+    room = gpus_per_node - n_learners if gpu else (cpus_per_node - n_learners * lr.cpus_per_learner) // ro.cpus_per_worker
+    n_workers = max(0, min(workers, room))
+
+    seq = cfg.data.max_seq_len
+    if gpu:
+        mixed = cfg.model.dtype in ("auto", "bfloat16", "float16")
+        setup = Setup(lr.zero_stage, lr.offload_optimizer, lr.offload_params, cfg.model.gradient_checkpointing,
+                      cfg.train.micro_batch_size)
+        est = estimate(shape, setup, world_size=lr.num_learners, gpus_per_node=1, max_seq_len=seq,
+                       mixed_precision=mixed, loss_chunk_tokens=lr.loss_chunk_tokens)
+        learner = CUDA_PROCESS_HOST_BYTES + (2 if mixed else 4) * p + est.cpu_per_node
+        worker = CUDA_PROCESS_HOST_BYTES + 2 * p
+    else:
+        setup = Setup(lr.zero_stage, False, False, cfg.model.gradient_checkpointing, cfg.train.micro_batch_size)
+        est = estimate(shape, setup, world_size=lr.num_learners, gpus_per_node=1, max_seq_len=seq,
+                       mixed_precision=False, loss_chunk_tokens=lr.loss_chunk_tokens)
+        learner = (PROCESS_HOST_BYTES + 4 * p + est.grads + est.optimizer + est.activations + est.logits
+                   + min(est.buffers, 4 * p))
+        worker = PROCESS_HOST_BYTES + 2 * rollout_bytes(shape, rows=ro.batch_size, tokens_per_row=seq)["total"]
+    return HostMemory(n_learners, n_workers, learner, worker)

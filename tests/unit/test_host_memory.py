@@ -1,0 +1,65 @@
+"""safer_dist/cluster/host_memory.py: the host memory per node `safer slurm submit` asks for.
+
+The GPU cases (Llama-3-8B) are in test_slurm_submit.py; here a small CPU model, by hand."""
+
+from __future__ import annotations
+
+import json
+
+from safer_dist.cluster.host_memory import HostMemory, host_memory
+from safer_dist.cluster.plan import GIB
+from safer_dist.cluster.slurm import REPO
+from safer_dist.config import load_config
+
+
+def _cfg(tmp_path, *overrides):
+    model = tmp_path / "m"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "intermediate_size": 128, "vocab_size": 1000, "tie_word_embeddings": True,
+    }))
+    return load_config(REPO / "configs" / "tiny.yaml", [
+        f"model.path={model}", "model.init_preset=null", "data.max_seq_len=256", "train.micro_batch_size=4",
+        "train.global_batch_size=8", "rollout.batch_size=32", *overrides])
+
+
+# P = 2 x (64x64 + 2x64x64 + 64x64 + 3x64x128 + 2x64) + 1000x64 (tied) + 64 = 146,240
+P = 146_240
+# CPU learner, ZeRO-2 over 2 learners, fp32: weights 4P = 584,960; grads 4P/2 = 292,480;
+# Adam 8P/2 = 584,960; activations 2 layers x (8x64 + 2x64 + 4x128) x 4 bytes x 1024 tokens =
+# 9,437,184; logits (one chunk: 1024 tokens x 1000 x 8) = 8,192,000; buckets up to 4P = 584,960
+LEARNER_TENSORS = 584_960 + 292_480 + 584_960 + 9_437_184 + 8_192_000 + 584_960  # 19,676,544
+# CPU rollout worker, fp32 (2 x bf16): weights 2P = 292,480; KV 2 x 2 x 2 layers x 64 x 32 rows
+# x 256 tokens = 4,194,304; scoring logits 8192 x 1000 x 6 = 49,152,000 -> 2 x 53,638,784
+WORKER_TENSORS = 107_277_568
+
+
+def test_cpu_sft_one_learner_per_node(tmp_path):
+    cfg = _cfg(tmp_path, "learner.placement=STRICT_SPREAD")
+    m = host_memory(cfg, nodes=2, gpus_per_node=0, cpus_per_node=1, stage="sft")
+    assert (m.learners, m.workers) == (1, 0)
+    assert m.learner_bytes == 1.5 * GIB + LEARNER_TENSORS
+    # 2 + 1.5 GiB + 18.8 MiB = 3.52 GiB -> 4G
+    assert m.per_node == 3.5 * GIB + LEARNER_TENSORS and m.slurm_mem() == "4G"
+
+
+def test_rollout_workers_fill_what_the_learners_leave(tmp_path):
+    cfg = _cfg(tmp_path)  # PACK: both learners on one node if it has room
+    full = host_memory(cfg, nodes=2, gpus_per_node=0, cpus_per_node=2, stage="run")
+    assert (full.learners, full.workers) == (2, 0)
+    roomy = host_memory(cfg, nodes=2, gpus_per_node=0, cpus_per_node=4, stage="run")
+    assert (roomy.learners, roomy.workers) == (2, 2)
+    assert roomy.worker_bytes == 1.5 * GIB + WORKER_TENSORS
+    # 2 + 2 x (1.5 GiB + 18.8 MiB) + 2 x (1.5 GiB + 102.3 MiB) = 8.24 GiB -> 9G
+    assert roomy.slurm_mem() == "9G"
+    # the judge's rollout group doubles the workers
+    judged = host_memory(_cfg(tmp_path, "judge.kind=model", "judge.model_path=/x"), nodes=2, gpus_per_node=0,
+                         cpus_per_node=8, stage="erpo")
+    assert judged.workers == 4
+
+
+def test_describe_says_how_it_adds_up():
+    m = HostMemory(learners=8, workers=0, learner_bytes=18 * GIB, worker_bytes=0)
+    assert m.describe() == "Ray + driver 2.0 + 8 learner(s) x 18.0 = 146.0 GiB per node"
+    assert m.slurm_mem() == "146G"
