@@ -154,6 +154,11 @@ class DpoLossSection:
     # + length_alpha * (|chosen| - |rejected|) inside the sigmoid.
     length_alpha: float = 0.0
     label_smoothing: float = 0.0
+    # Encode each pair's context once, the chosen and the rejected step both attending to it
+    # (safer_dist/train/tree_attention.py), in the learners and in the rollout workers' reference
+    # log-probs. Exact; off only for debugging. Where the attention backend cannot take it
+    # (flash_attention_2, sdpa, eager) each context is encoded twice, as the log says once.
+    share_prefix: bool = True
 
     def validate(self, key: str) -> None:
         _check(self.beta > 0, f"{key}.beta must be > 0")
@@ -668,6 +673,9 @@ RESUME_KEYS = {
         "erpo.ranking", "erpo.loss", "erpo.optim", "learner.zero_stage",
     ),
 }
+# Settings under a resume key that change how the same computation is run, not its result:
+# a resumed run may change them (and a checkpoint written before they existed lacks them).
+RESUME_IGNORED = frozenset({"erpo.loss.share_prefix"})
 
 
 def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") -> list[str]:
@@ -677,7 +685,7 @@ def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") ->
     now = _leaves(current.to_dict())
     out = []
     for key in RESUME_KEYS[stage]:
-        for leaf in sorted(k for k in now if k == key or k.startswith(key + ".")):
+        for leaf in sorted(k for k in now if (k == key or k.startswith(key + ".")) and k not in RESUME_IGNORED):
             if before.get(leaf) != now[leaf]:
                 out.append(f"{leaf}: {before.get(leaf)!r} -> {now[leaf]!r}")
     return out

@@ -46,7 +46,7 @@ class ScriptedRollout:
             out.append([{"text": t, "num_tokens": len(t.split()), "stopped": True} for t in texts])
         return out
 
-    def logprobs(self, items):
+    def logprobs(self, items, share_prefix=True):
         return [(-1.0, len(step.split())) for _, _, step, _ in items]
 
 
