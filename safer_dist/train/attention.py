@@ -333,11 +333,15 @@ def varlen_attention_forward(
     return _varlen_packed(api, query, key, value, scaling, kwargs), None
 
 
-def _may_hold_trees(position_ids: torch.Tensor) -> bool:
-    """Whether some position drops to a value > 0 inside a row: a tree branch (or an odd
-    independent sequence, which the tree kernels also run correctly)."""
+def _rows_with_drops(position_ids: torch.Tensor) -> list[int]:
+    """Rows of ``position_ids`` ``[B, T]`` where some position drops to a value > 0: rows that may
+    hold a tree branch (or an odd independent sequence, which the tree kernels also run right)."""
     drops = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return bool((drops & (position_ids[:, 1:] > 0)).any())
+    return (drops & (position_ids[:, 1:] > 0)).any(dim=1).nonzero().flatten().tolist()
+
+
+def _may_hold_trees(position_ids: torch.Tensor) -> bool:
+    return bool(_rows_with_drops(position_ids))
 
 
 def _varlen_packed(
@@ -452,10 +456,16 @@ def _sdpa_fallback(
         q_abs = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
         allowed &= torch.arange(kv_len, device=device)[None, :] <= q_abs
     if q_len == kv_len and position_ids is not None:
-        # block-diagonal over the packed sequences, tree-shaped where a row holds trees
-        mask = tree_mask(tree_segments(position_ids, batch_size, q_len), device)
-        for r in range(batch_size):  # trees never span rows
-            allowed[r, 0] &= mask[r * q_len : (r + 1) * q_len, r * q_len : (r + 1) * q_len]
+        cu_seqlens, _ = packed_cu_seqlens(position_ids, batch_size, q_len)
+        seq_id = torch.zeros(batch_size * q_len, dtype=torch.long, device=device)
+        seq_id[cu_seqlens[1:-1].long().to(device)] = 1
+        seq_id = seq_id.cumsum(0).view(batch_size, q_len)
+        block = seq_id[:, None, :, None] == seq_id[:, None, None, :]
+        # a row holding trees gets the tree mask instead of the block-diagonal one
+        position_ids = position_ids.expand(batch_size, q_len)
+        for r in _rows_with_drops(position_ids):
+            block[r, 0] = tree_mask(tree_segments(position_ids[r : r + 1], 1, q_len), device)
+        allowed &= block
     if attention_mask is not None:
         allowed &= attention_mask[:, -kv_len:].to(device=device, dtype=torch.bool)[:, None, None, :]
     # A fully masked row (a left-pad query) would give NaN; let it attend anywhere, its output
