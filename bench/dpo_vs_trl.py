@@ -11,12 +11,16 @@ chosen = that trace's step k, rejected = step k of another trace (a different le
 
 - safer: ``safer_dist.train.learner.Learner`` as a learner rank runs it — a single-process DeepSpeed
   engine (ZeRO ``--zero-stage``, world size 1) — ``Learner.load_pairs`` + ``Learner.dpo_step``:
-  prefix+chosen and prefix+rejected as separate sequences of one padding-free pack, attention
+  one padding-free pack per micro-batch in which each pair's prefix is encoded once and the
+  chosen and rejected steps both attend to it (``erpo.loss.share_prefix``, the default;
+  ``--no-share-prefix`` packs prefix+chosen and prefix+rejected as separate sequences), attention
   ``safer_segments`` (the CPU default), the learner's loss head (per-sequence log-probs, chunked
-  per ``learner.loss_chunk_tokens``) + ``losses.step_dpo_loss``.
+  per ``learner.loss_chunk_tokens``) + ``losses.step_dpo_loss``. Its rate counts the same pair
+  tokens as TRL's (the prefix twice), whether the prefix was encoded once or twice, so the
+  ratio is one of pairs per second; the tokens per pair actually run are printed.
   Reference log-probs come with the pairs: in ERPO the rollout workers compute them at sampling
-  time (``sampling.continuation_logprobs``), so the learner holds one model. That one-off pass
-  is timed separately and reported, not counted in the step rate.
+  time (``sampling.continuation_logprobs``, prefix shared the same way), so the learner holds
+  one model. That one-off pass is timed separately and reported, not counted in the step rate.
 - TRL ``DPOTrainer``: (a) its defaults — a reference model copy run every step; (b)
   ``precompute_ref_log_probs=True`` — reference log-probs computed once before training
   (outside the timed windows, like safer's). Both pad chosen and rejected rows to the batch's
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import _harness as h  # noqa: I001 - sets DS_ACCELERATOR etc. before torch/transformers imports
 
+import dataclasses
 import json
 import time
 
@@ -83,13 +88,25 @@ def reference_logprobs(ws, pairs: list[dict], model=None) -> float:
     return seconds
 
 
+def print_tokens_per_pair(learner) -> None:
+    """Tokens per pair the learner runs, and what the other packing would run (load-independent)."""
+    from safer_dist.erpo.pairs import packed_length
+
+    data = learner._pairs
+    enc = [data.encode(i) for i in range(len(data))]
+    per_pair = {share: sum(packed_length(len(e["ctx"]), [len(e["chosen"]), len(e["rejected"])], share_prefix=share)
+                           for e in enc) / len(enc) for share in (False, True)}
+    print(f"# tokens per pair run by the model: {per_pair[False]:.1f} with the prefix twice, {per_pair[True]:.1f} "
+          f"with it shared; this run: {'shared' if learner.share_prefix else 'twice'}")
+
+
 def safer_window(args, learner):
     state = {"step": 0}
 
     def step() -> int:
         m = learner.dpo_step(state["step"])
         state["step"] += 1
-        return m["num_tokens"]
+        return m["num_pair_tokens"]  # the unit of TRL's count, whatever was run
 
     def run():
         torch.set_num_threads(args.threads)
@@ -139,6 +156,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8, help="pairs per micro-batch")
     p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     p.add_argument("--num-pairs", type=int, default=128)
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="safer packs each pair's prefix twice (erpo.loss.share_prefix=false)")
     args = p.parse_args()
     h.apply_smoke(args, global_batch=4, micro_batch=2, num_pairs=8)
     h.set_threads(args.threads)
@@ -160,11 +179,14 @@ def main() -> None:
         with h.Stopwatch() as sw:
             trl_pre = trl_trainer(args, ws, pairs, precompute=True)
         print(f"# TRL DPOTrainer(precompute_ref_log_probs=True) construction incl. its reference pass: {sw.seconds:.2f} s")
-        learner = h.safer_learner(h.learner_sections(args, ws.model_dir, ws.sft_path, lr=1e-5, min_lr_ratio=1.0),
-                                  args.seed)
+        sections = h.learner_sections(args, ws.model_dir, ws.sft_path, lr=1e-5, min_lr_ratio=1.0)
+        sections["dpo_loss"] = dataclasses.replace(sections["dpo_loss"], share_prefix=args.share_prefix)
+        learner = h.safer_learner(sections, args.seed)
         learner.load_pairs(str(pairs_path), args.seed)
+        print_tokens_per_pair(learner)
+        shared = "prefix once" if learner.share_prefix else "prefix twice"
         names = {
-            "safer": f"safer Learner.dpo_step (ZeRO-{args.zero_stage}, packed, {learner.attn_implementation})",
+            "safer": f"safer Learner.dpo_step (ZeRO-{args.zero_stage}, {shared}, {learner.attn_implementation})",
             "default": "TRL DPOTrainer (defaults: ref model each step)",
             "precompute": "TRL DPOTrainer (precompute_ref_log_probs)",
         }

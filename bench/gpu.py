@@ -22,7 +22,8 @@ Rows:
   master weights and Adam states), tokenizing and packing each step's traces on the fly.
 - ``safer Learner.dpo_step``: the same engine on step-level pairs (built as in
   bench/dpo_vs_trl.py: ``--micro-batch`` pairs per micro-batch, prefix+chosen and
-  prefix+rejected packed as separate sequences; reference log-probs computed once before).
+  prefix+rejected packed as separate sequences — ``erpo.loss.share_prefix=false``, so that the
+  plain loop runs the same batches; reference log-probs computed once before).
 - ``plain PyTorch``: the limit for this model, kernel and batch — the model alone, bf16
   parameters, fused AdamW on them, ``F.cross_entropy`` on fp32 logits, gradient clipping,
   batches packed before timing. Its DPO row computes the same loss (``losses.sequence_logprobs``
@@ -285,6 +286,9 @@ def run_plain(args, ws, model_dir, sections, pairs, erpo, *, device, dtype, attn
 
 
 def run_learner(args, sections, pairs_path, *, device) -> dict:
+    # the plain loop's pair batches encode each prefix twice: the learner too, so both rows run
+    # the same batches (bench/dpo_vs_trl.py measures prefix sharing)
+    sections = {**sections, "dpo_loss": replace(sections["dpo_loss"], share_prefix=False)}
     learner = h.safer_learner(sections, args.seed, device=device)
     learner.load_pairs(str(pairs_path), args.seed)
     records = {kind: new_record() for kind in ROWS}

@@ -109,14 +109,15 @@ class RolloutWorker:
             temperature=temperature, top_p=top_p, seed=seed, batch_rows=self.cfg.batch_size,
         )
 
-    def logprobs(self, items: list[tuple[Prompt, str, str, bool]]) -> list[tuple[float, int]]:
+    def logprobs(self, items: list[tuple[Prompt, str, str, bool]], share_prefix: bool = True) -> list[tuple[float, int]]:
         """log p(continuation | prompt, prefix) under the weights held, for (prompt, prefix,
-        continuation, ends_with_eos) items; tokenized exactly as the learners do."""
+        continuation, ends_with_eos) items; tokenized exactly as the learners do. Items with the
+        same prompt and prefix encode it once when ``share_prefix`` and the attention allows."""
         from safer_dist.erpo.pairs import step_sequence
         from safer_dist.erpo.sampling import continuation_logprobs
 
         pairs = [step_sequence(self.tokenizer, p, x, c, eos) for p, x, c, eos in items]
-        return continuation_logprobs(self.model, pairs)
+        return continuation_logprobs(self.model, pairs, share_prefix=share_prefix)
 
     def node_ip(self) -> str:
         import ray
@@ -299,9 +300,9 @@ class RolloutGroup:
         """``RolloutWorker.sample`` over all workers; results in the order of ``items``."""
         return self._map("sample", lambda w, shard: w.sample.remote(shard, **kwargs), items)
 
-    def logprobs(self, items: list[tuple[Prompt, str, str, bool]]) -> list[tuple[float, int]]:
+    def logprobs(self, items: list[tuple[Prompt, str, str, bool]], share_prefix: bool = True) -> list[tuple[float, int]]:
         """``RolloutWorker.logprobs`` over all workers; results in the order of ``items``."""
-        return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard), items)
+        return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard, share_prefix), items)
 
     # -- weight sync (driven by LearnerGroup.connect_weight_sync / push_weights) ------------
     def init_sync_refs(self, host: str, port: int, *, first_rank: int, world_size: int) -> list:

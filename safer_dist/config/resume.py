@@ -28,6 +28,9 @@ RESUME_KEYS = {
         "erpo.ranking", "erpo.loss", "erpo.optim", "learner.zero_stage",
     ),
 }
+# Settings under a resume key that change how the same computation is run, not its result:
+# a resumed run may change them (and a checkpoint written before they existed lacks them).
+RESUME_IGNORED = frozenset({"erpo.loss.share_prefix"})
 
 
 def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") -> list[str]:
@@ -39,7 +42,7 @@ def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") ->
     now = _absolute_leaves(_leaves(current.to_dict()))
     out = []
     for key in RESUME_KEYS[stage]:
-        for leaf in sorted(k for k in now if k == key or k.startswith(key + ".")):
+        for leaf in sorted(k for k in now if (k == key or k.startswith(key + ".")) and k not in RESUME_IGNORED):
             if before.get(leaf) != now[leaf]:
                 out.append(f"{leaf}: {before.get(leaf)!r} -> {now[leaf]!r}")
     return out

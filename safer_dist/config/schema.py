@@ -156,6 +156,11 @@ class DpoLossSection:
     # + length_alpha * (|chosen| - |rejected|) inside the sigmoid.
     length_alpha: float = 0.0
     label_smoothing: float = 0.0
+    # Encode each pair's context once, the chosen and the rejected step both attending to it
+    # (safer_dist/train/tree_attention.py), in the learners and in the rollout workers' reference
+    # log-probs. Exact; off only for debugging. Where the attention backend cannot take it
+    # (flash_attention_2, sdpa, eager) each context is encoded twice, as the log says once.
+    share_prefix: bool = True
 
     def validate(self, key: str) -> None:
         _check(self.beta > 0, f"{key}.beta must be > 0")

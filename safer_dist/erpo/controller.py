@@ -143,7 +143,7 @@ class Sampler:
                 ref_items += [(rec["prompt"], prefix, group[c]["text"], eos), (rec["prompt"], prefix, group[r]["text"], eos)]
             rows.append(row)
         if ref_items:
-            refs = self.reference.logprobs(ref_items)
+            refs = self.reference.logprobs(ref_items, share_prefix=self.cfg.erpo.loss.share_prefix)
             it = iter(refs)
             for row in rows:
                 if row["chosen"] is not None:

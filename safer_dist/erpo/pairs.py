@@ -6,6 +6,10 @@ Tokenization of a pair, shared by rollout workers (reference log-probs) and lear
 
     context  = chat-formatted prompt + response prefix     (no loss; prompt: a string or messages)
     step     = the step's text (+ EOS for the answer step)  (the DPO loss counts these)
+
+Packed, a pair is either two sequences (context + chosen, context + rejected) or, with
+``share_prefix``, one tree whose context is encoded once (:func:`append_continuations`,
+:mod:`safer_dist.train.tree_attention`).
 """
 
 from __future__ import annotations
@@ -33,14 +37,15 @@ class PairData:
 
     ``pairs`` are pair records (see :mod:`safer_dist.erpo.controller`) with ``prompt``, ``prefix``, ``step``,
     ``chosen_text``, ``rejected_text``, ``ref_chosen``, ``ref_rejected``. A pair whose ``why``
-    is ``"safety"`` appears ``safety_repeats`` times per epoch.
+    is ``"safety"`` appears ``safety_repeats`` times per epoch. ``share_prefix``: pack each pair's
+    context once (:func:`pack_pairs`); only for a model whose attention takes trees.
     """
 
-    def __init__(self, pairs: list[dict], tokenizer, *, seed: int, safety_repeats: int = 1):
+    def __init__(self, pairs: list[dict], tokenizer, *, seed: int, safety_repeats: int = 1, share_prefix: bool = False):
         if not pairs:
             raise ValueError("no preference pairs to train on")
         pairs = [p for p in pairs for _ in range(safety_repeats if p.get("why") == "safety" else 1)]
-        self.pairs, self.tokenizer, self.seed = pairs, tokenizer, seed
+        self.pairs, self.tokenizer, self.seed, self.share_prefix = pairs, tokenizer, seed, share_prefix
         self._perm: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
@@ -65,29 +70,68 @@ class PairData:
         return {"ctx": ctx, "chosen": chosen, "rejected": rejected, "ref_chosen": r["ref_chosen"], "ref_rejected": r["ref_rejected"]}
 
     def micro_batches(self, step: int, *, global_batch_size: int, rank: int, world_size: int, micro_batch_size: int) -> list[dict]:
-        """This rank's micro-batches of step ``step``: each packs, per pair, the sequence
-        context+chosen then context+rejected (sequence 2i and 2i+1)."""
+        """This rank's micro-batches of step ``step`` (:func:`pack_pairs`: per pair, the chosen
+        step is sequence 2i, the rejected one 2i+1)."""
         items = self.global_batch(step, global_batch_size)
         per_rank = global_batch_size // world_size
         shard = items[rank * per_rank : (rank + 1) * per_rank]
-        return [pack_pairs([self.encode(i) for i in shard[s : s + micro_batch_size]]) for s in range(0, len(shard), micro_batch_size)]
+        return [
+            pack_pairs([self.encode(i) for i in shard[s : s + micro_batch_size]], share_prefix=self.share_prefix)
+            for s in range(0, len(shard), micro_batch_size)
+        ]
 
 
-def pack_pairs(encoded: list[dict]) -> dict[str, torch.Tensor]:
-    ids, pos, labels, seq = [], [], [], []
+def append_continuations(
+    cols: dict[str, list[int]], ctx: list[int], continuations: list[list[int]], seq_ids: list[int], *, share_prefix: bool,
+) -> None:
+    """Append a context and its continuations to the packed columns ``cols`` (``input_ids``,
+    ``position_ids``, ``labels``, ``seq_ids``); continuation ``j`` is labelled and gets sequence
+    ``seq_ids[j]``, the context is unlabelled (in the first continuation's sequence).
+
+    ``share_prefix=False``: one sequence ``context + continuation`` each. ``True``: a tree
+    (:mod:`safer_dist.train.tree_attention`) — ``context + continuations[0]``, then per further
+    continuation the context's last token again at position ``C - 1`` followed by it, positions
+    continuing from ``C``. Only for a model whose attention takes trees
+    (:func:`safer_dist.train.attention.tree_packing_unsupported`).
+    """
+    for j, cont in enumerate(continuations):
+        if j == 0 or not share_prefix or not ctx:
+            head, start = ctx, 0
+        else:
+            head, start = ctx[-1:], len(ctx) - 1
+        cols["input_ids"] += head + cont
+        cols["position_ids"] += range(start, start + len(head) + len(cont))
+        cols["labels"] += [IGNORE_INDEX] * len(head) + cont
+        cols["seq_ids"] += [seq_ids[j]] * (len(head) + len(cont))
+
+
+def packed_length(ctx_len: int, continuation_lens: list[int], *, share_prefix: bool) -> int:
+    """Tokens :func:`append_continuations` appends for a context of ``ctx_len`` tokens."""
+    if share_prefix and ctx_len:
+        return ctx_len + sum(continuation_lens) + len(continuation_lens) - 1
+    return ctx_len * len(continuation_lens) + sum(continuation_lens)
+
+
+def pack_pairs(encoded: list[dict], *, share_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """One padding-free micro-batch of encoded pairs (:meth:`PairData.encode`): pair ``i``'s
+    chosen step is sequence ``2i``, its rejected step ``2i + 1``; ``share_prefix`` packs each
+    pair's context once (:func:`append_continuations`).
+
+    Returns ``input_ids``, ``position_ids``, ``labels``, ``seq_ids`` ``[1, T]``; ``ref_chosen``,
+    ``ref_rejected`` ``[P]`` float64; ``chosen_len``, ``rejected_len`` ``[P]``; ``num_pairs``;
+    ``num_pair_tokens`` (context + chosen plus context + rejected over the pairs, the tokens of
+    the unshared packing, whatever ``share_prefix``).
+    """
+    cols: dict[str, list[int]] = {"input_ids": [], "position_ids": [], "labels": [], "seq_ids": []}
     for i, e in enumerate(encoded):
-        for j, step in enumerate((e["chosen"], e["rejected"])):
-            full = e["ctx"] + step
-            ids += full
-            pos += range(len(full))
-            labels += [IGNORE_INDEX] * len(e["ctx"]) + step
-            seq += [2 * i + j] * len(full)
+        append_continuations(cols, e["ctx"], [e["chosen"], e["rejected"]], [2 * i, 2 * i + 1], share_prefix=share_prefix)
     row = lambda xs, dtype=torch.long: torch.tensor([xs], dtype=dtype)  # noqa: E731
     return {
-        "input_ids": row(ids), "position_ids": row(pos), "labels": row(labels), "seq_ids": row(seq),
+        **{name: row(xs) for name, xs in cols.items()},
         "ref_chosen": torch.tensor([e["ref_chosen"] for e in encoded], dtype=torch.float64),
         "ref_rejected": torch.tensor([e["ref_rejected"] for e in encoded], dtype=torch.float64),
         "chosen_len": torch.tensor([len(e["chosen"]) for e in encoded]),
         "rejected_len": torch.tensor([len(e["rejected"]) for e in encoded]),
         "num_pairs": torch.tensor(len(encoded)),
+        "num_pair_tokens": torch.tensor(sum(2 * len(e["ctx"]) + len(e["chosen"]) + len(e["rejected"]) for e in encoded)),
     }

@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 
 from safer_dist.erpo.decode import StopCheck, decode
-from safer_dist.train.losses import IGNORE_INDEX, sequence_logprobs
+from safer_dist.erpo.pairs import append_continuations, packed_length
+from safer_dist.train.attention import tree_packing_unsupported
+from safer_dist.train.losses import sequence_logprobs
 
 
 def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
@@ -84,25 +86,43 @@ def _strip_pad(text: str, tokenizer) -> str:
 
 
 @torch.no_grad()
-def continuation_logprobs(model, items: list[tuple[list[int], list[int]]], *, max_tokens_per_pack: int = 8192) -> list[tuple[float, int]]:
-    """Sum of log p(continuation | context) and its token count, for each (context, continuation)."""
+def continuation_logprobs(
+    model, items: list[tuple[list[int], list[int]]], *, max_tokens_per_pack: int = 8192, share_prefix: bool = True,
+) -> list[tuple[float, int]]:
+    """Sum of log p(continuation | context) and its token count, for each (context, continuation).
+
+    Items are packed padding-free, about ``max_tokens_per_pack`` tokens per forward. With
+    ``share_prefix``, items with the same context are packed as one tree, the context encoded
+    once (:func:`safer_dist.erpo.pairs.append_continuations`), if the model's attention takes
+    trees (:func:`safer_dist.train.attention.tree_packing_unsupported`; otherwise each item is
+    its own sequence, as with ``share_prefix=False``). Both give the same sums up to rounding.
+    """
     device = next(model.parameters()).device
-    results: list[tuple[float, int]] = []
+    share = share_prefix and tree_packing_unsupported(model.config._attn_implementation, device.type) is None
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(items):
+        groups.setdefault(tuple(ctx), []).append(i)
+    order = list(groups.items())
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
     start = 0
-    while start < len(items):
-        ids, pos, labels, seq = [], [], [], []
+    while start < len(order):
+        cols: dict[str, list[int]] = {"input_ids": [], "position_ids": [], "labels": [], "seq_ids": []}
+        members: list[int] = []
         end = start
-        while end < len(items) and (not ids or len(ids) + sum(map(len, items[end])) <= max_tokens_per_pack):
-            ctx, cont = items[end]
-            full = ctx + cont
-            ids += full
-            pos += range(len(full))
-            labels += [IGNORE_INDEX] * len(ctx) + cont
-            seq += [end - start] * len(full)
+        while end < len(order):
+            ctx, idxs = order[end]
+            conts = [items[i][1] for i in idxs]
+            size = packed_length(len(ctx), [len(c) for c in conts], share_prefix=share)
+            if members and len(cols["input_ids"]) + size > max_tokens_per_pack:
+                break
+            seqs = list(range(len(members), len(members) + len(idxs)))
+            append_continuations(cols, list(ctx), conts, seqs, share_prefix=share)
+            members += idxs
             end += 1
-        as_row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
-        logits = model(input_ids=as_row(ids), position_ids=as_row(pos), use_cache=False).logits
-        sums, counts = sequence_logprobs(logits, as_row(labels), as_row(seq), end - start)
-        results += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+        row = {name: torch.tensor([xs], dtype=torch.long, device=device) for name, xs in cols.items()}
+        logits = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits
+        sums, counts = sequence_logprobs(logits, row["labels"], row["seq_ids"], len(members))
+        for i, total, n in zip(members, sums.tolist(), counts.tolist()):
+            results[i] = (float(total), int(n))
         start = end
     return results

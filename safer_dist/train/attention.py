@@ -31,6 +31,13 @@ for each sequence, ``attention_mask=None``, ``use_cache=False``. Every backend c
   (``bench/packed_attention.py``, docs/BENCHMARKS.md). Same mask function and same fallback as
   ``safer_varlen`` for padding and KV-cache decoding.
 
+Both ``safer_*`` backends also take prefix-shared (tree) rows, where a position that drops to
+``p > 0`` starts a branch sharing the first ``p`` tokens of the sequence before it
+(:mod:`safer_dist.train.tree_attention`): ``safer_segments`` runs SDPA once per segment,
+``safer_varlen`` sends a tree row on CUDA through ``flex_attention`` with the tree as block mask
+(the varlen kernel takes only block-diagonal packing); the explicit-mask fallback builds the
+tree mask. :func:`tree_packing_unsupported` says whether a backend takes trees.
+
 On CUDA a packed row is never run silently through SDPA with a dense block-diagonal mask (it
 ran 4.6x slower than varlen on an H200): ``auto`` without a usable varlen kernel picks
 ``safer_segments`` and warns once with the reason; an explicit ``sdpa``/``eager`` on CUDA, and
@@ -41,14 +48,15 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from safer_dist.runtime.log import get_logger
+from safer_dist.train.tree_attention import flex_tree, sdpa_tree, tree_mask, tree_segments
 
 log = get_logger("attention")
 
@@ -222,6 +230,27 @@ def resolve_attn_implementation(requested: str, device_type: str) -> str:
     return requested
 
 
+def tree_packing_unsupported(attn_implementation: str, device_type: str) -> str | None:
+    """Why a model running ``attn_implementation`` on ``device_type`` cannot take prefix-shared
+    (tree) packed rows (:mod:`safer_dist.train.tree_attention`); ``None`` when it can.
+
+    ``safer_segments`` takes them on any device, ``safer_varlen`` too (on CUDA its 16-bit rows go
+    through ``flex_attention``). transformers' own backends derive sequence boundaries from
+    ``position_ids`` themselves and would let a branch see its sibling, so packers must not
+    share a prefix for them.
+    """
+    if attn_implementation == SEGMENTS_NAME:
+        return None
+    if attn_implementation == VARLEN_NAME:
+        if torch.device(device_type).type == "cuda" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            return f"torch {torch.__version__} has no torch.nn.attention.flex_attention, which {VARLEN_NAME} needs for them"
+        return None
+    return (
+        f"attention {attn_implementation!r} finds packed sequences itself and cannot take a shared prefix; "
+        f"{SEGMENTS_NAME!r} (any device) and {VARLEN_NAME!r} (CUDA) can"
+    )
+
+
 def register_varlen_attention() -> None:
     """Register ``safer_varlen`` and ``safer_segments`` with transformers' attention and mask
     interfaces. Idempotent.
@@ -296,7 +325,22 @@ def varlen_attention_forward(
     if api is None:
         # padding, KV-cache decoding, non-causal, fp32, CPU or no kernel: exactly what safer_segments does
         return segments_attention_forward(module, query, key, value, attention_mask, 0.0, scaling, is_causal, **kwargs)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and _may_hold_trees(position_ids):
+        # the varlen kernel takes only block-diagonal packing; a tree row goes through flex_attention
+        return flex_tree(query, key, value, scaling, position_ids.expand(query.shape[0], -1)), None
     return _varlen_packed(api, query, key, value, scaling, kwargs), None
+
+
+def _rows_with_drops(position_ids: torch.Tensor) -> list[int]:
+    """Rows of ``position_ids`` ``[B, T]`` where some position drops to a value > 0: rows that may
+    hold a tree branch (or an odd independent sequence, which the tree kernels also run right)."""
+    drops = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return (drops & (position_ids[:, 1:] > 0)).any(dim=1).nonzero().flatten().tolist()
+
+
+def _may_hold_trees(position_ids: torch.Tensor) -> bool:
+    return bool(_rows_with_drops(position_ids))
 
 
 def _varlen_packed(
@@ -374,28 +418,11 @@ def _fallback_needed(module, query, key, attention_mask, is_causal) -> bool:
 def _sdpa_segments(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, kwargs: dict
 ) -> tuple[torch.Tensor, None]:
-    """Causal SDPA over each sequence of a packed batch; ``[B, H, T, D]`` in, ``[B, T, H, D]`` out."""
-    batch_size, num_q_heads, q_len, head_dim = query.shape
-    num_kv_heads = key.shape[1]
-    cu_seqlens, _ = packed_cu_seqlens(kwargs.get("position_ids"), batch_size, q_len)
-    bounds = cu_seqlens.tolist()
-    if len(bounds) == 2:  # one sequence: no slicing, no copy
-        out = F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=num_q_heads != num_kv_heads
-        )
-        return out.transpose(1, 2), None
-    # [B, H, T, D] -> [H, B*T, D]: sequences are contiguous slices along dim 1
-    q = query.transpose(0, 1).reshape(num_q_heads, batch_size * q_len, head_dim)
-    k = key.transpose(0, 1).reshape(num_kv_heads, batch_size * q_len, head_dim)
-    v = value.transpose(0, 1).reshape(num_kv_heads, batch_size * q_len, head_dim)
-    outs = [
-        F.scaled_dot_product_attention(
-            q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True, scale=scaling, enable_gqa=num_q_heads != num_kv_heads
-        )
-        for a, b in zip(bounds, bounds[1:])
-    ]
-    out = torch.cat(outs, dim=1)  # [H, B*T, D]
-    return out.view(num_q_heads, batch_size, q_len, head_dim).permute(1, 2, 0, 3), None
+    """Causal SDPA over each sequence (or tree segment, :mod:`safer_dist.train.tree_attention`) of a
+    packed batch; ``[B, H, T, D]`` in, ``[B, T, H, D]`` out."""
+    batch_size, _, q_len, _ = query.shape
+    segments = tree_segments(kwargs.get("position_ids"), batch_size, q_len)
+    return sdpa_tree(query, key, value, scaling, segments), None
 
 
 def _sdpa_fallback(
@@ -432,7 +459,12 @@ def _sdpa_fallback(
         seq_id = torch.zeros(batch_size * q_len, dtype=torch.long, device=device)
         seq_id[cu_seqlens[1:-1].long().to(device)] = 1
         seq_id = seq_id.cumsum(0).view(batch_size, q_len)
-        allowed &= (seq_id[:, None, :, None] == seq_id[:, None, None, :])
+        block = seq_id[:, None, :, None] == seq_id[:, None, None, :]
+        # a row holding trees gets the tree mask instead of the block-diagonal one
+        position_ids = position_ids.expand(batch_size, q_len)
+        for r in _rows_with_drops(position_ids):
+            block[r, 0] = tree_mask(tree_segments(position_ids[r : r + 1], 1, q_len), device)
+        allowed &= block
     if attention_mask is not None:
         allowed &= attention_mask[:, -kv_len:].to(device=device, dtype=torch.bool)[:, None, None, :]
     # A fully masked row (a left-pad query) would give NaN; let it attend anywhere, its output

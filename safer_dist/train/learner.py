@@ -229,9 +229,11 @@ class Learner:
             model_parameters=model.parameters() if optimizer is None else None,
         )
         self.head = LMHead(self.engine.module, self.cfg.loss_chunk_tokens, self.device)
+        self.share_prefix = self._share_prefix()
         return {
             "rank": rank, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
             "attn_implementation": self.attn_implementation, "loss_head": self.head.mode,
+            "share_prefix": self.share_prefix,
             "num_params": count_params(model), "num_params_non_embedding": non_embedding_params(model),
             "peak_flops": device_peak_flops(self.device, self.cfg.peak_tflops),
         }
@@ -254,6 +256,18 @@ class Learner:
         return load_model(self.model_path, dtype=self.dtype, attn_implementation=m.attn_implementation,
                           device=self.device, trust_remote_code=m.trust_remote_code)
 
+    def _share_prefix(self) -> bool:
+        """Whether step-DPO packs each pair's context once (``dpo_loss.share_prefix`` and an
+        attention backend that takes trees); says once why not when it was asked for."""
+        if self.dpo_loss is None or not self.dpo_loss.share_prefix:
+            return False
+        from safer_dist.train.attention import tree_packing_unsupported
+
+        why = tree_packing_unsupported(self.attn_implementation, self.device)
+        if why is not None and self.rank == 0:
+            log.warning("erpo.loss.share_prefix: %s; each pair's context is encoded twice", why)
+        return why is None
+
     # -- training -------------------------------------------------------------------------
     def _all_reduce(self, values: list) -> list[float]:
         """Sums over ranks of ``values`` (numbers or 0-d tensors); one host synchronisation."""
@@ -268,7 +282,6 @@ class Learner:
         from safer_dist.train.sft_data import Encoded, num_label_tokens, pack
 
         t0 = time.perf_counter()
-        t = self.optim
         batches, counts = self._sft_batches().get(step)
         local_label = sum(num_label_tokens(b) for b in batches if b is not None)
         local_tokens = sum(b["input_ids"].numel() for b in batches if b is not None)
@@ -389,13 +402,15 @@ class Learner:
 
         recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         self._pairs = PairData([r for r in recs if r.get("chosen") is not None], self.tokenizer, seed=seed,
-                               safety_repeats=safety_repeats)
+                               safety_repeats=safety_repeats, share_prefix=self.share_prefix)
         return len(self._pairs)
 
     def dpo_step(self, step: int) -> dict:
         """One optimizer step of step-level DPO (``dpo_loss`` of set-up) on pair batch ``step``
         of the loaded pairs. Reference log-probs come with the pairs (computed by rollout
-        workers at sampling)."""
+        workers at sampling). ``num_tokens``: tokens run through the model (each context once
+        when the prefix is shared); ``num_pair_tokens``: context + chosen plus context +
+        rejected, the same whether shared or not."""
         from safer_dist.train.losses import step_dpo_loss, sum_by_sequence
 
         t0 = time.perf_counter()
@@ -406,8 +421,9 @@ class Learner:
             micro_batch_size=t.micro_batch_size,
         )
         n_tokens_local = sum(b["input_ids"].numel() for b in batches)
+        n_pair_tokens_local = sum(int(b["num_pair_tokens"]) for b in batches)
         n_chosen_local = sum(int(b["chosen_len"].sum()) for b in batches)
-        n_tokens, n_chosen = self._all_reduce([n_tokens_local, n_chosen_local])
+        n_tokens, n_pair_tokens, n_chosen = self._all_reduce([n_tokens_local, n_pair_tokens_local, n_chosen_local])
         n_pairs = t.global_batch_size
         scale = self.engine.gradient_accumulation_steps() * self.world_size
         lr = self.engine.get_lr()[0]
@@ -436,7 +452,8 @@ class Learner:
         return {
             "loss": loss, "lr": lr, "reward_margin": margin / n_pairs, "preference_accuracy": acc / n_pairs,
             "reward_chosen": rc / n_pairs, "reward_rejected": rr / n_pairs, "num_pairs": n_pairs,
-            "num_tokens": int(n_tokens), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "num_tokens": int(n_tokens), "num_pair_tokens": int(n_pair_tokens),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "step_time_s": time.perf_counter() - t0,
         }
 

@@ -112,8 +112,8 @@ def pairs(tiny_model_dir, tmp_path_factory):
     return path, write_pairs(path, tiny_model_dir)
 
 
-def make_cfg(model_dir, num_learners, global_batch, micro_batch, stage=2):
-    return load_config(None, [
+def make_cfg(model_dir, num_learners, global_batch, micro_batch, stage=2, share_prefix=True):
+    return load_config(None, [f"erpo.loss.share_prefix={str(share_prefix).lower()}",
         f"model.path={model_dir}", "run.seed=1", f"learner.num_learners={num_learners}",
         f"learner.zero_stage={stage}", f"train.global_batch_size={global_batch}",
         f"train.micro_batch_size={micro_batch}", f"train.lr={LR}", "train.warmup_steps=0",
@@ -132,7 +132,8 @@ def train_dpo(learner, cfg, path, n):
     metrics = [dpo_step(learner, step, cfg) for step in range(n)]
     sd = learner.full_state_dict()
     weights = None if sd is None else {k: v.numpy() for k, v in sd.items()}
-    return [{k: m[k] for k in ("loss", "reward_margin", "grad_norm", "num_pairs")} for m in metrics], weights
+    keys = ("loss", "reward_margin", "grad_norm", "num_pairs", "num_tokens", "num_pair_tokens")
+    return [{k: m[k] for k in keys} for m in metrics], weights
 
 
 def run(cfg, path):
@@ -146,7 +147,7 @@ def run(cfg, path):
 def assert_same(a, b, model_dir):
     (metrics_a, weights_a), (metrics_b, weights_b) = a, b
     for ma, mb in zip(metrics_a, metrics_b, strict=True):
-        assert ma["num_pairs"] == mb["num_pairs"]
+        assert ma["num_pairs"] == mb["num_pairs"] and ma["num_pair_tokens"] == mb["num_pair_tokens"]
         assert abs(ma["loss"] - mb["loss"]) < METRIC_ATOL, (metrics_a, metrics_b)
         assert abs(ma["reward_margin"] - mb["reward_margin"]) < METRIC_ATOL, (metrics_a, metrics_b)
         assert abs(ma["grad_norm"] - mb["grad_norm"]) < GRAD_NORM_RTOL * mb["grad_norm"], (metrics_a, metrics_b)
@@ -206,3 +207,12 @@ def test_two_ranks_equal_one_rank(tiny_model_dir, pairs, whole):
 def test_accumulation_4x1_equals_1x4(tiny_model_dir, pairs, whole):
     # 1 rank, 4 accumulated micro-batches of 1 pair == 1 micro-batch of 4.
     assert_same(run(make_cfg(tiny_model_dir, 1, 4, 1), pairs[0]), whole, tiny_model_dir)
+
+
+def test_unshared_prefix_equals_shared(tiny_model_dir, pairs, whole):
+    # Each pair's context packed twice (erpo.loss.share_prefix=false) == once (the default, the
+    # reference run): the same training, on more tokens.
+    unshared = run(make_cfg(tiny_model_dir, 1, 4, 4, share_prefix=False), pairs[0])
+    assert_same(unshared, whole, tiny_model_dir)
+    for m_unshared, m_shared in zip(unshared[0], whole[0]):
+        assert m_unshared["num_tokens"] == m_unshared["num_pair_tokens"] > m_shared["num_tokens"]

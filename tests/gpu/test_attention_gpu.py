@@ -107,3 +107,48 @@ def test_auto_forward_backward_tiny_bf16(tmp_path, tiny_model_dir, sequences):
     out.loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _tree_batches(sequences):
+    """Pairs (context, chosen, rejected) cut from ``sequences``, packed with the context once and twice."""
+    from safer_dist.erpo.pairs import pack_pairs
+
+    enc = [{"ctx": s[: len(s) // 2], "chosen": s[len(s) // 2 :], "rejected": s[len(s) // 2 :][::-1][:7],
+            "ref_chosen": 0.0, "ref_rejected": 0.0} for s in sequences]
+    return [{k: v.cuda() for k, v in pack_pairs(enc, share_prefix=share).items()} for share in (True, False)]
+
+
+def _tree_logps(model, batch):
+    from safer_dist.train.lm_head import LMHead
+    from safer_dist.train.losses import sum_by_sequence
+
+    head = LMHead(model, 64, "cuda")
+    return sum_by_sequence(*head.token_logprobs(model, batch), batch["seq_ids"], 2 * int(batch["num_pairs"]))[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_tree_logprobs_and_grads_equal_unshared(tiny_model_dir, sequences, monkeypatch, dtype):
+    """safer_varlen sends a prefix-shared row through compiled flex_attention (fp32 forced onto
+    that path too, for a tight comparison): per-sequence log-probs and gradients equal those of
+    the unshared packing run by SDPA per sequence (fp32 1e-4; bf16 a few percent)."""
+    from safer_dist.train import tree_attention
+
+    calls = []
+    real = tree_attention.flex_tree
+    monkeypatch.setattr(attention, "flex_tree", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q: True)
+    model = load_model(tiny_model_dir, dtype=dtype, attn_implementation="safer_varlen", device="cuda")
+    shared_batch, unshared_batch = _tree_batches(sequences)
+    results = []
+    for batch, attn in ((shared_batch, "safer_varlen"), (unshared_batch, "safer_segments")):
+        model.set_attn_implementation(attn)  # the reference: SDPA per sequence (the kernel takes no fp32)
+        model.zero_grad()
+        logp = _tree_logps(model, batch)
+        logp.sum().backward()
+        results.append((logp.detach().float(), [p.grad.float().clone() for p in model.parameters()]))
+    assert len(calls) == model.config.num_hidden_layers  # the shared row went through flex, once per layer
+    (lp_s, g_s), (lp_u, g_u) = results
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(lp_s, lp_u, atol=tol * max(1.0, float(lp_u.abs().max())), rtol=0)
+    for a, b in zip(g_s, g_u):
+        assert float((a - b).norm()) <= tol * max(float(b.norm()), 1e-6)

@@ -449,11 +449,11 @@ def test_segments_packed_equals_per_sequence_logits_and_grads():
         shapes.append((q.shape[-2], k.shape[-2], kwargs.get("attn_mask")))
         return real_sdpa(q, k, v, **kwargs)
 
-    attention.F.scaled_dot_product_attention = spy
+    F.scaled_dot_product_attention = spy  # the module object every kernel calls through
     try:
         packed = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]
     finally:
-        attention.F.scaled_dot_product_attention = real_sdpa
+        F.scaled_dot_product_attention = real_sdpa
     packed.square().sum().backward()
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
     for name, p in model.named_parameters():

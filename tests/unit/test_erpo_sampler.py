@@ -3,7 +3,7 @@ judges (each distinct greedy completion once), and the pairs it builds."""
 
 from safer_dist.config import Config
 from safer_dist.erpo.controller import Sampler
-from safer_dist.reasoning.exante import Trace, prefix_before, render
+from safer_dist.reasoning.exante import Trace, render
 from safer_dist.erpo.judge import RuleJudge
 from safer_dist.reasoning.rules import Rulebook
 
@@ -46,7 +46,7 @@ class ScriptedRollout:
             out.append([{"text": t, "num_tokens": len(t.split()), "stopped": True} for t in texts])
         return out
 
-    def logprobs(self, items):
+    def logprobs(self, items, share_prefix=True):
         return [(-1.0, len(step.split())) for _, _, step, _ in items]
 
 
