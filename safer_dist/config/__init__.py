@@ -1,19 +1,8 @@
 """One typed config tree for every safer job.
 
-A run is described by a YAML file whose top-level keys are the sections below, plus
-``section.field=value`` overrides given after the file on the command line::
-
-    safer sft configs/tiny.yaml train.max_steps=50 learner.zero_stage=3
-
-Unknown keys, wrong types and inconsistent values raise :class:`ConfigError` before any
-work starts, naming the key and where it came from: the override when one set a key the check
-names, else the file. The resolved config (every default filled in, every path absolute) is
-written to ``<run dir>/config.yaml``.
-
-Paths (:data:`PATH_KEYS`): a relative path in the file, or a default the file leaves as it is,
-resolves against the file's directory; a relative path in an override against the current
-directory. The shipped rulebook and prompt templates are the defaults, found wherever safer is
-installed (safer_dist/runtime/resources.py).
+A run is a YAML file of sections plus ``section.field=value`` overrides
+(``safer sft configs/tiny.yaml train.max_steps=50``). Bad keys, types and values raise
+:class:`ConfigError` before any work starts; the resolved config is saved in every run.
 
 Components receive their own section only (``Learner(cfg.learner, ...)``); defaults live
 here and nowhere else.
