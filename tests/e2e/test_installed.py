@@ -75,7 +75,7 @@ def test_installed_cli_runs_a_config_from_another_directory(installed, tmp_path,
 
     # the shipped SLURM scripts, through `safer slurm submit --dry-run`
     p = safer(installed, tmp_path / "elsewhere", "slurm", "submit", str(config), "--nodes", "1",
-              "--gpus-per-node", "0", "--stage", "sft", "--dry-run")
+              "--gpus-per-node", "0", "--stage", "sft", "--mem", "4G", "--dry-run")  # no model yet to size --mem
     assert p.returncode == 0, p.stderr
     assert f'"{shipped}/slurm/ray-cluster.sh" ' in p.stdout
 
