@@ -391,7 +391,7 @@ def main() -> None:
     h.header(f"one-device training: safer learner vs plain PyTorch vs TRL ({device})", args)
 
     from safer_dist.train.attention import resolve_attn_implementation
-    from safer_dist.train.learner import resolve_dtype
+    from safer_dist.train.engine import resolve_dtype
     from safer_dist.train.models import load_tokenizer
 
     ws = h.workspace(args, num_sft=max(args.num_sft, args.num_pairs))

@@ -106,7 +106,7 @@ def decode_bound(weight_bytes: int, kv_per_token: int, rows: int, mean_context: 
 def load_contestant_model(args, ws):
     """The model both contestants sample from: ``--shape`` built at random (bench/gpu.py), else
     the workspace's ``--preset``; fp32 on CPU, bf16 on CUDA; SDPA attention, as generate uses."""
-    from safer_dist.train.learner import resolve_dtype
+    from safer_dist.train.engine import resolve_dtype
     from safer_dist.train.models import load_model, load_tokenizer
 
     dtype, model_dir = resolve_dtype("auto", args.device), ws.model_dir

@@ -32,7 +32,7 @@ class RolloutFailure(RuntimeError):
 
 class RolloutWorker:
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto"):
-        from safer_dist.train.learner import resolve_device, resolve_dtype
+        from safer_dist.train.engine import resolve_device, resolve_dtype
         from safer_dist.train.models import load_model, load_tokenizer
 
         quiet_libraries()

@@ -37,7 +37,7 @@ def _worker(rank, world_size, port, cfg, fn, queue, device):
 def _group_worker(rank, world_size, port, fn, queue, device):
     try:
         _set_accelerator(device)
-        from safer_dist.train.learner import init_distributed
+        from safer_dist.train.engine import init_distributed
 
         init_distributed(rank, world_size, "127.0.0.1", port, "gloo" if device == "cpu" else "nccl")
         queue.put((rank, "ok", fn(rank, world_size)))

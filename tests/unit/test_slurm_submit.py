@@ -150,7 +150,7 @@ def test_cli_rejects_stray_arguments():
 
 
 def test_learner_gloo_interface_is_the_one_holding_the_node_address():
-    from safer_dist.train.learner import gloo_interface
+    from safer_dist.train.engine import gloo_interface
 
     assert gloo_interface("127.0.0.1") is not None
     assert gloo_interface("203.0.113.77") is None  # TEST-NET-3: on no interface here
