@@ -161,6 +161,25 @@ def main() -> None:
               f"attention {model.config._attn_implementation}")
         per_batch = max(1, args.batch_rows // args.n)
         pad = tok.pad_token_id
+        # Work: token positions each contestant runs through the model (padding included), counted
+        # by a hook on the model's forward, per window. Both run the same fp32/bf16 matrix
+        # products per position, so their ratio bounds the speed-up the sampler can show.
+        positions = {"now": 0}
+
+        def count_positions(_module, _args, kwargs):
+            ids = kwargs.get("input_ids")
+            positions["now"] += ids.numel() if ids is not None else 0
+
+        model.register_forward_pre_hook(count_positions, with_kwargs=True)
+        work: dict[str, list[int]] = {"safer": [], "hf": []}
+
+        def counted(key, window):
+            def run():
+                start = positions["now"]
+                out = window()
+                work[key].append(positions["now"] - start)
+                return out
+            return run
 
         def safer_window():
             torch.set_num_threads(args.threads)
@@ -198,7 +217,12 @@ def main() -> None:
         safer_window(), hf_window()  # warm-up
         names = {"safer": "safer sample_candidates (prefix reuse, continuous)",
                  "hf": f"HF generate(num_return_sequences={args.n})"}
-        rates = h.alternate({names["safer"]: safer_window, names["hf"]: hf_window}, args.repeats)
+        rates = h.alternate({names["safer"]: counted("safer", safer_window), names["hf"]: counted("hf", hf_window)},
+                            args.repeats)
+        work_ratio = statistics.mean(work["hf"]) / statistics.mean(work["safer"])
+        print(f"positions through the model per window: safer {statistics.mean(work['safer']):.0f}, "
+              f"HF {statistics.mean(work['hf']):.0f} (HF / safer = {work_ratio:.2f}: the speed-up if a position "
+              "cost both the same)")
         # The decode bound, for the rows a batch holds (whole prefixes, at most all of them).
         rows_in_flight = min(per_batch, len(prefixes)) * args.n
         weights, kv_token = weight_bytes_per_step(model), kv_bytes_per_token(model)
@@ -218,9 +242,10 @@ def main() -> None:
                 {"contestant": name, "tokens_per_s": h.median(r), "window_tokens_per_s": r,
                  "fraction_of_bound": fraction[name]} for name, r in rates.items()
             ], device=device, model=args.shape or args.preset, dtype=str(model.dtype), max_new_tokens=max_new,
-                mean_prefix_tokens=statistics.mean(lens), rows_in_flight=rows_in_flight, weight_bytes=weights,
+                mean_prefix_tokens=statistics.mean(lens), prefix_tokens=lens, rows_in_flight=rows_in_flight, weight_bytes=weights,
                 kv_bytes_per_token=kv_token, mean_context_tokens=mean_context, hbm_gbps=gbps,
-                hbm_source=gbps_source, bound_tokens_per_s=bound)
+                hbm_source=gbps_source, bound_tokens_per_s=bound,
+                positions_per_window={"safer": statistics.mean(work["safer"]), "hf": statistics.mean(work["hf"])})
         print(h.paired_line(rates, names["safer"], names["hf"]))
         print(h.ratio_line(h.median(rates[names["safer"]]), h.median(rates[names["hf"]])))
     finally:

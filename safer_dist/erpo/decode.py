@@ -84,20 +84,24 @@ class _SlotLayer(DynamicLayer):
     concatenates (a copy of the whole cache per layer and step).
 
     Built from row blocks ``(keys, values)`` of shape ``[b_i, H, T_i, D]``, stacked along the
-    batch and right-aligned to ``width`` columns (the columns to their left stay 0: padding)."""
+    batch and right-aligned to ``width`` columns (the columns to their left are set to 0:
+    padding, masked, but read, so they must be finite). The spare columns are left unset: a
+    column is written before any view covers it."""
 
     def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int):
         super().__init__()
         k0 = blocks[0][0]
         self.device, self.is_initialized = k0.device, True
         rows = sum(k.shape[0] for k, _ in blocks)
-        self._keys = k0.new_zeros(rows, k0.shape[1], width + spare, k0.shape[3])
-        self._values = torch.zeros_like(self._keys)
+        self._keys = k0.new_empty(rows, k0.shape[1], width + spare, k0.shape[3])
+        self._values = torch.empty_like(self._keys)
         r = 0
         for k, v in blocks:
-            self._keys[r : r + k.shape[0], :, width - k.shape[2] : width] = k
-            self._values[r : r + k.shape[0], :, width - k.shape[2] : width] = v
-            r += k.shape[0]
+            b, lead = k.shape[0], width - k.shape[2]
+            for buf, part in ((self._keys, k), (self._values, v)):
+                buf[r : r + b, :, :lead] = 0
+                buf[r : r + b, :, lead:width] = part
+            r += b
         self.keys, self.values = self._keys[:, :, :width], self._values[:, :, :width]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

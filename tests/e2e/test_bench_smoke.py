@@ -58,6 +58,11 @@ def test_rollout_smoke_decode_bound(tmp_path):
     assert len(report["rows"]) == 2
     for r in report["rows"]:
         assert r["tokens_per_s"] > 0 and r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / bound)
+    # Work per window: HF encodes each prefix once per candidate (2 x the prefix tokens, padding
+    # aside) and decodes 4 rows x 3 steps per batch at most; safer encodes each prefix once.
+    work, prefix_tokens = report["positions_per_window"], sum(report["prefix_tokens"])
+    assert 2 * prefix_tokens <= work["hf"] <= 2 * 4 * max(report["prefix_tokens"]) + 2 * 4 * 3
+    assert prefix_tokens <= work["safer"] < work["hf"]
 
 
 def test_gpu_benchmark_smoke_rows(tmp_path):
