@@ -65,6 +65,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from dpo_vs_trl import make_pairs, reference_logprobs
 from sft_vs_trl import pack_length, trl_trainer, trl_window
@@ -175,6 +176,42 @@ def measured(step, steps: int, device: str, record: dict) -> h.Window:
     return run
 
 
+PHASES = ("safer.forward_loss", "safer.backward", "safer.optimizer_step")
+
+
+def profile_rows(label: str, steps: dict, device: str, out_dir: str | None) -> None:
+    """With ``--profile DIR``: one more step of each kind under ``torch.profiler`` (CPU, and CUDA
+    on a GPU). Writes ``DIR/<label>-<kind>.txt`` (the ops by self time, device time first on a
+    GPU) and adds to ``DIR/phases.json`` the step's wall time and each phase's time (the ranges
+    the learner and the plain loop mark: forward + loss, backward, optimizer step)."""
+    if not out_dir:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "phases.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for kind, step in steps.items():
+        name = f"{label} {kind.upper()}"
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            with h.Stopwatch() as sw:
+                step()
+                synchronize(device)
+        events = prof.key_averages()
+        sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        (out / f"{name.replace(' ', '-')}.txt").write_text(events.table(sort_by=sort, row_limit=40))
+        phases = {e.key: {"cpu_ms": e.cpu_time_total / 1e3, "device_ms": e.device_time_total / 1e3, "calls": e.count}
+                  for e in events if e.key in PHASES}
+        summary[name] = {"step_ms": sw.seconds * 1e3, "phases": phases}
+        print(f"# profile {name}: step {sw.seconds * 1e3:.0f} ms; "
+              + ", ".join(f"{k.split('.')[1]} {v['cpu_ms']:.0f} ms CPU / {v['device_ms']:.0f} ms device"
+                          for k, v in phases.items()))
+    summary_path.write_text(json.dumps(summary, indent=1))
+
+
 def run_rows(label: str, windows: dict[str, h.Window], records: dict[str, dict], repeats: int) -> dict[str, dict]:
     """Alternate ``label``'s windows (one per kind, as ``records``); each record gets its rates."""
     rates = h.alternate({f"{label} {kind.upper()}": w for kind, w in windows.items()}, repeats)
@@ -199,12 +236,16 @@ class PlainLoop:
         return [{k: int(v) if v.dim() == 0 else v.to(self.device) for k, v in b.items()} for b in batches]
 
     def step(self, batches: list[dict], loss_fn) -> int:
-        for b in batches:
-            logits = self.model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
-            loss_fn(logits, b).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        for b in batches:  # the phases carry the learner's range names (--profile)
+            with record_function("safer.forward_loss"):
+                logits = self.model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+                loss = loss_fn(logits, b)
+            with record_function("safer.backward"):
+                loss.backward()
+        with record_function("safer.optimizer_step"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         return sum(b["input_ids"].numel() for b in batches)
 
     def sft_step(self, batches: list[dict]) -> int:
@@ -279,10 +320,14 @@ def run_plain(args, ws, model_dir, sections, pairs, erpo, *, device, dtype, attn
                    for s in range(num_steps)]
     dpo_batches = [plain.to_device(pair_data.micro_batches(s, **sizes)) for s in range(num_steps)]
     records = {kind: new_record() for kind in ROWS}
-    return run_rows(PLAIN, {
+    out = run_rows(PLAIN, {
         "sft": measured(lambda s: plain.sft_step(sft_batches[s]), args.steps, device, records["sft"]),
         "dpo": measured(lambda s: plain.dpo_step(dpo_batches[s], erpo), args.steps, device, records["dpo"]),
     }, records, args.repeats)
+    # the first timed step's batches again, as the learner's profiled step
+    profile_rows(PLAIN, {"sft": lambda: plain.sft_step(sft_batches[1]),
+                         "dpo": lambda: plain.dpo_step(dpo_batches[1], erpo)}, device, args.profile)
+    return out
 
 
 def run_learner(args, sections, pairs_path, *, device) -> dict:
@@ -296,6 +341,7 @@ def run_learner(args, sections, pairs_path, *, device) -> dict:
         "sft": measured(lambda s: learner.sft_step(s)["num_tokens"], args.steps, device, records["sft"]),
         "dpo": measured(lambda s: learner.dpo_step(s)["num_tokens"], args.steps, device, records["dpo"]),
     }, records, args.repeats)
+    profile_rows(LEARNER, {"sft": lambda: learner.sft_step(1), "dpo": lambda: learner.dpo_step(1)}, device, args.profile)
     learner.engine.destroy()
     return out
 
@@ -357,6 +403,8 @@ def parse_args():
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the device for MFU (TFLOP/s)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the rows (and the set-up) to OUT")
+    p.add_argument("--profile", default=None, metavar="DIR", help="after the timed windows, profile one more step "
+                   "of each safer and plain row into DIR (op tables, phases.json)")
     args = p.parse_args()
     h.apply_smoke(args, shape="smoke", micro_batch=4, num_sft=32, num_pairs=8)
     args.global_batch = args.global_batch or args.micro_batch

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
 from safer_dist.train.engine import (
@@ -190,9 +191,12 @@ class Learner:
             if b is None:  # every example of this micro-batch was dropped: keep ranks in step
                 b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            loss = self.head.sft_loss(self.engine, b, max(n_label, 1.0))
-            self.engine.backward(loss * scale)
-            self.engine.step()
+            with record_function("safer.forward_loss"):
+                loss = self.head.sft_loss(self.engine, b, max(n_label, 1.0))
+            with record_function("safer.backward"):
+                self.engine.backward(loss * scale)
+            with record_function("safer.optimizer_step"):
+                self.engine.step()
             loss_sum += loss.detach().double()
         (loss_global,) = self._all_reduce([loss_sum])
         grad_norm = self.engine.get_global_grad_norm()
@@ -321,26 +325,33 @@ class Learner:
         n_pairs = t.global_batch_size
         scale = self.engine.gradient_accumulation_steps() * self.world_size
         lr = self.engine.get_lr()[0]
-        sums = {"loss": 0.0, "margin": 0.0, "acc": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0}
+        # Summed on the device: no host synchronisation per micro-batch.
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device)
+                for k in ("loss", "margin", "acc", "reward_chosen", "reward_rejected")}
         for b in batches:
             k = int(b["num_pairs"])
-            dev = {key: b[key].to(self.device) for key in ("input_ids", "position_ids", "labels", "seq_ids")}
-            logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
-            logp = logp.double()
-            chosen, rejected = logp[0::2], logp[1::2]
-            loss, stats = step_dpo_loss(
-                chosen, rejected, b["ref_chosen"].to(logp), b["ref_rejected"].to(logp), beta=erpo.beta,
-                num_pairs_global=n_pairs, label_smoothing=erpo.label_smoothing, length_alpha=erpo.length_alpha,
-                chosen_len=b["chosen_len"].to(self.device), rejected_len=b["rejected_len"].to(self.device),
-                nll_weight=erpo.nll_weight, chosen_nll_sum=-chosen, num_chosen_tokens_global=max(n_chosen, 1.0),
-            )
-            self.engine.backward(loss.float() * scale)
-            self.engine.step()
-            sums["loss"] += float(loss.detach())
-            sums["margin"] += float(stats["margin"].sum())
-            sums["acc"] += float((stats["margin"] > 0).double().sum())
-            sums["reward_chosen"] += float(stats["reward_chosen"].sum())
-            sums["reward_rejected"] += float(stats["reward_rejected"].sum())
+            dev = {key: b[key].to(self.device, non_blocking=True)
+                   for key in ("input_ids", "position_ids", "labels", "seq_ids")}
+            with record_function("safer.forward_loss"):
+                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
+                logp = logp.double()
+                chosen, rejected = logp[0::2], logp[1::2]
+                loss, stats = step_dpo_loss(
+                    chosen, rejected, b["ref_chosen"].to(logp), b["ref_rejected"].to(logp), beta=erpo.beta,
+                    num_pairs_global=n_pairs, label_smoothing=erpo.label_smoothing, length_alpha=erpo.length_alpha,
+                    chosen_len=b["chosen_len"].to(self.device), rejected_len=b["rejected_len"].to(self.device),
+                    nll_weight=erpo.nll_weight, chosen_nll_sum=-chosen, num_chosen_tokens_global=max(n_chosen, 1.0),
+                )
+            with record_function("safer.backward"):
+                self.engine.backward(loss.float() * scale)
+            with record_function("safer.optimizer_step"):
+                self.engine.step()
+            margin = stats["margin"].detach()
+            sums["loss"] += loss.detach()
+            sums["margin"] += margin.sum()
+            sums["acc"] += (margin > 0).double().sum()
+            sums["reward_chosen"] += stats["reward_chosen"].detach().sum()
+            sums["reward_rejected"] += stats["reward_rejected"].detach().sum()
         loss, margin, acc, rc, rr = self._all_reduce([sums[k] for k in ("loss", "margin", "acc", "reward_chosen", "reward_rejected")])
         grad_norm = self.engine.get_global_grad_norm()
         return {

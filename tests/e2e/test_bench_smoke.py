@@ -69,7 +69,7 @@ def test_gpu_benchmark_smoke_rows(tmp_path):
     """bench/gpu.py on CPU: every row measured, the plain loop and the learner fed the same
     batches, MFU and ratios computed from the rates as documented."""
     out = tmp_path / "rows.json"
-    run_smoke("gpu.py", tmp_path / "work", "--json", str(out), "--peak-tflops", "1")
+    run_smoke("gpu.py", tmp_path / "work", "--json", str(out), "--peak-tflops", "1", "--profile", str(tmp_path / "prof"))
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["shape"]["name"] == "smoke"
     # Parameters besides the input embedding, smoke shape (hidden 64, 2 layers, 4 q / 2 kv heads
@@ -89,3 +89,11 @@ def test_gpu_benchmark_smoke_rows(tmp_path):
     # Same packed batches: the learner and the plain loop train on the same tokens, window by window.
     assert rows["safer Learner SFT"]["window_tokens"] == rows["plain PyTorch SFT"]["window_tokens"]
     assert rows["safer Learner DPO"]["window_tokens"] == rows["plain PyTorch DPO"]["window_tokens"]
+    # --profile: one more step per safer and plain row, its three phases nested in the step.
+    phases = json.loads((tmp_path / "prof" / "phases.json").read_text())
+    assert sorted(phases) == sorted(n for n in rows if not n.startswith("TRL"))
+    for name, p in phases.items():
+        assert sorted(p["phases"]) == ["safer.backward", "safer.forward_loss", "safer.optimizer_step"], name
+        assert all(v["calls"] == 1 and v["cpu_ms"] > 0 for v in p["phases"].values()), name
+        assert sum(v["cpu_ms"] for v in p["phases"].values()) <= p["step_ms"], name
+        assert (tmp_path / "prof" / f"{name.replace(' ', '-')}.txt").read_text().count("aten::mm") == 1
