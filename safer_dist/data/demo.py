@@ -35,8 +35,8 @@ from pathlib import Path
 
 from safer_dist.reasoning import exante
 from safer_dist.data.demo_content import (  # noqa: F401  (tests read the tables from here too)
-    BENIGN, BENIGN_RULES, CALIBRATIONS, CLOSINGS, DOMAIN_TIPS, HARMFUL, INTENTS, LOOKALIKE, PREFIX_WEIGHTS, PREFIXES,
-    REDIRECTS, REFUSALS, SAFEGUARDED, SOFT_COMPLY, SUFFIX_WEIGHTS, SUFFIXES, TEMPLATES, VERBOSE,
+    BENIGN, BENIGN_RULES, CALIBRATIONS, CLOSINGS, DOMAIN_TIPS, HARMFUL, HARMFUL_PARTS, INTENTS, LOOKALIKE,
+    PREFIX_WEIGHTS, PREFIXES, REDIRECTS, REFUSALS, SAFEGUARDED, SOFT_COMPLY, SUFFIX_WEIGHTS, SUFFIXES, TEMPLATES, VERBOSE,
 )
 from safer_dist.data.records import write_jsonl
 from safer_dist.reasoning.rules import Category, Rulebook
