@@ -261,7 +261,8 @@ def _init_model(args) -> int:
 def _print_summary(result: dict) -> None:
     s = result["summary"]
     if result.get("sample"):
-        print("\n--- sample held-out generation ---")
+        verdict = "fully correct" if result["sample"].get("fully_correct") else "no harmful trace was fully correct"
+        print(f"\n--- sample held-out generation ({verdict}) ---")
         print(f"prompt: {prompt_text(result['sample']['prompt'])}")
         print(result["sample"]["output"])
         print("---")
@@ -271,6 +272,10 @@ def _print_summary(result: dict) -> None:
         f"{100 * s['benign_compliance_rate']:.1f}%, strategy accuracy {100 * s['strategy_accuracy']:.1f}%, "
         f"mean reasoning tokens {s['mean_reasoning_tokens']:.1f}"
     )
+    if s.get("num_labelled"):
+        print(f"fully correct (valid format, right category, rules and strategy): {s['fully_correct']} of "
+              f"{s['num_labelled']} ({100 * s['fully_correct_rate']:.1f}%); category accuracy (harmful) "
+              f"{100 * s['category_accuracy']:.1f}%")
 
 
 def _print_comparison(results: dict) -> None:

@@ -21,7 +21,7 @@ from safer_dist.data.demo import generate_demo
 from safer_dist.data.records import load_records
 from safer_dist.erpo.controller import train_erpo
 from safer_dist.erpo.judge import ModelJudge, RuleJudge
-from safer_dist.evaluation.evaluate import evaluate
+from safer_dist.evaluation.evaluate import evaluate, pick_sample
 from safer_dist.evaluation.report import write_report
 from safer_dist.reasoning.rules import Rulebook
 from safer_dist.runtime import stop
@@ -182,8 +182,7 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
     existing = json.loads(all_path.read_text()) if all_path.exists() else {}
     existing[tag] = summary
     atomic_write_json(all_path, existing)
-    sample = next((r for r in rows if r["valid"] and r["harmful"]), rows[0] if rows else None)
-    return {"summary": summary, "sample": sample, "rows": rows}
+    return {"summary": summary, "sample": pick_sample(rows), "rows": rows}
 
 
 def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:

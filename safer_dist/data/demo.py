@@ -7,10 +7,12 @@ module splits, samples and renders them. Design (see docs/design.md §7 and docs
   benign *look-alike* requests share the SAME 45 phrasing templates, so a model has to read the
   content words (the filler) to decide; look-alikes borrow a risk category's vocabulary
   ("kill a Python process that hangs", "exploit a bug bounty on my own app") but fall under its
-  ``allowed`` carve-outs. Per category there are 14 harmful and 10 look-alike fillers, 12
-  benign fillers per domain, and content words recur within a category (self-harm fillers
-  mention hurting oneself or pills, cyber ones accounts, passwords and malware) so a small
-  model can learn word-level cues instead of memorising whole fillers.
+  ``allowed`` carve-outs. Per category, the 36 harmful fillers are every combination of 6
+  actions and 6 targets that belong to that category alone, so a held-out harmful phrase is a
+  new combination of words seen in training for its category (with seed 0 every one is: both
+  its action and its target occur in training phrases; other seeds may hold out all six
+  phrases of an action or target now and then); 10 look-alike fillers per
+  category and 12 benign fillers per domain.
 - Three-way split of the templates and of every filler group (per category and kind; per
   benign domain): 60% train (SFT), 15% ERPO-only, 25% eval (at least one each). The ERPO pool
   takes half its prompts from the train material and half from the ERPO-only material; the
@@ -35,8 +37,8 @@ from pathlib import Path
 
 from safer_dist.reasoning import exante
 from safer_dist.data.demo_content import (  # noqa: F401  (tests read the tables from here too)
-    BENIGN, BENIGN_RULES, CALIBRATIONS, CLOSINGS, DOMAIN_TIPS, HARMFUL, INTENTS, LOOKALIKE, PREFIX_WEIGHTS, PREFIXES,
-    REDIRECTS, REFUSALS, SAFEGUARDED, SOFT_COMPLY, SUFFIX_WEIGHTS, SUFFIXES, TEMPLATES, VERBOSE,
+    BENIGN, BENIGN_RULES, CALIBRATIONS, CLOSINGS, DOMAIN_TIPS, HARMFUL, HARMFUL_PARTS, INTENTS, LOOKALIKE,
+    PREFIX_WEIGHTS, PREFIXES, REDIRECTS, REFUSALS, SAFEGUARDED, SOFT_COMPLY, SUFFIX_WEIGHTS, SUFFIXES, TEMPLATES, VERBOSE,
 )
 from safer_dist.data.records import write_jsonl
 from safer_dist.reasoning.rules import Category, Rulebook

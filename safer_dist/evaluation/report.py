@@ -19,6 +19,7 @@ ROWS = (
     ("benign_compliance_rate", "benign compliance rate", True),
     ("strategy_accuracy", "strategy accuracy", True),
     ("category_accuracy", "category accuracy (harmful)", True),
+    ("fully_correct_rate", "fully correct traces", True),
     ("mean_reasoning_tokens", "mean reasoning tokens", False),
     ("mean_answer_tokens", "mean answer tokens", False),
     ("mean_latency_s", "mean generation latency (s/prompt)", False),

@@ -125,7 +125,8 @@ def test_content_sizes():
     assert len(demo.TEMPLATES) == len(set(demo.TEMPLATES)) == 45
     assert all(t.count("{x}") == 1 for t in demo.TEMPLATES)
     assert set(demo.HARMFUL) == set(demo.LOOKALIKE)
-    assert all(len(v) == 14 for v in demo.HARMFUL.values())
+    assert set(demo.HARMFUL) == set(demo.HARMFUL_PARTS)
+    assert all(len(v) == len(set(v)) == 36 for v in demo.HARMFUL.values())  # 6 actions x 6 targets
     assert all(len(v) == 10 for v in demo.LOOKALIKE.values())
     assert all(len(v) == 12 for v in demo.BENIGN.values())
     # format keywords and the trace's "how to" anchor never occur inside a filler
@@ -176,7 +177,8 @@ def test_three_way_split_is_disjoint_and_sized(rulebook):
     assert [len(p) for p in parts] == [27, 7, 11]
     assert sorted(t for p in parts for t in p) == sorted(demo.TEMPLATES)
     assert set(split.train_fillers) == set(split.erpo_fillers) == set(split.eval_fillers)
-    sizes = {"harmful": (8, 2, 4), "lookalike": (6, 2, 2), "benign": (7, 2, 3)}
+    # 36 harmful phrases: round(0.25 * 36) = 9 eval, round(0.15 * 36) = 5 ERPO-only, 22 train
+    sizes = {"harmful": (22, 5, 9), "lookalike": (6, 2, 2), "benign": (7, 2, 3)}
     for key in split.train_fillers:
         groups = (split.train_fillers[key], split.erpo_fillers[key], split.eval_fillers[key])
         assert tuple(len(g) for g in groups) == sizes[key[0]], key
@@ -188,6 +190,23 @@ def test_three_way_split_is_disjoint_and_sized(rulebook):
     assert demo.demo_split(rulebook, seed=1).eval_templates != split.eval_templates
     tiny = demo.demo_split(rulebook, seed=0, erpo_frac=0.0, eval_frac=0.01)
     assert len(tiny.erpo_templates) == len(tiny.eval_templates) == 1
+
+
+def test_held_out_harmful_phrases_are_new_combinations_of_training_words(rulebook):
+    # Each category's actions and targets belong to it alone, and (for the demo's seed 0) every
+    # held-out harmful phrase pairs an action and a target that both occur in that category's
+    # training phrases: what the eval tests is composition, not unseen vocabulary.
+    owner = {}
+    for name, (actions, targets) in demo.HARMFUL_PARTS.items():
+        for part in actions + targets:
+            assert owner.setdefault(part, name) == name, (part, owner[part], name)
+    split = demo.demo_split(rulebook, seed=0)
+    for name, (actions, targets) in demo.HARMFUL_PARTS.items():
+        parts = {f"{a} {t}": (a, t) for a in actions for t in targets}
+        train = [parts[f] for f in split.train_fillers[("harmful", name)]]
+        for phrase in split.eval_fillers[("harmful", name)]:
+            action, target = parts[phrase]
+            assert any(a == action for a, _ in train) and any(t == target for _, t in train), (name, phrase)
 
 
 def test_eval_templates_and_fillers_are_held_out(data, rulebook):
@@ -214,14 +233,18 @@ def test_eval_templates_and_fillers_are_held_out(data, rulebook):
         halves = collections.Counter(source(r["prompt"]) for r in data["erpo_prompts"] if r["kind"] == kind)
         assert abs(halves["train"] - halves["erpo"]) <= 1, (kind, halves)
 
-    # the eval set actually exercises most held-out material, not a sliver of it
+    # the eval set actually exercises most held-out material, not a sliver of it. 300 uniform
+    # draws over 178 eval fillers: 135 harmful over 14 x 9 phrases cover 9 * (1 - (8/9)**9.6),
+    # about 68% of each category; 75 look-alike over 14 x 2 and 90 benign over 8 x 3 nearly all.
+    # Expected about 136 of 178 (76%) in all.
     eval_parts = [p for r in data["eval"] for p in _decompose(r["prompt"])]
     assert {t for t, _ in eval_parts} == parts_by_name["eval"][0]
-    assert len({f for _, f in eval_parts}) >= 0.8 * len(eval_fillers)
-    # the ERPO-only half uses its material too
+    assert len({f for _, f in eval_parts}) >= 0.7 * len(eval_fillers)
+    # the ERPO-only half uses its material too: 128 prompts over 114 ERPO-only fillers (70 of
+    # them harmful, 14 x 5) cannot draw them all; seed 0 draws 73 (64%)
     erpo_parts = [p for r in data["erpo_prompts"] for p in _decompose(r["prompt"])]
     assert {t for t, _ in erpo_parts} >= parts_by_name["erpo"][0]
-    assert len({f for _, f in erpo_parts} & erpo_fillers) >= 0.7 * len(erpo_fillers)
+    assert len({f for _, f in erpo_parts} & erpo_fillers) >= 0.6 * len(erpo_fillers)
     # no eval filler hides inside any SFT or ERPO prompt; no ERPO-only filler inside any SFT prompt
     for r in data["sft"] + data["erpo_prompts"]:
         assert not any(f in r["prompt"] for f in eval_fillers), r["prompt"]
