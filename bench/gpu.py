@@ -70,6 +70,7 @@ from torch.profiler import record_function
 from dpo_vs_trl import make_pairs, reference_logprobs
 from sft_vs_trl import pack_length, trl_trainer, trl_window
 from safer_dist.cluster.plan import SHAPES as PUBLISHED_SHAPES, ModelShape
+from safer_dist.train.learner import BACKWARD, FORWARD_LOSS, OPTIMIZER_STEP, PHASES
 
 SHAPES: dict[str, ModelShape] = {
     "tinyllama-1.1b": ModelShape(2048, 22, 32, 4, 5632, 32000),
@@ -176,9 +177,6 @@ def measured(step, steps: int, device: str, record: dict) -> h.Window:
     return run
 
 
-PHASES = ("safer.forward_loss", "safer.backward", "safer.optimizer_step")
-
-
 def profile_rows(label: str, steps: dict, device: str, out_dir: str | None) -> None:
     """With ``--profile DIR``: one more step of each kind under ``torch.profiler`` (CPU, and CUDA
     on a GPU). Writes ``DIR/<label>-<kind>.txt`` (the ops by self time, device time first on a
@@ -237,12 +235,12 @@ class PlainLoop:
 
     def step(self, batches: list[dict], loss_fn) -> int:
         for b in batches:  # the phases carry the learner's range names (--profile)
-            with record_function("safer.forward_loss"):
+            with record_function(FORWARD_LOSS):
                 logits = self.model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
                 loss = loss_fn(logits, b)
-            with record_function("safer.backward"):
+            with record_function(BACKWARD):
                 loss.backward()
-        with record_function("safer.optimizer_step"):
+        with record_function(OPTIMIZER_STEP):
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)

@@ -242,8 +242,8 @@ def main() -> None:
                 {"contestant": name, "tokens_per_s": h.median(r), "window_tokens_per_s": r,
                  "fraction_of_bound": fraction[name]} for name, r in rates.items()
             ], device=device, model=args.shape or args.preset, dtype=str(model.dtype), max_new_tokens=max_new,
-                mean_prefix_tokens=statistics.mean(lens), prefix_tokens=lens, rows_in_flight=rows_in_flight, weight_bytes=weights,
-                kv_bytes_per_token=kv_token, mean_context_tokens=mean_context, hbm_gbps=gbps,
+                mean_prefix_tokens=statistics.mean(lens), prefix_tokens=lens, rows_in_flight=rows_in_flight,
+                weight_bytes=weights, kv_bytes_per_token=kv_token, mean_context_tokens=mean_context, hbm_gbps=gbps,
                 hbm_source=gbps_source, bound_tokens_per_s=bound,
                 positions_per_window={"safer": statistics.mean(work["safer"]), "hf": statistics.mean(work["hf"])})
         print(h.paired_line(rates, names["safer"], names["hf"]))

@@ -39,6 +39,10 @@ from safer_dist.train.throughput import device_peak_flops, non_embedding_params
 log = get_logger("learner")
 
 
+# Profiler ranges around a micro-batch's phases (torch.profiler; bench/gpu.py --profile reads them).
+FORWARD_LOSS, BACKWARD, OPTIMIZER_STEP = PHASES = ("safer.forward_loss", "safer.backward", "safer.optimizer_step")
+
+
 class Learner:
     """One data-parallel rank. Methods are called by the driver through Ray.
 
@@ -172,6 +176,12 @@ class Learner:
         dist.all_reduce(t)
         return t.tolist()
 
+    def _backward_and_step(self, scaled_loss: torch.Tensor) -> None:
+        with record_function(BACKWARD):
+            self.engine.backward(scaled_loss)
+        with record_function(OPTIMIZER_STEP):
+            self.engine.step()
+
     def sft_step(self, step: int) -> dict:
         """One optimizer step on global batch ``step``. Returns global metrics (same on all ranks)."""
         from safer_dist.train.sft_data import Encoded, num_label_tokens, pack
@@ -191,12 +201,9 @@ class Learner:
             if b is None:  # every example of this micro-batch was dropped: keep ranks in step
                 b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            with record_function("safer.forward_loss"):
+            with record_function(FORWARD_LOSS):
                 loss = self.head.sft_loss(self.engine, b, max(n_label, 1.0))
-            with record_function("safer.backward"):
-                self.engine.backward(loss * scale)
-            with record_function("safer.optimizer_step"):
-                self.engine.step()
+            self._backward_and_step(loss * scale)
             loss_sum += loss.detach().double()
         (loss_global,) = self._all_reduce([loss_sum])
         grad_norm = self.engine.get_global_grad_norm()
@@ -332,7 +339,7 @@ class Learner:
             k = int(b["num_pairs"])
             dev = {key: b[key].to(self.device, non_blocking=True)
                    for key in ("input_ids", "position_ids", "labels", "seq_ids")}
-            with record_function("safer.forward_loss"):
+            with record_function(FORWARD_LOSS):
                 logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
                 logp = logp.double()
                 chosen, rejected = logp[0::2], logp[1::2]
@@ -342,17 +349,13 @@ class Learner:
                     chosen_len=b["chosen_len"].to(self.device), rejected_len=b["rejected_len"].to(self.device),
                     nll_weight=erpo.nll_weight, chosen_nll_sum=-chosen, num_chosen_tokens_global=max(n_chosen, 1.0),
                 )
-            with record_function("safer.backward"):
-                self.engine.backward(loss.float() * scale)
-            with record_function("safer.optimizer_step"):
-                self.engine.step()
-            margin = stats["margin"].detach()
-            sums["loss"] += loss.detach()
-            sums["margin"] += margin.sum()
-            sums["acc"] += (margin > 0).double().sum()
-            sums["reward_chosen"] += stats["reward_chosen"].detach().sum()
-            sums["reward_rejected"] += stats["reward_rejected"].detach().sum()
-        loss, margin, acc, rc, rr = self._all_reduce([sums[k] for k in ("loss", "margin", "acc", "reward_chosen", "reward_rejected")])
+            self._backward_and_step(loss.float() * scale)
+            sums["loss"] += loss.detach()  # stats are detached already
+            sums["margin"] += stats["margin"].sum()
+            sums["acc"] += (stats["margin"] > 0).double().sum()
+            sums["reward_chosen"] += stats["reward_chosen"].sum()
+            sums["reward_rejected"] += stats["reward_rejected"].sum()
+        loss, margin, acc, rc, rr = self._all_reduce(list(sums.values()))
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "loss": loss, "lr": lr, "reward_margin": margin / n_pairs, "preference_accuracy": acc / n_pairs,
