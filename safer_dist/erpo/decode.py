@@ -1,27 +1,32 @@
-"""Continuous batching over a per-row KV cache: the decode loop behind ``sample_candidates``.
+"""Continuous batching over a prefix-shared KV cache: the decode loop behind ``sample_candidates``.
 
-A *row* is one continuation being sampled: its KV cache (a row of a transformers
-``DynamicCache``, left-padded to the batch's width), its attention-mask row, and the token
-it feeds next. Every step feeds one token per row. A row that ends — EOS, a stop string in
-its text, or its token limit — leaves the batch at once (its KV rows are dropped with
-``index_select``), and waiting prefixes are prefilled and join (old and new KV left-padded to
-one width, then concatenated), so the batch never runs for its longest row only. Columns
-that every row pads are cut.
+A *row* is one continuation being sampled; a *group* is the rows of one prefix. A group's
+prefix is encoded once and its KV cache stored once; each row stores only the KV of the tokens
+it sampled. Every decode step feeds one token per row, and attention
+(:func:`shared_prefix_attention`, switched in for the step) reads each prefix's keys and values
+once for all its rows: a row's scores over its prefix and over its own tokens share one
+softmax, which equals attention over a copy of the prefix in every row, without the copies
+(``n`` rows of one prefix read its KV once per step instead of ``n`` times).
 
-Prefix reuse: a prefix is prefilled once; its KV rows and its last position's logits are
-repeated for its ``n`` continuations, which join together (when ``n`` rows are free).
+A row that ends — EOS, a stop string in its text, or its token limit — leaves the batch at
+the next rebuild (its own KV rows are dropped with ``index_select``, its prefix with its last
+row), and waiting prefixes are prefilled and join, so the batch never runs for its longest
+row only. A prefill packs the admitted prefixes back to back in one row, without padding
+(``safer_segments``: causal SDPA per prefix), and the batch keeps the prefixes left-padded to
+one width (and the rows' own tokens likewise), columns that every prefix or row pads cut.
 
 Randomness: every row draws from its own ``random.Random``, seeded from (seed, prefix index,
 continuation index), by inverse-CDF sampling over the row's probabilities. A row's sample
 depends on its prefix and that seed only — not on which rows share its batch, when it was
 admitted, or the batch capacity. Temperature 0 is greedy (argmax).
 
-Models with sliding-window attention are refused (their masks take a key's column for its
-position, which left padding breaks).
+Models with sliding-window attention, logit soft-capping or attention sinks are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import random
 from dataclasses import dataclass, field
@@ -30,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from safer_dist.train.attention import SEGMENTS_NAME, register_varlen_attention
 
 # Draws for one row: a stream of its own, from a string seed (Python hashes str seeds with
 # SHA-512, so the stream is the same on every platform and run).
@@ -46,18 +53,9 @@ class _Row:
     cand: int
     prefix_len: int
     rng: RowRng
+    group: int  # index of its prefix's KV in the batch
+    slot: int  # its place among its prefix's rows (0 when each row has its own prefill)
     tokens: list[int] = field(default_factory=list)  # sampled ids, the last one not yet fed
-
-
-def left_pad(seqs: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids`` and ``mask`` ``[len(seqs), max len]``, sequences right-aligned (mask 1 on tokens)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def forward(model, cache, **inputs):
@@ -67,9 +65,84 @@ def forward(model, cache, **inputs):
     return model(**inputs, **{name: cache}, use_cache=True)
 
 
+SHARED_PREFIX_NAME = "safer_shared_prefix"
+_REFUSED_KWARGS = ("softcap", "s_aux", "sliding_window")
+
+
+def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask=None, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """One decode step's attention with each prefix's KV read once for all its rows.
+
+    ``query [B, H, 1, D]``; ``key``/``value`` ``[B, Hkv, S, D]`` are the rows' own tokens (this
+    step's included); the prefixes' come from ``kwargs["safer_shared_prefix"]`` (a ``_Batch``)
+    for ``module.layer_idx``. A row's scores over its prefix and over its own tokens share one
+    softmax, so the result is softmax attention over the concatenation, as if the prefix were
+    copied into every row. The queries are laid out on the batch's ``[G, width]`` grid, so
+    the prefix part is one batched matmul per layer (grouped-query heads included, no KV
+    repeat). Returns ``([B, 1, H, D], None)`` as transformers' attention functions do.
+    """
+    batch = kwargs.get("safer_shared_prefix")
+    if batch is None:
+        raise RuntimeError(f"attention {SHARED_PREFIX_NAME!r} runs only inside candidate sampling's decode steps")
+    refused = [k for k in _REFUSED_KWARGS if kwargs.get(k) is not None]
+    if refused or dropout:
+        raise ValueError(f"candidate sampling's shared-prefix attention does not support {refused or 'dropout'}")
+    pk, pv = batch.prefix[module.layer_idx]
+    b, h, q_len, d = query.shape
+    g, hkv, p, _ = pk.shape
+    s, rep, w = key.shape[2], h // hkv, batch.width
+    if q_len != 1:
+        raise ValueError(f"shared-prefix attention decodes one token per row, got {q_len}")
+
+    full = b == g * w  # every prefix has all its rows, in order: the rows are the grid
+
+    def to_grid(x: torch.Tensor) -> torch.Tensor:  # [B, H, X] -> [G, Hkv, rep * width, X]
+        grid = x if full else x.new_zeros(g * w, h, x.shape[-1]).index_copy_(0, batch.slot, x)
+        return grid.reshape(g, w, hkv, rep, -1).permute(0, 2, 3, 1, 4).reshape(g, hkv, rep * w, -1)
+
+    def from_grid(x: torch.Tensor) -> torch.Tensor:  # [G, Hkv, rep * width, X] -> [B, H, X]
+        rows = x.view(g, hkv, rep, w, -1).permute(0, 3, 1, 2, 4).reshape(g * w, h, -1)
+        return rows if full else rows.index_select(0, batch.slot)
+
+    q = query[:, :, 0]
+    on_prefix = from_grid(torch.matmul(to_grid(q), pk.transpose(-1, -2)))  # [B, H, P]
+    on_own = torch.matmul(q.reshape(b, hkv, rep, d), key.transpose(-1, -2)).reshape(b, h, s)
+    scores = torch.cat([on_prefix, on_own], dim=-1).float() * (d**-0.5 if scaling is None else scaling)
+    scores.masked_fill_(~batch.step_mask[:, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(value.dtype)
+    out = from_grid(torch.matmul(to_grid(probs[..., :p]), pv))
+    out += torch.matmul(probs[..., p:].reshape(b, hkv, rep, s), value).reshape(b, h, d)
+    return out.unsqueeze(1), None
+
+
+@functools.cache
+def _register_shared_prefix_attention() -> None:
+    """Register :func:`shared_prefix_attention` with transformers (no mask function: the model
+    then builds no mask for it, the batch holds its own)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SHARED_PREFIX_NAME, shared_prefix_attention)
+
+
+@contextlib.contextmanager
+def _attention_implementation(model, name: str):
+    """Run ``model`` with attention ``name``, then restore what it had (sub-configs included)."""
+    cfg = model.config
+    before = {"": cfg._attn_implementation}
+    for key in getattr(cfg, "sub_configs", {}):
+        sub = getattr(cfg, key, None)
+        if sub is not None:
+            before[key] = sub._attn_implementation
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = before
+
+
 def _check_full_attention(model) -> None:
-    """Refuse models with sliding-window layers: their masks take a key's column for its
-    position, which left padding breaks."""
+    """Refuse models with sliding-window layers: shared-prefix attention lets every row see its
+    whole prefix."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layer_types = getattr(cfg, "layer_types", None)
     sliding = (any("sliding" in str(t) for t in layer_types) if layer_types is not None
@@ -92,16 +165,9 @@ class _SlotLayer(DynamicLayer):
         super().__init__()
         k0 = blocks[0][0]
         self.device, self.is_initialized = k0.device, True
-        rows = sum(k.shape[0] for k, _ in blocks)
-        self._keys = k0.new_empty(rows, k0.shape[1], width + spare, k0.shape[3])
+        self._keys = k0.new_empty(sum(k.shape[0] for k, _ in blocks), k0.shape[1], width + spare, k0.shape[3])
         self._values = torch.empty_like(self._keys)
-        r = 0
-        for k, v in blocks:
-            b, lead = k.shape[0], width - k.shape[2]
-            for buf, part in ((self._keys, k), (self._values, v)):
-                buf[r : r + b, :, :lead] = 0
-                buf[r : r + b, :, lead:width] = part
-            r += b
+        _stack_right_aligned(self._keys, self._values, blocks, width)
         self.keys, self.values = self._keys[:, :, :width], self._values[:, :, :width]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -113,14 +179,46 @@ class _SlotLayer(DynamicLayer):
         return self.keys, self.values
 
 
-class _Batch:
-    """The rows in flight: a cache of ``_SlotLayer`` (keys/values ``[B, H, T, D]``), ``mask [B, T]``.
-    A row that ends stays (``alive`` False, fed a pad token, its output unused) until the next
-    ``rebuild``, so the cache is copied once per admission, not once per ending row."""
+def _stack_right_aligned(keys: torch.Tensor, values: torch.Tensor,
+                         blocks: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
+    """Write row blocks ``[b_i, H, T_i, D]`` one under another into ``keys``/``values``
+    ``[sum b_i, H, >= width, D]``, each right-aligned to column ``width``; the columns left of a
+    block are set to 0 (masked, but read: they must be finite)."""
+    r = 0
+    for k, v in blocks:
+        b, lead = k.shape[0], width - k.shape[2]
+        for buf, part in ((keys, k), (values, v)):
+            buf[r : r + b, :, :lead] = 0
+            buf[r : r + b, :, lead:width] = part
+        r += b
 
-    def __init__(self, pad: int, spare: int):
-        self.pad, self.spare = pad, spare
-        self.cache, self.mask, self.rows, self.alive = None, None, [], []
+
+def _first_true(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of a bool ``mask [R, T]``, the column of its first True (``T`` for a row with none)."""
+    if mask.shape[1] == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+    return torch.where(mask.any(dim=1), mask.int().argmax(dim=1), mask.shape[1])
+
+
+class _Batch:
+    """The rows in flight, grouped by prefix: the KV cache of a group's prefix is stored once and
+    read by all its rows (:func:`shared_prefix_attention`); each row stores only its own tokens'.
+
+    Per layer ``prefix[l] = (keys, values)`` ``[G, H, P, D]`` with ``pmask [G, P]``, the groups
+    left-padded to one width; the rows' own keys/values live in ``cache`` (``_SlotLayer``,
+    ``[B, H, S, D]``, ``smask [B, S]``, left-padded: a row that joins a running batch has the
+    columns before it masked). ``slot [B]`` places row ``b`` at ``group * width + cand`` of a
+    ``[G * width]`` grid, ``width`` being the rows per prefix; rows stay in grid order, so
+    when every prefix has all its rows the rows are the grid. A row that ends stays (``alive``
+    False, fed a pad token, its output unused) until the next ``rebuild``, so the cache is copied
+    once per admission, not once per ending row; a prefix goes with its last row."""
+
+    def __init__(self, pad: int, spare: int, width: int):
+        self.pad, self.spare, self.width = pad, spare, width
+        self.rows: list[_Row] = []
+        self.alive: list[bool] = []
+        self.prefix, self.pmask, self.cache, self.smask, self.slot = None, None, None, None, None
+        self.step_mask = None  # [B, P + S] for the step being run: the row's prefix, then its own tokens
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -128,41 +226,87 @@ class _Batch:
     def num_alive(self) -> int:
         return sum(self.alive)
 
-    def rebuild(self, cache=None, mask: torch.Tensor | None = None, rows: list[_Row] = ()) -> None:
-        """Drop the rows that ended and append ``rows`` (prefilled: ``cache`` layers ``[b, H, L, D]``,
-        ``mask [b, L]``), both left-padded to one width; leading columns no row uses are cut."""
+    def rebuild(self, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                mask: torch.Tensor | None = None, rows: list[_Row] = ()) -> None:
+        """Drop the rows that ended (and prefixes none of whose rows is left), and append ``rows``
+        with their prefixes (``prefix``: per layer ``(keys, values)`` ``[g, H, L, D]``, ``mask [g, L]``;
+        ``rows[i].group`` indexes them). Leading columns no prefix or no row uses are cut."""
         keep = [i for i, a in enumerate(self.alive) if a]
-        blocks, masks = [], []  # per part (kept rows, new rows): per layer (keys, values); masks
-        if keep:
+        kept_rows = [self.rows[i] for i in keep]
+        groups = sorted({r.group for r in kept_rows})
+        renumber = {g: i for i, g in enumerate(groups)}
+        prefix_blocks, pmasks, suffix_blocks, smasks = [], [], [], []
+        if kept_rows:
+            old_prefix, pmask = self.prefix, self.pmask
+            if len(groups) < self.pmask.shape[0]:
+                idx = torch.tensor(groups, device=pmask.device)
+                old_prefix = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in old_prefix]
+                pmask = pmask.index_select(0, idx)
+            lead = int(_first_true(pmask).min())
+            prefix_blocks.append([(k[:, :, lead:], v[:, :, lead:]) for k, v in old_prefix])
+            pmasks.append(pmask[:, lead:])
             old = [(layer.keys, layer.values) for layer in self.cache.layers]
-            mask_kept = self.mask
+            smask = self.smask
             if len(keep) < len(self.rows):
-                idx = torch.tensor(keep, device=self.mask.device)
+                idx = torch.tensor(keep, device=smask.device)
                 old = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in old]
-                mask_kept = self.mask.index_select(0, idx)
-            lead = int(mask_kept.argmax(dim=1).min())  # leading pad columns of the least padded row
-            blocks.append([(k[:, :, lead:], v[:, :, lead:]) for k, v in old])
-            masks.append(mask_kept[:, lead:])
+                smask = smask.index_select(0, idx)
+            lead = int(_first_true(smask).min())
+            suffix_blocks.append([(k[:, :, lead:], v[:, :, lead:]) for k, v in old])
+            smasks.append(smask[:, lead:])
+        for r in kept_rows:
+            r.group = renumber[r.group]
         if rows:
-            blocks.append([(layer.keys, layer.values) for layer in cache.layers])
-            masks.append(mask)
-        self.rows = [self.rows[i] for i in keep] + list(rows)
+            for r in rows:
+                r.group += len(groups)
+            prefix_blocks.append(list(prefix))
+            pmasks.append(mask.bool())
+            k0 = prefix[0][0]
+            none = k0.new_zeros(len(rows), k0.shape[1], 0, k0.shape[3])  # a joining row has no own token yet
+            suffix_blocks.append([(none, none)] * len(prefix))
+            smasks.append(torch.zeros(len(rows), 0, dtype=torch.bool, device=mask.device))
+        self.rows = kept_rows + list(rows)
         self.alive = [True] * len(self.rows)
-        if not masks:
-            self.cache, self.mask = None, None
+        if not self.rows:
+            self.prefix, self.pmask, self.cache, self.smask, self.slot = None, None, None, None, None
             return
-        width = max(m.shape[1] for m in masks)
-        self.mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
+        self.prefix, self.pmask = _join_left_padded(prefix_blocks, pmasks)
+        width = max(m.shape[1] for m in smasks)
+        self.smask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in smasks])
         self.cache = DynamicCache()
-        self.cache.layers = [_SlotLayer([part[i] for part in blocks], width, self.spare) for i in range(len(blocks[0]))]
+        self.cache.layers = [_SlotLayer([part[i] for part in suffix_blocks], width, self.spare)
+                             for i in range(len(suffix_blocks[0]))]
+        self.slot = torch.tensor([r.group * self.width + r.slot for r in self.rows], device=self.smask.device)
 
     def step(self, model) -> torch.Tensor:
         """Feed every row's last sampled token (a pad for ended rows); next-token logits ``[B, V]``."""
-        device = self.mask.device
+        device = self.smask.device
         ids = torch.tensor([[r.tokens[-1] if a else self.pad] for r, a in zip(self.rows, self.alive)], device=device)
         pos = torch.tensor([[r.prefix_len + len(r.tokens) - 1] for r in self.rows], device=device)
-        self.mask = F.pad(self.mask, (0, 1), value=1)
-        return forward(model, self.cache, input_ids=ids, attention_mask=self.mask, position_ids=pos).logits[:, -1]
+        self.smask = F.pad(self.smask, (0, 1), value=True)
+        self.step_mask = torch.cat([self.pmask.index_select(0, self.slot // self.width), self.smask], dim=1)
+        with _attention_implementation(model, SHARED_PREFIX_NAME):
+            out = forward(model, self.cache, input_ids=ids, position_ids=pos, safer_shared_prefix=self)
+        return out.logits[:, -1]
+
+
+def _join_left_padded(blocks: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                      masks: list[torch.Tensor]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Per layer, the blocks' ``(keys, values)`` ``[g_i, H, L_i, D]`` stacked and right-aligned to
+    the widest; the masks ``[g_i, L_i]`` alike. A single block is returned as it is."""
+    if len(blocks) == 1:
+        return blocks[0], masks[0]
+    width = max(m.shape[1] for m in masks)
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
+    layers = []
+    for i in range(len(blocks[0])):
+        parts = [b[i] for b in blocks]
+        k0 = parts[0][0]
+        keys = k0.new_empty(mask.shape[0], k0.shape[1], width, k0.shape[3])
+        values = torch.empty_like(keys)
+        _stack_right_aligned(keys, values, parts, width)
+        layers.append((keys, values))
+    return layers, mask
 
 
 def draw(logits: torch.Tensor, rngs: list[RowRng], temperature: float, top_p: float) -> list[int]:
@@ -199,6 +343,35 @@ class StopCheck:
         return [any(s in t for s in self.stops) for t in texts]
 
 
+def _prefill(model, seqs: list[list[int]], device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor,
+                                                              torch.Tensor]:
+    """Encode ``seqs`` packed back to back in one row (no padding; ``safer_segments``: causal SDPA
+    per sequence). Returns per layer ``(keys, values)`` ``[len(seqs), H, L, D]`` with the
+    sequences right-aligned to the longest ``L`` (the columns before a shorter one hold copies
+    of real keys: finite, masked), ``mask [len(seqs), L]`` (True on tokens), and each sequence's
+    next-token logits ``[len(seqs), V]``."""
+    lens = torch.tensor([len(x) for x in seqs])
+    ends = lens.cumsum(0)
+    ids = torch.tensor([t for x in seqs for t in x], device=device)[None]
+    pos = torch.cat([torch.arange(n) for n in lens.tolist()]).to(device)[None]
+    cache = DynamicCache()
+    with _attention_implementation(model, SEGMENTS_NAME):
+        out = forward(model, cache, input_ids=ids, position_ids=pos, logits_to_keep=(ends - 1).to(device))
+    width = int(lens.max())
+    # Column j of sequence i is packed position ends[i] - width + j; the columns before its start
+    # (negative offsets into it) read position 0 instead, under mask False.
+    col = ends[:, None] - width + torch.arange(width)[None]
+    mask = col >= (ends - lens)[:, None]
+    idx = torch.where(mask, col, 0).flatten().to(device)
+    g = len(seqs)
+
+    def unpack(x: torch.Tensor) -> torch.Tensor:  # [1, H, T, D] -> [g, H, width, D]
+        return x[0].index_select(1, idx).view(x.shape[1], g, width, x.shape[3]).transpose(0, 1).contiguous()
+
+    prefix = [(unpack(layer.keys), unpack(layer.values)) for layer in cache.layers]
+    return prefix, mask.to(device), out.logits[0]
+
+
 @torch.no_grad()
 def decode(
     model, prefixes: list[list[int]], n: int, *, max_new_tokens: int, eos: int | None, pad: int, stop: StopCheck,
@@ -210,6 +383,8 @@ def decode(
     ``reuse_prefix=False`` prefills every row's prefix on its own (the peer method, for tests).
     """
     _check_full_attention(model)
+    _register_shared_prefix_attention()
+    register_varlen_attention()
     device = next(model.parameters()).device
     out: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prefixes]
     # Units enter together: a prefix's n rows, or (without reuse) one row. Longest first, so a
@@ -218,7 +393,7 @@ def decode(
     units.sort(key=lambda u: -len(prefixes[u[0]]))
     per_unit = n if reuse_prefix else 1
     capacity = max(capacity, per_unit)
-    batch, next_unit = _Batch(pad, spare=max_new_tokens + 1), 0
+    batch, next_unit = _Batch(pad, spare=max_new_tokens + 1, width=per_unit), 0
 
     def sample_into(rows: list[_Row], logits: torch.Tensor) -> list[bool]:
         """Append one sampled token to each row; whether each row has ended (its output recorded)."""
@@ -235,20 +410,22 @@ def decode(
         free = (capacity - batch.num_alive()) // per_unit
         if free and next_unit < len(units):
             admit, next_unit = units[next_unit : next_unit + free], next_unit + free
-            ids, mask = left_pad([prefixes[p] for p, _ in admit], pad, device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache()
-            pre = forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
-            logits = pre.logits[:, -1]
-            rows = [_Row(p, c, len(prefixes[p]), row_rng(seed, p, c))
-                    for p, cs in admit for c in (range(n) if cs is None else (cs,))]
-            src = torch.arange(len(admit), device=device).repeat_interleave(per_unit)  # row -> prefilled prefix
-            live = [i for i, d in enumerate(sample_into(rows, logits.index_select(0, src))) if not d]
-            if live:  # the rows that go on get their prefix's KV: one copy per row, none for the rest
-                src = src[live]
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys.index_select(0, src), layer.values.index_select(0, src)
-                batch.rebuild(cache, mask.index_select(0, src), [rows[i] for i in live])
+            prefix, mask, logits = _prefill(model, [prefixes[p] for p, _ in admit], device)
+            rows = [_Row(p, c, len(prefixes[p]), row_rng(seed, p, c), group, c if reuse_prefix else 0)
+                    for group, (p, cs) in enumerate(admit) for c in (range(n) if cs is None else (cs,))]
+            src = torch.tensor([r.group for r in rows], device=device)  # row -> its prefill
+            done = sample_into(rows, logits.index_select(0, src))
+            rows = [r for r, d in zip(rows, done) if not d]
+            if rows:  # the prefixes with rows that go on join the batch, stored once each
+                groups = sorted({r.group for r in rows})
+                if len(groups) < len(admit):
+                    idx = torch.tensor(groups, device=device)
+                    prefix = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in prefix]
+                    mask = mask.index_select(0, idx)
+                    renumber = {g: i for i, g in enumerate(groups)}
+                    for r in rows:
+                        r.group = renumber[r.group]
+                batch.rebuild(prefix, mask, rows)
             continue
         if 4 * (len(batch) - batch.num_alive()) > len(batch):  # many ended rows and none to admit
             batch.rebuild()

@@ -1,8 +1,9 @@
 """Candidate-step sampling with one prefill per shared prefix, and teacher-forced log-probs.
 
-``sample_candidates`` encodes each prefix once (a batched, left-padded prefill), copies its
-KV cache N times, and samples N continuations per prefix from the copies — instead of
-re-encoding the prefix N times as ``generate(num_return_sequences=N)`` does. Sampling is
+``sample_candidates`` encodes each prefix once (prefixes packed back to back, no padding),
+stores its KV cache once, and samples N continuations per prefix whose attention reads that
+one copy (shared-prefix attention) — instead of re-encoding the prefix N times and carrying N
+copies of its cache as ``generate(num_return_sequences=N)`` does. Sampling is
 continuous batching (``safer_dist.erpo.decode``): a row leaves the batch as soon as it ends —
 at EOS, when the text generated so far contains a stop string (a step's closing tag), or at
 its token limit — and waiting prefixes take its place, so no batch runs for its longest row
