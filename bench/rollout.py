@@ -1,15 +1,18 @@
 """Candidate-step sampling: safer's prefix-KV reuse vs Hugging Face ``generate(num_return_sequences=N)``.
 
 ERPO samples N candidates of one step for many prefixes (prompt + the steps before it). safer
-(``safer_dist.erpo.sampling.sample_candidates``) prefills each prefix once and copies its KV cache
-N times, and batches continuously (a row that ends leaves, a waiting prefix joins); the peer is what a transformers user writes: ``generate(..., num_return_sequences=N)``
-on the same left-padded prefixes, which encodes every prefix N times. Both sample
+(``safer_dist.erpo.sampling.sample_candidates``) prefills each prefix once (packed, no padding),
+stores its KV cache once for its N candidates (shared-prefix decode attention), and batches
+continuously (a row that ends leaves, a waiting prefix joins); the peer is what a transformers
+user writes: ``generate(..., num_return_sequences=N)`` on the same left-padded prefixes, which
+encodes every prefix N times and keeps N copies of its cache. Both sample
 (temperature ``--temperature``, top-p 1), stop a row at EOS or at the step's closing tag
 (``stop_strings``; transformers' own ``StopStringCriteria`` for the peer), batch the same
 number of rows (``--batch-rows`` = prefixes per batch x N), and run the same random Llama
 (``--preset``, default bench-20m; or ``--shape``, a shape of bench/gpu.py such as
-``tinyllama-1.1b``) with the KV cache on and SDPA attention: fp32 on CPU (the default
-``--device``), bf16 on CUDA.
+``tinyllama-1.1b``) with the KV cache on, loaded with SDPA attention: fp32 on CPU (the default
+``--device``), bf16 on CUDA. The peer runs SDPA; safer's sampler runs its own attention
+whatever the model's (``safer_segments`` for the packed prefill, shared-prefix for decode steps).
 
 The figure is candidate tokens/s: sampled tokens before EOS, up to and including the
 closing tag, per second. A random model rarely writes the closing tag, so rows run to
