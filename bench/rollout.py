@@ -18,7 +18,8 @@ The figure is candidate tokens/s: sampled tokens before EOS, up to and including
 closing tag, per second. A random model rarely writes the closing tag, so rows run to
 ``--max-new-tokens``; by default that is the mean length of the step in the demo traces, as a
 trained model would stop there. Rows that all end together leave continuous batching nothing
-to gain: this figure measures prefix reuse and the decode loop, not early exits. A window is ``--steps`` passes over the prefixes.
+to gain: this figure measures prefix reuse and the decode loop, not early exits. A window is
+``--steps`` passes over the prefixes.
 
 Decode bound: a decode step reads every weight (all parameters but the input embedding, of
 which it reads one row per token) and the KV cache of every row in flight, so decoding runs at

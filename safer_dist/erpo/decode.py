@@ -200,6 +200,18 @@ def _first_true(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.any(dim=1), mask.int().argmax(dim=1), mask.shape[1])
 
 
+def _keep(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, rows: list[int]
+          ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """``rows`` of per-layer ``(keys, values)`` ``[R, H, T, D]`` and of ``mask [R, T]`` (no copy
+    when that is all of them), with the leading columns that no kept row uses cut."""
+    if len(rows) < mask.shape[0]:
+        idx = torch.tensor(rows, device=mask.device)
+        layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in layers]
+        mask = mask.index_select(0, idx)
+    lead = int(_first_true(mask).min())
+    return [(k[:, :, lead:], v[:, :, lead:]) for k, v in layers], mask[:, lead:]
+
+
 class _Batch:
     """The rows in flight, grouped by prefix: the KV cache of a group's prefix is stored once and
     read by all its rows (:func:`shared_prefix_attention`); each row stores only its own tokens'.
@@ -237,23 +249,12 @@ class _Batch:
         renumber = {g: i for i, g in enumerate(groups)}
         prefix_blocks, pmasks, suffix_blocks, smasks = [], [], [], []
         if kept_rows:
-            old_prefix, pmask = self.prefix, self.pmask
-            if len(groups) < self.pmask.shape[0]:
-                idx = torch.tensor(groups, device=pmask.device)
-                old_prefix = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in old_prefix]
-                pmask = pmask.index_select(0, idx)
-            lead = int(_first_true(pmask).min())
-            prefix_blocks.append([(k[:, :, lead:], v[:, :, lead:]) for k, v in old_prefix])
-            pmasks.append(pmask[:, lead:])
-            old = [(layer.keys, layer.values) for layer in self.cache.layers]
-            smask = self.smask
-            if len(keep) < len(self.rows):
-                idx = torch.tensor(keep, device=smask.device)
-                old = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in old]
-                smask = smask.index_select(0, idx)
-            lead = int(_first_true(smask).min())
-            suffix_blocks.append([(k[:, :, lead:], v[:, :, lead:]) for k, v in old])
-            smasks.append(smask[:, lead:])
+            kv, m = _keep(self.prefix, self.pmask, groups)
+            prefix_blocks.append(kv)
+            pmasks.append(m)
+            kv, m = _keep([(layer.keys, layer.values) for layer in self.cache.layers], self.smask, keep)
+            suffix_blocks.append(kv)
+            smasks.append(m)
         for r in kept_rows:
             r.group = renumber[r.group]
         if rows:
@@ -418,13 +419,10 @@ def decode(
             rows = [r for r, d in zip(rows, done) if not d]
             if rows:  # the prefixes with rows that go on join the batch, stored once each
                 groups = sorted({r.group for r in rows})
-                if len(groups) < len(admit):
-                    idx = torch.tensor(groups, device=device)
-                    prefix = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in prefix]
-                    mask = mask.index_select(0, idx)
-                    renumber = {g: i for i, g in enumerate(groups)}
-                    for r in rows:
-                        r.group = renumber[r.group]
+                prefix, mask = _keep(prefix, mask, groups)
+                renumber = {g: i for i, g in enumerate(groups)}
+                for r in rows:
+                    r.group = renumber[r.group]
                 batch.rebuild(prefix, mask, rows)
             continue
         if 4 * (len(batch) - batch.num_alive()) > len(batch):  # many ended rows and none to admit

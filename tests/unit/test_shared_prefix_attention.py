@@ -64,7 +64,8 @@ def test_refuses_calls_outside_sampling_and_unsupported_options():
     q = torch.zeros(1, 2, 1, 4)
     with pytest.raises(RuntimeError, match="only inside candidate sampling"):
         shared_prefix_attention(SimpleNamespace(layer_idx=0), q, q, q, None)
-    batch = SimpleNamespace(prefix=[(q, q)], width=1, slot=torch.tensor([0]), step_mask=torch.ones(1, 2, dtype=torch.bool))
+    batch = SimpleNamespace(prefix=[(q, q)], width=1, slot=torch.tensor([0]),
+                            step_mask=torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="softcap"):
         shared_prefix_attention(SimpleNamespace(layer_idx=0), q, q, q, None, softcap=30.0, safer_shared_prefix=batch)
 
