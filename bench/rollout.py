@@ -21,6 +21,10 @@ trained model would stop there. Rows that all end together leave continuous batc
 to gain: this figure measures prefix reuse and the decode loop, not early exits. A window is
 ``--steps`` passes over the prefixes.
 
+Work: the bench counts the token positions each contestant runs through the model (padding
+included) and splits each window's time into prefill calls, decode steps and the rest (sampling,
+stop checks, batching), from hooks on the model's forward.
+
 Decode bound: a decode step reads every weight (all parameters but the input embedding, of
 which it reads one row per token) and the KV cache of every row in flight, so decoding runs at
 most at ``rows x HBM bandwidth / (weight bytes + rows x KV bytes per token x mean context)``
@@ -39,7 +43,9 @@ from __future__ import annotations
 
 import _harness as h  # noqa: I001 - sets DS_ACCELERATOR etc. before torch/transformers imports
 
+import contextlib
 import statistics
+import time
 
 import torch
 
@@ -107,6 +113,50 @@ def decode_bound(weight_bytes: int, kv_per_token: int, rows: int, mean_context: 
     return rows * gbps * 1e9 / (weight_bytes + rows * kv_per_token * mean_context)
 
 
+class ForwardLedger:
+    """Hooks on a model's forward that, inside :meth:`window`, add up the token positions it runs
+    (``input_ids.numel()``, padding included) and the seconds its calls take, split into prefill
+    calls (more than one position per row) and decode calls (one per row). On CUDA each call is
+    timed between two synchronizations (both samplers synchronize every step anyway)."""
+
+    def __init__(self, model, device: str):
+        self.device, self.record, self._start = device, None, None
+        model.register_forward_pre_hook(self._before, with_kwargs=True)
+        model.register_forward_hook(self._after, with_kwargs=True)
+
+    def _before(self, _module, _args, kwargs) -> None:
+        ids = kwargs.get("input_ids")
+        if self.record is not None and ids is not None:
+            synchronize(self.device)
+            self._start = (time.perf_counter(), "decode" if ids.shape[1] == 1 else "prefill", ids.numel())
+
+    def _after(self, _module, _args, _kwargs, _output) -> None:
+        if self.record is not None and self._start is not None:
+            synchronize(self.device)
+            start, kind, positions = self._start
+            self.record[f"{kind}_s"] += time.perf_counter() - start
+            self.record[f"{kind}_calls"] += 1
+            self.record["positions"] += positions
+            self._start = None
+
+    @contextlib.contextmanager
+    def window(self):
+        self.record = dict.fromkeys(("positions", "prefill_s", "prefill_calls", "decode_s", "decode_calls"), 0)
+        try:
+            yield self.record
+        finally:
+            self.record = None
+
+    @staticmethod
+    def describe(w: dict) -> str:
+        """One line from a window's record (or the mean of several, with ``window_s``)."""
+        step_ms = 1e3 * w["decode_s"] / w["decode_calls"] if w["decode_calls"] else 0.0
+        rest = w["window_s"] - w["prefill_s"] - w["decode_s"]
+        return (f"{w['window_s']:.2f} s = prefill {w['prefill_s']:.2f} s ({w['prefill_calls']:.0f} calls) + decode "
+                f"{w['decode_s']:.2f} s ({w['decode_calls']:.0f} steps, {step_ms:.1f} ms each) + outside the model "
+                f"{rest:.2f} s")
+
+
 def load_contestant_model(args, ws):
     """The model both contestants sample from: ``--shape`` built at random (bench/gpu.py), else
     the workspace's ``--preset``; fp32 on CPU, bf16 on CUDA; SDPA attention, as generate uses."""
@@ -165,24 +215,19 @@ def main() -> None:
               f"attention {model.config._attn_implementation}")
         per_batch = max(1, args.batch_rows // args.n)
         pad = tok.pad_token_id
-        # Work: token positions each contestant runs through the model (padding included), counted
-        # by a hook on the model's forward, per window. Both run the same fp32/bf16 matrix
-        # products per position, so their ratio bounds the speed-up the sampler can show.
-        positions = {"now": 0}
-
-        def count_positions(_module, _args, kwargs):
-            ids = kwargs.get("input_ids")
-            positions["now"] += ids.numel() if ids is not None else 0
-
-        model.register_forward_pre_hook(count_positions, with_kwargs=True)
-        work: dict[str, list[int]] = {"safer": [], "hf": []}
+        # Work: token positions each contestant runs through the model (padding included) and the
+        # time its forward calls take, prefill (several positions per row) and decode (one) apart,
+        # from hooks on the model's forward, per window. Both run the same fp32/bf16 matrix
+        # products per position, so the positions' ratio bounds the speed-up the sampler can show.
+        ledger = ForwardLedger(model, device)
+        work: dict[str, list[dict]] = {"safer": [], "hf": []}
 
         def counted(key, window):
             def run():
-                start = positions["now"]
-                out = window()
-                work[key].append(positions["now"] - start)
-                return out
+                with ledger.window() as record:
+                    units, seconds = window()
+                work[key].append({**record, "window_s": seconds})
+                return units, seconds
             return run
 
         def safer_window():
@@ -223,10 +268,13 @@ def main() -> None:
                  "hf": f"HF generate(num_return_sequences={args.n})"}
         rates = h.alternate({names["safer"]: counted("safer", safer_window), names["hf"]: counted("hf", hf_window)},
                             args.repeats)
-        work_ratio = statistics.mean(work["hf"]) / statistics.mean(work["safer"])
-        print(f"positions through the model per window: safer {statistics.mean(work['safer']):.0f}, "
-              f"HF {statistics.mean(work['hf']):.0f} (HF / safer = {work_ratio:.2f}: the speed-up if a position "
+        mean_work = {key: {k: statistics.mean(w[k] for w in ws) for k in ws[0]} for key, ws in work.items()}
+        work_ratio = mean_work["hf"]["positions"] / mean_work["safer"]["positions"]
+        print(f"positions through the model per window: safer {mean_work['safer']['positions']:.0f}, "
+              f"HF {mean_work['hf']['positions']:.0f} (HF / safer = {work_ratio:.2f}: the speed-up if a position "
               "cost both the same)")
+        for key, name in (("safer", "safer"), ("hf", "HF")):
+            print(f"time per window ({name}, mean): {ledger.describe(mean_work[key])}")
         # The decode bound, for the rows a batch holds (whole prefixes, at most all of them).
         rows_in_flight = min(per_batch, len(prefixes)) * args.n
         weights, kv_token = weight_bytes_per_step(model), kv_bytes_per_token(model)
@@ -249,7 +297,8 @@ def main() -> None:
                 mean_prefix_tokens=statistics.mean(lens), prefix_tokens=lens, rows_in_flight=rows_in_flight,
                 weight_bytes=weights, kv_bytes_per_token=kv_token, mean_context_tokens=mean_context, hbm_gbps=gbps,
                 hbm_source=gbps_source, bound_tokens_per_s=bound,
-                positions_per_window={"safer": statistics.mean(work["safer"]), "hf": statistics.mean(work["hf"])})
+                positions_per_window={key: w["positions"] for key, w in mean_work.items()},
+                forward_time_per_window=mean_work)
         print(h.paired_line(rates, names["safer"], names["hf"]))
         print(h.ratio_line(h.median(rates[names["safer"]]), h.median(rates[names["hf"]])))
     finally:

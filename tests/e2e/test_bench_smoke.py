@@ -36,6 +36,7 @@ def test_benchmark_smoke(script, tmp_path):
     if script == "rollout.py":  # no bandwidth on CPU without --hbm-gbps: no bound, no fractions
         assert any(line.startswith("decode bound: n/a = ") for line in lines)
         assert sum(line.endswith(": n/a of the decode bound") for line in lines) == 2
+        assert sum(line.startswith("time per window (") and " + decode " in line for line in lines) == 2
 
 
 def test_rollout_smoke_decode_bound(tmp_path):
@@ -58,6 +59,17 @@ def test_rollout_smoke_decode_bound(tmp_path):
     assert len(report["rows"]) == 2
     for r in report["rows"]:
         assert r["tokens_per_s"] > 0 and r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / bound)
+    # Work per window: 8 rows (4 prefixes x 2) in two rounds of 4 rows; each row's first token comes
+    # from the prefill, the other 3 from 3 decode steps per round: 6 steps of 4 positions each. safer
+    # prefills each prefix once, packed (2 calls, one per round); generate encodes each prefix twice,
+    # left-padded to its batch's longest (2 calls of 2 prefixes).
+    lens = report["prefix_tokens"]
+    hf_prefill = sum(2 * 2 * max(lens[i : i + 2]) for i in (0, 2))
+    work = report["forward_time_per_window"]
+    assert report["positions_per_window"] == {"safer": sum(lens) + 24, "hf": hf_prefill + 24}
+    for key in ("safer", "hf"):
+        assert work[key]["prefill_calls"] == 2 and work[key]["decode_calls"] == 6
+        assert 0 < work[key]["prefill_s"] + work[key]["decode_s"] < work[key]["window_s"]
     # Work per window: HF encodes each prefix once per candidate (2 x the prefix tokens, padding
     # aside) and decodes 4 rows x 3 steps per batch at most; safer encodes each prefix once.
     work, prefix_tokens = report["positions_per_window"], sum(report["prefix_tokens"])
