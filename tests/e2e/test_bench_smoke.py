@@ -81,7 +81,8 @@ def test_gpu_benchmark_smoke_rows(tmp_path):
     """bench/gpu.py on CPU: every row measured, the plain loop and the learner fed the same
     batches, MFU and ratios computed from the rates as documented."""
     out = tmp_path / "rows.json"
-    run_smoke("gpu.py", tmp_path / "work", "--json", str(out), "--peak-tflops", "1", "--profile", str(tmp_path / "prof"))
+    run_smoke("gpu.py", tmp_path / "work", "--json", str(out), "--peak-tflops", "1",
+              "--profile", str(tmp_path / "prof"))
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["shape"]["name"] == "smoke"
     # Parameters besides the input embedding, smoke shape (hidden 64, 2 layers, 4 q / 2 kv heads
