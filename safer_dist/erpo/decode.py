@@ -230,6 +230,7 @@ class _Batch:
         self.rows: list[_Row] = []
         self.alive: list[bool] = []
         self.prefix, self.pmask, self.cache, self.smask, self.slot = None, None, None, None, None
+        self.row_pmask = None  # [B, P]: each row's prefix mask
         self.step_mask = None  # [B, P + S] for the step being run: the row's prefix, then its own tokens
 
     def __len__(self) -> int:
@@ -278,6 +279,7 @@ class _Batch:
         self.cache.layers = [_SlotLayer([part[i] for part in suffix_blocks], width, self.spare)
                              for i in range(len(suffix_blocks[0]))]
         self.slot = torch.tensor([r.group * self.width + r.slot for r in self.rows], device=self.smask.device)
+        self.row_pmask = self.pmask.index_select(0, self.slot // self.width)  # [B, P], fixed until the next rebuild
 
     def step(self, model) -> torch.Tensor:
         """Feed every row's last sampled token (a pad for ended rows); next-token logits ``[B, V]``."""
@@ -285,7 +287,7 @@ class _Batch:
         ids = torch.tensor([[r.tokens[-1] if a else self.pad] for r, a in zip(self.rows, self.alive)], device=device)
         pos = torch.tensor([[r.prefix_len + len(r.tokens) - 1] for r in self.rows], device=device)
         self.smask = F.pad(self.smask, (0, 1), value=True)
-        self.step_mask = torch.cat([self.pmask.index_select(0, self.slot // self.width), self.smask], dim=1)
+        self.step_mask = torch.cat([self.row_pmask, self.smask], dim=1)
         with _attention_implementation(model, SHARED_PREFIX_NAME):
             out = forward(model, self.cache, input_ids=ids, position_ids=pos, safer_shared_prefix=self)
         return out.logits[:, -1]
