@@ -12,7 +12,11 @@ number of rows (``--batch-rows`` = prefixes per batch x N), and run the same ran
 (``--preset``, default bench-20m; or ``--shape``, a shape of bench/gpu.py such as
 ``tinyllama-1.1b``) with the KV cache on, loaded with SDPA attention: fp32 on CPU (the default
 ``--device``), bf16 on CUDA. The peer runs SDPA; safer's sampler runs its own attention
-whatever the model's (``safer_segments`` for the packed prefill, shared-prefix for decode steps).
+whatever the model's (``safer_segments`` for the packed prefill, shared-prefix for decode steps),
+and on CPU runs the fp32 linear layers on weights reordered once per call for oneDNN
+(``safer_dist.erpo.packed_linear``). On CPU a third contestant, the same sampler on
+``nn.Linear`` (``packed_weights=False``), says how much of the figure that part gives; the
+ratio line is safer's default against the peer.
 
 The figure is candidate tokens/s: sampled tokens before EOS, up to and including the
 closing tag, per second. A random model rarely writes the closing tag, so rows run to
@@ -34,7 +38,7 @@ bench/gpu.py's table of GPUs by name, or ``--hbm-gbps`` (GB/s). Each contestant'
 also printed as a fraction of that bound (n/a without a bandwidth, as on CPU). Prefill and
 sampling are not in the bound, so no contestant reaches 1.
 
-    .venv/bin/python bench/rollout.py                 # ~2 min on 2 cores
+    .venv/bin/python bench/rollout.py                 # ~2.5 min on 2 cores
     .venv/bin/python bench/rollout.py --step answer --max-new-tokens 96
     python bench/rollout.py --device cuda --shape tinyllama-1.1b --prefixes 256 --n 8 --batch-rows 256
 """
@@ -220,27 +224,30 @@ def main() -> None:
         # from hooks on the model's forward, per window. Both run the same fp32/bf16 matrix
         # products per position, so the positions' ratio bounds the speed-up the sampler can show.
         ledger = ForwardLedger(model, device)
-        work: dict[str, list[dict]] = {"safer": [], "hf": []}
+        work: dict[str, list[dict]] = {}
 
         def counted(key, window):
             def run():
                 with ledger.window() as record:
                     units, seconds = window()
-                work[key].append({**record, "window_s": seconds})
+                work.setdefault(key, []).append({**record, "window_s": seconds})
                 return units, seconds
             return run
 
-        def safer_window():
-            torch.set_num_threads(args.threads)
-            outs = []
-            with h.Stopwatch() as sw:
-                for _ in range(args.steps):
-                    outs += sample_candidates(model, tok, prefixes, args.n, max_new_tokens=max_new,
-                                              stop_strings=stops or None, temperature=args.temperature, top_p=1.0,
-                                              seed=args.seed, batch_rows=args.batch_rows)
-                synchronize(device)
-            assert len(outs) == args.steps * len(prefixes) and all(len(c) == args.n for c in outs)
-            return sum(_safer_tokens(c, max_new) for cs in outs for c in cs), sw.seconds
+        def safer_window(packed_weights: bool = True):
+            def run():
+                torch.set_num_threads(args.threads)
+                outs = []
+                with h.Stopwatch() as sw:
+                    for _ in range(args.steps):
+                        outs += sample_candidates(model, tok, prefixes, args.n, max_new_tokens=max_new,
+                                                  stop_strings=stops or None, temperature=args.temperature, top_p=1.0,
+                                                  seed=args.seed, batch_rows=args.batch_rows,
+                                                  packed_weights=packed_weights)
+                    synchronize(device)
+                assert len(outs) == args.steps * len(prefixes) and all(len(c) == args.n for c in outs)
+                return sum(_safer_tokens(c, max_new) for cs in outs for c in cs), sw.seconds
+            return run
 
         @torch.no_grad()
         def hf_window():
@@ -263,17 +270,25 @@ def main() -> None:
                 synchronize(device)
             return _kept_tokens(rows, tok, stops), sw.seconds
 
-        safer_window(), hf_window()  # warm-up
+        windows = {"safer": safer_window()}
+        if device == "cpu":  # the reordered weights are a CPU path: on CUDA the two would be one
+            windows["nn_linear"] = safer_window(packed_weights=False)
+        windows["hf"] = hf_window
+        for window in windows.values():  # warm-up
+            window()
         names = {"safer": "safer sample_candidates (prefix reuse, continuous)",
+                 "nn_linear": "safer sample_candidates on nn.Linear",
                  "hf": f"HF generate(num_return_sequences={args.n})"}
-        rates = h.alternate({names["safer"]: counted("safer", safer_window), names["hf"]: counted("hf", hf_window)},
-                            args.repeats)
+        rates = h.alternate({names[key]: counted(key, window) for key, window in windows.items()}, args.repeats)
         mean_work = {key: {k: statistics.mean(w[k] for w in ws) for k in ws[0]} for key, ws in work.items()}
+        assert mean_work.get("nn_linear", mean_work["safer"])["positions"] == mean_work["safer"]["positions"]
         work_ratio = mean_work["hf"]["positions"] / mean_work["safer"]["positions"]
         print(f"positions through the model per window: safer {mean_work['safer']['positions']:.0f}, "
               f"HF {mean_work['hf']['positions']:.0f} (HF / safer = {work_ratio:.2f}: the speed-up if a position "
               "cost both the same)")
-        for key, name in (("safer", "safer"), ("hf", "HF")):
+        for key, name in (("safer", "safer"), ("nn_linear", "safer on nn.Linear"), ("hf", "HF")):
+            if key not in mean_work:
+                continue
             print(f"time per window ({name}, mean): {ledger.describe(mean_work[key])}")
         # The decode bound, for the rows a batch holds (whole prefixes, at most all of them).
         rows_in_flight = min(per_batch, len(prefixes)) * args.n
@@ -299,6 +314,8 @@ def main() -> None:
                 hbm_source=gbps_source, bound_tokens_per_s=bound,
                 positions_per_window={key: w["positions"] for key, w in mean_work.items()},
                 forward_time_per_window=mean_work)
+        if "nn_linear" in windows:
+            print("on nn.Linear: " + h.paired_line(rates, names["nn_linear"], names["hf"]))
         print(h.paired_line(rates, names["safer"], names["hf"]))
         print(h.ratio_line(h.median(rates[names["safer"]]), h.median(rates[names["hf"]])))
     finally:

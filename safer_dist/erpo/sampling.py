@@ -43,7 +43,7 @@ def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
 def sample_candidates(
     model, tokenizer, prefixes: list[list[int]], n: int, *, max_new_tokens: int,
     stop_strings: list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
-    seed: int = 0, batch_rows: int = 64, reuse_prefix: bool = True,
+    seed: int = 0, batch_rows: int = 64, reuse_prefix: bool = True, packed_weights: bool = True,
 ) -> list[list[dict]]:
     """``n`` sampled continuations of each prefix (token ids, already chat-formatted).
 
@@ -51,7 +51,10 @@ def sample_candidates(
     first stop string; ``num_tokens`` counts the tokens of ``text`` (re-encoded) plus 1 for an
     EOS; ``stopped`` says whether a stop string or EOS ended it (False: the token limit did).
     At most ``max(batch_rows, n)`` rows are sampled at once. ``reuse_prefix=False`` encodes the
-    prefix once per row (the peer method); it draws the same samples.
+    prefix once per row (the peer method); it draws the same samples. With ``packed_weights`` a
+    CPU model's fp32 linear layers run oneDNN's matmul on weights reordered once for the call
+    (:mod:`safer_dist.erpo.packed_linear`; a copy of those weights is held meanwhile); False runs
+    ``nn.Linear``. The two agree to float32 rounding, not bit for bit.
     """
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"sample_candidates needs n >= 1 and max_new_tokens >= 1 (got n={n}, "
@@ -63,6 +66,7 @@ def sample_candidates(
     sampled = decode(
         model, prefixes, n, max_new_tokens=max_new_tokens, eos=eos, pad=pad, stop=StopCheck(tokenizer, stop_strings),
         temperature=temperature, top_p=top_p, seed=seed, capacity=batch_rows, reuse_prefix=reuse_prefix,
+        packed_weights=packed_weights,
     )
     out: list[list[dict]] = []
     for rows in sampled:
