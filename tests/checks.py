@@ -72,3 +72,47 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float, float
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     return {tag: [(e.step, e.value, e.wall_time) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def shared_prefix_case(prefix_k, prefix_v, own_k, own_v, pmask, placed, width: int, steps):
+    """The inputs of ``decode.shared_prefix_attention`` for a batch given part by part, and the
+    per-row mask of the same batch with each row's prefix copied in front of its own tokens.
+
+    ``prefix_k/v [G, Hkv, P, D]`` with ``pmask [G, P]``; ``own_k/v [B, Hkv, S, D]``, row ``b`` at
+    ``placed[b] = (group, slot)``, its first ``steps[group]`` own tokens real. Returns the group
+    buffers ``[G, Hkv, P + width * S, D]`` (token ``t`` of slot ``c`` at column ``P + t * width +
+    c``; every other column holds finite garbage, which the mask must hide), the batch's
+    ``slot [B]`` and ``step_mask [G, 1, width, U]``, and ``row_mask [B, P + S]``."""
+    import torch
+
+    g, hkv, p, d = prefix_k.shape
+    s = own_k.shape[2]
+    garbage = torch.Generator().manual_seed(1)
+    keys = torch.randn(g, hkv, p + width * s, d, generator=garbage).to(prefix_k) * 1e3
+    values = torch.randn(g, hkv, p + width * s, d, generator=garbage).to(prefix_v) * 1e3
+    keys[:, :, :p], values[:, :, :p] = prefix_k, prefix_v
+    keys[:, :, :p].masked_fill_(~pmask[:, None, :, None], 1e4)  # masked prefix columns too
+    step_mask = torch.zeros(g, 1, width, p + width * s, dtype=torch.bool, device=pmask.device)
+    step_mask[:, 0, :, :p] = pmask[:, None, :]
+    for b, (grp, slot) in enumerate(placed):
+        for t in range(steps[grp]):
+            keys[grp, :, p + t * width + slot], values[grp, :, p + t * width + slot] = own_k[b, :, t], own_v[b, :, t]
+            step_mask[grp, 0, slot, p + t * width + slot] = True
+    groups = torch.tensor([grp for grp, _ in placed], device=pmask.device)
+    own = torch.arange(s, device=pmask.device)[None, :] < torch.tensor(steps, device=pmask.device)[groups][:, None]
+    slot = torch.tensor([grp * width + c for grp, c in placed], device=pmask.device)
+    return keys, values, slot, step_mask, torch.cat([pmask[groups], own], dim=1)
+
+
+def copied_prefix_attention(query, own_k, own_v, prefix_k, prefix_v, groups, row_mask, scaling):
+    """SDPA per row over ``[its group's prefix, its own tokens]`` with the prefix copied into the
+    row, in float32; ``[B, 1, H, D]``."""
+    import torch
+    import torch.nn.functional as F
+
+    rep = query.shape[1] // own_k.shape[1]
+    keys = torch.cat([prefix_k[groups], own_k], dim=2).repeat_interleave(rep, dim=1).float()
+    values = torch.cat([prefix_v[groups], own_v], dim=2).repeat_interleave(rep, dim=1).float()
+    out = F.scaled_dot_product_attention(query.float(), keys, values, attn_mask=row_mask[:, None, None, :],
+                                         scale=scaling)
+    return out.transpose(1, 2)
