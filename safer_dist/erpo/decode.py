@@ -1,20 +1,19 @@
 """Continuous batching over a prefix-shared KV cache: the decode loop behind ``sample_candidates``.
 
 A *row* is one continuation being sampled; a *group* is the rows of one prefix. A group's
-prefix is encoded once and its KV cache stored once, in one buffer per layer followed by the
-KV of the tokens its rows sample (time-major: token ``t`` of the group's row ``c`` at column
-``prefix width + t * rows per group + c``). Every decode step feeds one token per row, and
-attention (:func:`shared_prefix_attention`, switched in for the step) is one SDPA call per
-layer over the groups' buffers, each group's rows as its queries, masked so that a row sees
-its prefix and its own tokens only: a row's scores over its prefix and over its own tokens
-share one softmax, which equals attention over a copy of the prefix in every row, without the
-copies (``n`` rows of one prefix read its KV once per step instead of ``n`` times).
+prefix is encoded once and its KV cache stored once; each row stores only the KV of the tokens
+it sampled. Every decode step feeds one token per row, and attention
+(:func:`shared_prefix_attention`, switched in for the step) reads each prefix's keys and values
+once for all its rows: a row's scores over its prefix and over its own tokens share one
+softmax, which equals attention over a copy of the prefix in every row, without the copies
+(``n`` rows of one prefix read its KV once per step instead of ``n`` times).
 
 A row that ends — EOS, a stop string in its text, or its token limit — leaves the batch at
-the next rebuild (its group with its last row), and waiting prefixes are prefilled and join,
-so the batch never runs for its longest row only. A prefill packs the admitted prefixes back
-to back in one row, without padding (``safer_segments``: causal SDPA per prefix), and the
-batch keeps the prefixes left-padded to one width, columns that every prefix pads cut.
+the next rebuild (its own KV rows are dropped with ``index_select``, its prefix with its last
+row), and waiting prefixes are prefilled and join, so the batch never runs for its longest
+row only. A prefill packs the admitted prefixes back to back in one row, without padding
+(``safer_segments``: causal SDPA per prefix), and the batch keeps the prefixes left-padded to
+one width (and the rows' own tokens likewise), columns that every prefix or row pads cut.
 
 Randomness: every row draws from its own ``random.Random``, seeded from (seed, prefix index,
 continuation index), by inverse-CDF sampling over the row's probabilities. A row's sample
@@ -78,16 +77,13 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
                             attention_mask=None, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """One decode step's attention with each prefix's KV read once for all its rows.
 
-    ``query [B, H, 1, D]``; ``key``/``value`` ``[G, Hkv, U, D]``: one buffer per group (prefix), as
-    :class:`_GroupLayer` returns it: the prefix in its first columns, then its rows' own tokens
-    (this step's included), token ``t`` of the row in slot ``c`` at column ``P + t * width + c``.
-    The batch (``kwargs["safer_shared_prefix"]``, a ``_Batch``) gives ``step_mask [G, 1, width, U]``
-    (True where a row may look: its prefix and its own tokens) and each row's place ``slot`` on
-    the ``[G, width]`` grid. The queries are laid out on that grid, the heads that share a KV
-    head side by side (``[G, Hkv, rep * width, D]``: grouped-query heads need no KV repeat), and
-    one SDPA call per layer attends over the buffers: a row's scores over its prefix and over
-    its own tokens share one softmax, as if the prefix were copied into every row. Returns
-    ``([B, 1, H, D], None)`` as transformers' attention functions do.
+    ``query [B, H, 1, D]``; ``key``/``value`` ``[B, Hkv, S, D]`` are the rows' own tokens (this
+    step's included); the prefixes' come from ``kwargs["safer_shared_prefix"]`` (a ``_Batch``)
+    for ``module.layer_idx``. A row's scores over its prefix and over its own tokens share one
+    softmax, so the result is softmax attention over the concatenation, as if the prefix were
+    copied into every row. The queries are laid out on the batch's ``[G, width]`` grid, so
+    the prefix part is one batched matmul per layer (grouped-query heads included, no KV
+    repeat). Returns ``([B, 1, H, D], None)`` as transformers' attention functions do.
     """
     batch = kwargs.get("safer_shared_prefix")
     if batch is None:
@@ -95,21 +91,32 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     refused = [k for k in _REFUSED_KWARGS if kwargs.get(k) is not None]
     if refused or dropout:
         raise ValueError(f"candidate sampling's shared-prefix attention does not support {refused or 'dropout'}")
+    pk, pv = batch.prefix[module.layer_idx]
     b, h, q_len, d = query.shape
-    g, hkv, u, _ = key.shape
-    rep, w = h // hkv, batch.width
+    g, hkv, p, _ = pk.shape
+    s, rep, w = key.shape[2], h // hkv, batch.width
     if q_len != 1:
         raise ValueError(f"shared-prefix attention decodes one token per row, got {q_len}")
+
     full = b == g * w  # every prefix has all its rows, in order: the rows are the grid
+
+    def to_grid(x: torch.Tensor) -> torch.Tensor:  # [B, H, X] -> [G, Hkv, rep * width, X]
+        grid = x if full else x.new_zeros(g * w, h, x.shape[-1]).index_copy_(0, batch.slot, x)
+        return grid.reshape(g, w, hkv, rep, -1).permute(0, 2, 3, 1, 4).reshape(g, hkv, rep * w, -1)
+
+    def from_grid(x: torch.Tensor) -> torch.Tensor:  # [G, Hkv, rep * width, X] -> [B, H, X]
+        rows = x.view(g, hkv, rep, w, -1).permute(0, 3, 1, 2, 4).reshape(g * w, h, -1)
+        return rows if full else rows.index_select(0, batch.slot)
+
     q = query[:, :, 0]
-    grid = q if full else q.new_zeros(g * w, h, d).index_copy_(0, batch.slot, q)
-    grid = grid.view(g, w, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(g, hkv, rep * w, d)
-    mask = batch.step_mask  # [G, 1, width, U]; the heads of one KV head share it
-    if rep > 1:
-        mask = mask.unsqueeze(2).expand(g, 1, rep, w, u).reshape(g, 1, rep * w, u)
-    out = F.scaled_dot_product_attention(grid, key, value, attn_mask=mask, scale=scaling)
-    rows = out.view(g, hkv, rep, w, d).permute(0, 3, 1, 2, 4).reshape(g * w, h, d)
-    return (rows if full else rows.index_select(0, batch.slot)).unsqueeze(1), None
+    on_prefix = from_grid(torch.matmul(to_grid(q), pk.transpose(-1, -2)))  # [B, H, P]
+    on_own = torch.matmul(q.reshape(b, hkv, rep, d), key.transpose(-1, -2)).reshape(b, h, s)
+    scores = torch.cat([on_prefix, on_own], dim=-1).float() * (d**-0.5 if scaling is None else scaling)
+    scores.masked_fill_(~batch.step_mask[:, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(value.dtype)
+    out = from_grid(torch.matmul(to_grid(probs[..., :p]), pv))
+    out += torch.matmul(probs[..., p:].reshape(b, hkv, rep, s), value).reshape(b, h, d)
+    return out.unsqueeze(1), None
 
 
 @functools.cache
@@ -148,25 +155,46 @@ def _check_full_attention(model) -> None:
         raise ValueError(f"candidate sampling does not support sliding-window attention ({type(cfg).__name__})")
 
 
-class _GroupLayer(DynamicLayer):
-    """One layer's KV cache of the batch: per group a buffer ``[G, Hkv, P + width * C, D]`` holding
-    its prefix (left-padded to ``P`` columns) and then its rows' own tokens, time-major (token
-    ``t`` of slot ``c`` at column ``P + t * width + c``; ``C`` tokens at most). A decode step writes
-    each row's key and value in its column in place (``_Batch.write_group``/``write_col``) and
-    returns the columns in use (``_Batch.used``), the view :func:`shared_prefix_attention` reads."""
+class _SlotLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values ``[B, H, T, D]`` are views of buffers
+    with spare columns: a decode step writes its column in place, where ``DynamicLayer``
+    concatenates (a copy of the whole cache per layer and step).
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, batch: _Batch):
+    Built from row blocks ``(keys, values)`` of shape ``[b_i, H, T_i, D]``, stacked along the
+    batch and right-aligned to ``width`` columns (the columns to their left are set to 0:
+    padding, masked, but read, so they must be finite). The spare columns are left unset: a
+    column is written before any view covers it."""
+
+    def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int):
         super().__init__()
-        self.device, self.is_initialized, self.batch = keys.device, True, batch
-        self._keys, self._values = keys, values
-        self.keys, self.values = keys[:, :, : batch.prefix_width], values[:, :, : batch.prefix_width]
+        k0 = blocks[0][0]
+        self.device, self.is_initialized = k0.device, True
+        self._keys = k0.new_empty(sum(k.shape[0] for k, _ in blocks), k0.shape[1], width + spare, k0.shape[3])
+        self._values = torch.empty_like(self._keys)
+        _stack_right_aligned(self._keys, self._values, blocks, width)
+        self.keys, self.values = self._keys[:, :, :width], self._values[:, :, :width]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        g, col, u = self.batch.write_group, self.batch.write_col, self.batch.used
-        self._keys[g, :, col] = key_states[:, :, 0]
-        self._values[g, :, col] = value_states[:, :, 0]
-        self.keys, self.values = self._keys[:, :, :u], self._values[:, :, :u]
+        t, new = self.keys.shape[-2], key_states.shape[-2]
+        if t + new > self._keys.shape[-2]:  # out of spare columns: copy into larger buffers
+            self.__init__([(self.keys, self.values)], t, max(64, t))
+        self._keys[:, :, t : t + new], self._values[:, :, t : t + new] = key_states, value_states
+        self.keys, self.values = self._keys[:, :, : t + new], self._values[:, :, : t + new]
         return self.keys, self.values
+
+
+def _stack_right_aligned(keys: torch.Tensor, values: torch.Tensor,
+                         blocks: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
+    """Write row blocks ``[b_i, H, T_i, D]`` one under another into ``keys``/``values``
+    ``[sum b_i, H, >= width, D]``, each right-aligned to column ``width``; the columns left of a
+    block are set to 0 (masked, but read: they must be finite)."""
+    r = 0
+    for k, v in blocks:
+        b, lead = k.shape[0], width - k.shape[2]
+        for buf, part in ((keys, k), (values, v)):
+            buf[r : r + b, :, :lead] = 0
+            buf[r : r + b, :, lead:width] = part
+        r += b
 
 
 def _first_true(mask: torch.Tensor) -> torch.Tensor:
@@ -189,27 +217,25 @@ def _keep(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, r
 
 
 class _Batch:
-    """The rows in flight, grouped by prefix: a group's prefix KV is stored once, next to its rows'
-    own tokens, in one buffer per layer (:class:`_GroupLayer`), and read by all its rows
-    (:func:`shared_prefix_attention`).
+    """The rows in flight, grouped by prefix: the KV cache of a group's prefix is stored once and
+    read by all its rows (:func:`shared_prefix_attention`); each row stores only its own tokens'.
 
-    ``pmask [G, P]`` marks each group's prefix tokens (left-padded to ``P = prefix_width``);
-    ``steps [G]`` counts the tokens each group's rows have fed (the same for all rows of a group:
-    they join together). ``slot [B]`` places row ``b`` at ``group * width + cand`` of a
-    ``[G * width]`` grid, ``width`` being the rows per prefix; rows stay in grid order, so when
-    every prefix has all its rows the rows are the grid. A row that ends stays (``alive``
+    Per layer ``prefix[l] = (keys, values)`` ``[G, H, P, D]`` with ``pmask [G, P]``, the groups
+    left-padded to one width; the rows' own keys/values live in ``cache`` (``_SlotLayer``,
+    ``[B, H, S, D]``, ``smask [B, S]``, left-padded: a row that joins a running batch has the
+    columns before it masked). ``slot [B]`` places row ``b`` at ``group * width + cand`` of a
+    ``[G * width]`` grid, ``width`` being the rows per prefix; rows stay in grid order, so
+    when every prefix has all its rows the rows are the grid. A row that ends stays (``alive``
     False, fed a pad token, its output unused) until the next ``rebuild``, so the cache is copied
     once per admission, not once per ending row; a prefix goes with its last row."""
 
-    def __init__(self, pad: int, max_steps: int, width: int):
-        self.pad, self.max_steps, self.width = pad, max(1, max_steps), width
+    def __init__(self, pad: int, spare: int, width: int):
+        self.pad, self.spare, self.width = pad, spare, width
         self.rows: list[_Row] = []
         self.alive: list[bool] = []
-        self.cache, self.pmask, self.steps, self.slot = None, None, None, None
-        self.prefix_width = 0
-        # Set by each step for the layers: where each row writes, the columns in use, the mask.
-        self.write_group = self.write_col = self.step_mask = None
-        self.used = 0
+        self.prefix, self.pmask, self.cache, self.smask, self.slot = None, None, None, None, None
+        self.row_pmask = None  # [B, P]: each row's prefix mask
+        self.step_mask = None  # [B, P + S] for the step being run: the row's prefix, then its own tokens
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -219,86 +245,75 @@ class _Batch:
 
     def rebuild(self, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                 mask: torch.Tensor | None = None, rows: list[_Row] = ()) -> None:
-        """Drop the rows that ended (and the groups none of whose rows is left), and append ``rows``
-        with their prefixes (``prefix``: per layer ``(keys, values)`` ``[g, H, L, D]``, left-padded
-        with finite values, ``mask [g, L]``; ``rows[i].group`` indexes them). Leading prefix
-        columns no group uses are cut."""
+        """Drop the rows that ended (and prefixes none of whose rows is left), and append ``rows``
+        with their prefixes (``prefix``: per layer ``(keys, values)`` ``[g, H, L, D]``, ``mask [g, L]``;
+        ``rows[i].group`` indexes them). Leading columns no prefix or no row uses are cut."""
         keep = [i for i, a in enumerate(self.alive) if a]
         kept_rows = [self.rows[i] for i in keep]
         groups = sorted({r.group for r in kept_rows})
         renumber = {g: i for i, g in enumerate(groups)}
+        prefix_blocks, pmasks, suffix_blocks, smasks = [], [], [], []
+        if kept_rows:
+            kv, m = _keep(self.prefix, self.pmask, groups)
+            prefix_blocks.append(kv)
+            pmasks.append(m)
+            kv, m = _keep([(layer.keys, layer.values) for layer in self.cache.layers], self.smask, keep)
+            suffix_blocks.append(kv)
+            smasks.append(m)
         for r in kept_rows:
             r.group = renumber[r.group]
-        for r in rows:
-            r.group += len(groups)
+        if rows:
+            for r in rows:
+                r.group += len(groups)
+            prefix_blocks.append(list(prefix))
+            pmasks.append(mask.bool())
+            k0 = prefix[0][0]
+            none = k0.new_zeros(len(rows), k0.shape[1], 0, k0.shape[3])  # a joining row has no own token yet
+            suffix_blocks.append([(none, none)] * len(prefix))
+            smasks.append(torch.zeros(len(rows), 0, dtype=torch.bool, device=mask.device))
         self.rows = kept_rows + list(rows)
         self.alive = [True] * len(self.rows)
         if not self.rows:
-            self.cache, self.pmask, self.steps, self.slot = None, None, None, None
+            self.prefix, self.pmask, self.cache, self.smask, self.slot = None, None, None, None, None
             return
-        w, old_p = self.width, self.prefix_width
-        # What each part brings: its groups' prefixes (columns lead..) and own tokens (steps).
-        pmasks, steps, sources = [], [], []
-        if groups:
-            idx = torch.tensor(groups, device=self.pmask.device)
-            kept_steps = self.steps.index_select(0, idx)
-            pm = self.pmask.index_select(0, idx)
-            lead = int(_first_true(pm).min())
-            pmasks.append(pm[:, lead:])
-            steps.append(kept_steps)
-            own = w * int(kept_steps.max())
-            sources.append([(k[:, :, : old_p + own].index_select(0, idx), v[:, :, : old_p + own].index_select(0, idx),
-                             lead, old_p, own) for k, v in ((layer._keys, layer._values) for layer in self.cache.layers)])
-        if rows:
-            pmasks.append(mask.bool())
-            steps.append(torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device))
-            sources.append([(k, v, 0, k.shape[2], 0) for k, v in prefix])
-        p = max(m.shape[1] for m in pmasks)
-        self.pmask = torch.cat([F.pad(m, (p - m.shape[1], 0)) for m in pmasks])
-        self.steps = torch.cat(steps)
-        self.prefix_width = p
-        layers = []
-        for per_part in zip(*sources):
-            k0 = per_part[0][0]
-            # Zeros, not empty: masked columns are still read (0 x garbage could be NaN).
-            keys = k0.new_zeros(self.pmask.shape[0], k0.shape[1], p + w * self.max_steps, k0.shape[3])
-            values = torch.zeros_like(keys)
-            r = 0
-            for k, v, lead, end, own in per_part:
-                n, width = k.shape[0], end - lead
-                for buf, src in ((keys, k), (values, v)):
-                    buf[r : r + n, :, p - width : p] = src[:, :, lead:end]
-                    buf[r : r + n, :, p : p + own] = src[:, :, end : end + own]
-                r += n
-            layers.append(_GroupLayer(keys, values, self))
+        self.prefix, self.pmask = _join_left_padded(prefix_blocks, pmasks)
+        width = max(m.shape[1] for m in smasks)
+        self.smask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in smasks])
         self.cache = DynamicCache()
-        self.cache.layers = layers
-        device = self.pmask.device
-        self.row_group = torch.tensor([r.group for r in self.rows], device=device)
-        self.row_cand = torch.tensor([r.slot for r in self.rows], device=device)
-        self.slot = self.row_group * w + self.row_cand
+        self.cache.layers = [_SlotLayer([part[i] for part in suffix_blocks], width, self.spare)
+                             for i in range(len(suffix_blocks[0]))]
+        self.slot = torch.tensor([r.group * self.width + r.slot for r in self.rows], device=self.smask.device)
+        self.row_pmask = self.pmask.index_select(0, self.slot // self.width)  # [B, P], fixed until the next rebuild
 
     def step(self, model) -> torch.Tensor:
         """Feed every row's last sampled token (a pad for ended rows); next-token logits ``[B, V]``."""
-        device, w, p = self.pmask.device, self.width, self.prefix_width
+        device = self.smask.device
         ids = torch.tensor([[r.tokens[-1] if a else self.pad] for r, a in zip(self.rows, self.alive)], device=device)
         pos = torch.tensor([[r.prefix_len + len(r.tokens) - 1] for r in self.rows], device=device)
-        # A group whose rows all ended runs on, fed pads, until the next rebuild: past its last
-        # column it writes that column again (no row reads it). Live groups stay below max_steps.
-        t = self.steps.clamp(max=self.max_steps - 1)
-        self.write_group = self.row_group
-        self.write_col = p + t.index_select(0, self.row_group) * w + self.row_cand
-        fed = t + 1  # own tokens per group after this step
-        span = int(fed.max())
-        own = torch.arange(span, device=device)[None, :] < fed[:, None]  # [G, T]
-        eye = torch.eye(w, dtype=torch.bool, device=device)
-        own = (own[:, None, :, None] & eye[None, :, None, :]).reshape(len(fed), w, span * w)  # [G, row, T * w]
-        self.step_mask = torch.cat([self.pmask[:, None, :].expand(-1, w, -1), own], dim=2)[:, None]
-        self.used = p + span * w
-        self.steps = self.steps + 1
+        self.smask = F.pad(self.smask, (0, 1), value=True)
+        self.step_mask = torch.cat([self.row_pmask, self.smask], dim=1)
         with _attention_implementation(model, SHARED_PREFIX_NAME):
             out = forward(model, self.cache, input_ids=ids, position_ids=pos, safer_shared_prefix=self)
         return out.logits[:, -1]
+
+
+def _join_left_padded(blocks: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                      masks: list[torch.Tensor]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Per layer, the blocks' ``(keys, values)`` ``[g_i, H, L_i, D]`` stacked and right-aligned to
+    the widest; the masks ``[g_i, L_i]`` alike. A single block is returned as it is."""
+    if len(blocks) == 1:
+        return blocks[0], masks[0]
+    width = max(m.shape[1] for m in masks)
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
+    layers = []
+    for i in range(len(blocks[0])):
+        parts = [b[i] for b in blocks]
+        k0 = parts[0][0]
+        keys = k0.new_empty(mask.shape[0], k0.shape[1], width, k0.shape[3])
+        values = torch.empty_like(keys)
+        _stack_right_aligned(keys, values, parts, width)
+        layers.append((keys, values))
+    return layers, mask
 
 
 def draw(logits: torch.Tensor, rngs: list[RowRng], temperature: float, top_p: float) -> list[int]:
@@ -395,7 +410,7 @@ def _decode(model, prefixes: list[list[int]], n: int, *, max_new_tokens: int, eo
     units.sort(key=lambda u: -len(prefixes[u[0]]))
     per_unit = n if reuse_prefix else 1
     capacity = max(capacity, per_unit)
-    batch, next_unit = _Batch(pad, max_steps=max_new_tokens, width=per_unit), 0
+    batch, next_unit = _Batch(pad, spare=max_new_tokens + 1, width=per_unit), 0
 
     def sample_into(rows: list[_Row], logits: torch.Tensor) -> list[bool]:
         """Append one sampled token to each row; whether each row has ended (its output recorded)."""

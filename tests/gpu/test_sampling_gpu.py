@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from safer_dist.erpo.decode import shared_prefix_attention
 from safer_dist.erpo.sampling import sample_candidates
 from safer_dist.train.attention import resolve_attn_implementation
 from safer_dist.train.models import load_model, load_tokenizer
 from safer_dist.train.sft_data import encode_prompt
-from tests.checks import copied_prefix_attention, shared_prefix_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,17 +49,16 @@ def test_bf16_shared_prefix_attention_matches_copied_prefixes():
     pk, pv = torch.randn(g, hkv, p, d, **bf16), torch.randn(g, hkv, p, d, **bf16)
     ok, ov = torch.randn(g * w, hkv, s, d, **bf16), torch.randn(g * w, hkv, s, d, **bf16)
     q = torch.randn(g * w, hkv * rep, 1, d, **bf16)
-    pmask = torch.ones(g, p, dtype=torch.bool, device="cuda")
-    pmask[0, : p // 3] = False  # the first prefix is shorter (left-padded)
-    placed = [(i, c) for i in range(g) for c in range(w)]
-    steps = [s] * (g - 1) + [s // 2]  # the last group joined later
-    keys, values, slot, step_mask, row_mask = shared_prefix_case(pk, pv, ok, ov, pmask, placed, w, steps)
-    batch = SimpleNamespace(width=w, slot=slot, step_mask=step_mask)
-    got, _ = shared_prefix_attention(SimpleNamespace(layer_idx=0), q, keys, values, None, scaling=d**-0.5,
+    mask = torch.ones(g * w, p + s, dtype=torch.bool, device="cuda")
+    mask[: w, : p // 3] = False  # the first prefix is shorter (left-padded)
+    batch = SimpleNamespace(prefix=[(pk, pv)], width=w, slot=torch.arange(g * w, device="cuda"), step_mask=mask)
+    got, _ = shared_prefix_attention(SimpleNamespace(layer_idx=0), q, ok, ov, None, scaling=d**-0.5,
                                      safer_shared_prefix=batch)
     groups = torch.arange(g, device="cuda").repeat_interleave(w)
-    want = copied_prefix_attention(q, ok, ov, pk, pv, groups, row_mask, d**-0.5)
-    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    keys = torch.cat([pk[groups], ok], dim=2).repeat_interleave(rep, dim=1)
+    values = torch.cat([pv[groups], ov], dim=2).repeat_interleave(rep, dim=1)
+    want = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask[:, None, None, :])
+    torch.testing.assert_close(got.float(), want.transpose(1, 2), atol=2e-2, rtol=2e-2)
 
 
 def test_bf16_sampling_under_the_models_cuda_attention(tiny_model_dir):

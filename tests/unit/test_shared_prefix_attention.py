@@ -6,13 +6,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from safer_dist.erpo.decode import SHARED_PREFIX_NAME, _attention_implementation, shared_prefix_attention
 from safer_dist.erpo.sampling import sample_candidates
 from safer_dist.train.models import load_tokenizer
 from safer_dist.train.sft_data import encode_prompt
-from tests.checks import copied_prefix_attention, shared_prefix_case
+
+
+def _copied_prefix_reference(query, own_k, own_v, prefix_k, prefix_v, groups, mask, scaling):
+    """SDPA per row over ``[its group's prefix, its own tokens]`` with the prefix copied into the row."""
+    rep = query.shape[1] // own_k.shape[1]
+    keys = torch.cat([prefix_k[groups], own_k], dim=2).repeat_interleave(rep, dim=1)
+    values = torch.cat([prefix_v[groups], own_v], dim=2).repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[:, None, None, :], scale=scaling)
+    return out.transpose(1, 2)  # [B, 1, H, D]
 
 
 # Ragged groups: group 0 keeps slots 0 and 2, group 1 all three, group 2 only slot 1 (rows that
@@ -26,6 +35,7 @@ FULL = [(g, s) for g in range(3) for s in range(3)]
 def test_equals_attention_over_copied_prefixes(heads, kv_heads, placed):
     torch.manual_seed(0)
     d, width, prefix_len, own_len = 8, 3, 7, 5
+    groups = torch.tensor([g for g, _ in placed])
     rows = len(placed)
     prefix_k, prefix_v = torch.randn(2, 3, kv_heads, prefix_len, d).unbind(0)
     own_k, own_v = torch.randn(2, rows, kv_heads, own_len, d).unbind(0)
@@ -33,23 +43,29 @@ def test_equals_attention_over_copied_prefixes(heads, kv_heads, placed):
     pmask = torch.ones(3, prefix_len, dtype=torch.bool)
     pmask[0, :2] = False  # shorter prefixes are left-padded
     pmask[2, :4] = False
-    steps = [5, 2, 4]  # a group that joined later has fed fewer tokens
-    keys, values, slot, step_mask, row_mask = shared_prefix_case(prefix_k, prefix_v, own_k, own_v, pmask, placed,
-                                                                 width, steps)
-    batch = SimpleNamespace(width=width, slot=slot, step_mask=step_mask)
-    got, weights = shared_prefix_attention(SimpleNamespace(layer_idx=1), query, keys, values, None, scaling=0.3,
+    smask = torch.ones(rows, own_len, dtype=torch.bool)
+    smask[3, :3] = False  # a row that joined later has fewer own tokens
+    step_mask = torch.cat([pmask[groups], smask], dim=1)
+    batch = SimpleNamespace(prefix=[None, (prefix_k, prefix_v)], width=width,
+                            slot=torch.tensor([g * width + s for g, s in placed]), step_mask=step_mask)
+    got, weights = shared_prefix_attention(SimpleNamespace(layer_idx=1), query, own_k, own_v, None, scaling=0.3,
                                            safer_shared_prefix=batch)
-    groups = torch.tensor([g for g, _ in placed])
-    want = copied_prefix_attention(query, own_k, own_v, prefix_k, prefix_v, groups, row_mask, 0.3)
+    want = _copied_prefix_reference(query, own_k, own_v, prefix_k, prefix_v, groups, step_mask, 0.3)
     assert weights is None and got.shape == (rows, 1, heads, d)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Masked columns do not count: garbage there changes nothing.
+    prefix_k[0, :, :2], own_k[3, :, :3] = 1e4, -1e4
+    again, _ = shared_prefix_attention(SimpleNamespace(layer_idx=1), query, own_k, own_v, None, scaling=0.3,
+                                       safer_shared_prefix=batch)
+    torch.testing.assert_close(again, got, atol=1e-5, rtol=1e-5)
 
 
 def test_refuses_calls_outside_sampling_and_unsupported_options():
     q = torch.zeros(1, 2, 1, 4)
     with pytest.raises(RuntimeError, match="only inside candidate sampling"):
         shared_prefix_attention(SimpleNamespace(layer_idx=0), q, q, q, None)
-    batch = SimpleNamespace(width=1, slot=torch.tensor([0]), step_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    batch = SimpleNamespace(prefix=[(q, q)], width=1, slot=torch.tensor([0]),
+                            step_mask=torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="softcap"):
         shared_prefix_attention(SimpleNamespace(layer_idx=0), q, q, q, None, softcap=30.0, safer_shared_prefix=batch)
 
