@@ -1,16 +1,16 @@
 """fp32 linear layers on CPU through oneDNN, each weight reordered once per sampling call.
 
-``nn.Linear`` on CPU calls MKL's sgemm, which lays the weight out for its kernel inside every
-call. :func:`packed_linears` reorders the weight of every fp32 ``nn.Linear`` of a CPU model
-once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the op
-``torch.compile``'s CPU weight prepacking uses) and, until it exits, runs those layers through
-``torch.ops.mkldnn._linear_pointwise`` on the reordered copy. A decode step feeds one token
-per row (64 rows by default), so each weight is read for few rows and its per-call layout
-costs a large share of the matmul.
+``nn.Linear`` on CPU calls MKL's sgemm on the weight as it is stored. :func:`packed_linears`
+reorders the weight of every fp32 ``nn.Linear`` of a CPU model once into oneDNN's blocked
+layout (``torch.ops.mkldnn._reorder_linear_weight``, the op ``torch.compile``'s CPU weight
+prepacking uses) and, until it exits, runs those layers through
+``torch.ops.mkldnn._linear_pointwise`` on the reordered copy. On the 2-core AMD EPYC VM of
+docs/BENCHMARKS.md this made a decode step of 64 rows of the bench model 10–17% shorter and a
+packed prefill 7–12% shorter (``bench/rollout.py``, whose ``nn.Linear`` contestant is the same
+sampler without it).
 
 The sums are accumulated in another order than MKL's: outputs agree with ``nn.Linear`` to
-float32 rounding (about 1e-6 relative), not bit for bit. ``bench/packed_linear.py`` times both
-on a model's shapes (docs/BENCHMARKS.md has the figures).
+float32 rounding (about 1e-6 relative), not bit for bit.
 
 Only for inference (the packed forward has no backward); the weights must not change inside
 the context (each call reorders them afresh, so a weight sync between calls is seen). Exact
