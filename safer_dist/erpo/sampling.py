@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from safer_dist.erpo.decode import StopCheck, decode
+from safer_dist.erpo.decode import decode
+from safer_dist.erpo.draw import StopCheck
 from safer_dist.erpo.pairs import append_continuations, packed_length
 from safer_dist.train.attention import tree_packing_unsupported
 from safer_dist.train.losses import sequence_logprobs

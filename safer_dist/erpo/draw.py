@@ -1,0 +1,56 @@
+"""How one row of candidate sampling picks its next token and when it stops.
+
+Every row draws from its own ``random.Random`` (:func:`row_rng`), seeded from (seed, prefix
+index, continuation index), by inverse-CDF sampling over its probabilities (:func:`draw`), so
+a row's sample depends on its prefix and that seed only. :class:`StopCheck` says whether a
+row's text has just completed a stop string. The decode loop (``safer_dist.erpo.decode``)
+calls both once per step for the rows in flight.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+# Draws for one row: a stream of its own, from a string seed (Python hashes str seeds with
+# SHA-512, so the stream is the same on every platform and run).
+RowRng = random.Random
+
+
+def row_rng(seed: int, prefix: int, cand: int) -> RowRng:
+    return random.Random(f"safer-sample-{seed}-{prefix}-{cand}")
+
+
+def draw(logits: torch.Tensor, rngs: list[RowRng], temperature: float, top_p: float) -> list[int]:
+    """One token per row of ``logits [B, V]``: argmax at temperature 0; otherwise a sample from
+    softmax(logits / temperature) restricted to the top-p nucleus (as transformers'
+    ``TopPLogitsWarper``), by inverse CDF with one uniform from each row's ``rngs[i]``."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1).tolist()
+    scores = logits.double() / temperature  # float64: the CDF of a large vocabulary stays exact enough
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1)
+        drop = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+        drop[:, -1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    cdf = scores.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.tensor([[g.random()] for g in rngs], dtype=cdf.dtype, device=cdf.device)
+    # The first token whose cumulative probability exceeds u: never one of probability 0.
+    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[1] - 1)
+    return ids.squeeze(1).tolist()
+
+
+class StopCheck:
+    """Whether a row's sampled text contains a stop string, from its last ``lookback`` tokens
+    (every token is at least one byte, so this window holds any stop string just completed)."""
+
+    def __init__(self, tokenizer, stops: list[str] | None):
+        self.tokenizer, self.stops = tokenizer, list(stops or ())
+        self.lookback = max((len(s.encode()) for s in self.stops), default=0) + 2
+
+    def __call__(self, rows: list[list[int]]) -> list[bool]:
+        if not self.stops or not rows:
+            return [False] * len(rows)
+        texts = self.tokenizer.batch_decode([r[-self.lookback :] for r in rows], skip_special_tokens=False)
+        return [any(s in t for s in self.stops) for t in texts]
