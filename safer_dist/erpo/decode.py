@@ -20,9 +20,6 @@ continuation index), by inverse-CDF sampling over the row's probabilities. A row
 depends on its prefix and that seed only — not on which rows share its batch, when it was
 admitted, or the batch capacity. Temperature 0 is greedy (argmax).
 
-On CPU the fp32 linear layers run oneDNN's matmul on weights reordered once per call
-(:mod:`safer_dist.erpo.packed_linear`); its sums differ from ``nn.Linear``'s in rounding only.
-
 Models with sliding-window attention, logit soft-capping or attention sinks are refused.
 """
 
@@ -39,7 +36,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from safer_dist.erpo.draw import RowRng, StopCheck, draw, row_rng
-from safer_dist.erpo.packed_linear import packed_linears
 from safer_dist.train.attention import SEGMENTS_NAME, register_varlen_attention
 
 
@@ -340,23 +336,13 @@ def _prefill(model, seqs: list[list[int]], device) -> tuple[list[tuple[torch.Ten
 @torch.no_grad()
 def decode(
     model, prefixes: list[list[int]], n: int, *, max_new_tokens: int, eos: int | None, pad: int, stop: StopCheck,
-    temperature: float, top_p: float, seed: int, capacity: int, reuse_prefix: bool = True, packed_weights: bool = True,
+    temperature: float, top_p: float, seed: int, capacity: int, reuse_prefix: bool = True,
 ) -> list[list[list[int]]]:
     """Sampled token ids, ``n`` per prefix: each row ends with EOS, with the token that
     completed a stop string, or at ``max_new_tokens``. At most ``max(capacity, n)`` rows in flight.
 
     ``reuse_prefix=False`` prefills every row's prefix on its own (the peer method, for tests).
-    With ``packed_weights``, the model's fp32 linear layers on CPU run on weights reordered once
-    for the call (:func:`safer_dist.erpo.packed_linear.packed_linears`).
     """
-    with packed_linears(model, rows_hint=max(capacity, n)) if packed_weights else contextlib.nullcontext():
-        return _decode(model, prefixes, n, max_new_tokens=max_new_tokens, eos=eos, pad=pad, stop=stop,
-                       temperature=temperature, top_p=top_p, seed=seed, capacity=capacity, reuse_prefix=reuse_prefix)
-
-
-def _decode(model, prefixes: list[list[int]], n: int, *, max_new_tokens: int, eos: int | None, pad: int,
-            stop: StopCheck, temperature: float, top_p: float, seed: int, capacity: int,
-            reuse_prefix: bool) -> list[list[list[int]]]:
     _check_full_attention(model)
     _register_shared_prefix_attention()
     register_varlen_attention()

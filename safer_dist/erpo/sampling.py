@@ -22,10 +22,13 @@ padding-free batches with the same tokenization the learners use.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from safer_dist.erpo.decode import decode
 from safer_dist.erpo.draw import StopCheck
+from safer_dist.erpo.packed_linear import packed_linears
 from safer_dist.erpo.pairs import append_continuations, packed_length
 from safer_dist.train.attention import tree_packing_unsupported
 from safer_dist.train.losses import sequence_logprobs
@@ -64,11 +67,12 @@ def sample_candidates(
         raise ValueError("sample_candidates: every prefix needs at least one token (the chat-formatted prompt)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
-    sampled = decode(
-        model, prefixes, n, max_new_tokens=max_new_tokens, eos=eos, pad=pad, stop=StopCheck(tokenizer, stop_strings),
-        temperature=temperature, top_p=top_p, seed=seed, capacity=batch_rows, reuse_prefix=reuse_prefix,
-        packed_weights=packed_weights,
-    )
+    with packed_linears(model, rows_hint=max(batch_rows, n)) if packed_weights else contextlib.nullcontext():
+        sampled = decode(
+            model, prefixes, n, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+            stop=StopCheck(tokenizer, stop_strings), temperature=temperature, top_p=top_p, seed=seed,
+            capacity=batch_rows, reuse_prefix=reuse_prefix,
+        )
     out: list[list[dict]] = []
     for rows in sampled:
         cands = []
