@@ -24,9 +24,10 @@ from safer_dist.erpo.judge import ModelJudge, RuleJudge
 from safer_dist.evaluation.evaluate import evaluate, pick_sample
 from safer_dist.evaluation.report import write_report
 from safer_dist.reasoning.rules import Rulebook
-from safer_dist.runtime import stop
+from safer_dist.runtime import phases, stop
 from safer_dist.runtime.io import atomic_write_json
 from safer_dist.runtime.log import get_logger
+from safer_dist.runtime.phases import phase
 from safer_dist.train.models import init_model_from_corpus, load_tokenizer
 from safer_dist.train.sft import train_sft
 from safer_dist.train.sft_data import split_valid
@@ -112,6 +113,7 @@ def open_run_dir(cfg: Config) -> Path:
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    phases.open_log(run_dir / "phases.jsonl")
     return run_dir
 
 
@@ -125,12 +127,15 @@ def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     run_dir = open_run_dir(cfg)
     stop.install(cfg.launch.stop_grace_s)
     start_ray(cfg)
-    group = LearnerGroup(cfg)
+    with phase("sft_setup"):
+        group = LearnerGroup(cfg)
     try:
         t0 = time.perf_counter()
-        state = train_sft(cfg, group, run_dir)
+        with phase("sft"):
+            state = train_sft(cfg, group, run_dir)
         hf = run_dir / "hf"
-        group.export_hf(str(hf))
+        with phase("export"):
+            group.export_hf(str(hf))
         log.info("SFT finished at step %d (%.0f s of training); model exported to %s", state.step, state.elapsed_s, hf)
         report = write_report(run_dir, {}, intro="SFT training (no evaluation yet: `safer eval` or `safer run` adds it).")
         log.info("report: %s", report)
@@ -156,19 +161,22 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
     tokenizer = load_tokenizer(model_path)
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    phases.open_log(run_dir / "phases.jsonl")
     start_ray(cfg)
-    workers = RolloutGroup.for_run(cfg, model_path)
+    with phase(f"eval_{tag}_setup"):
+        workers = RolloutGroup.for_run(cfg, model_path)
     judge_workers = judge = None
     try:
         if cfg.judge.kind == "model":
             judge_workers = RolloutGroup.for_run(cfg, cfg.judge.model_path)
             judge = ModelJudge(judge_workers, cfg.judge.prompt_template)
         t0 = time.perf_counter()
-        summary, rows = evaluate(
-            workers, records, rulebook, tokenizer, max_new_tokens=cfg.eval.max_new_tokens,
-            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
-            out_path=run_dir / "eval" / f"{tag}.jsonl", judge=judge,
-        )
+        with phase(f"eval_{tag}"):
+            summary, rows = evaluate(
+                workers, records, rulebook, tokenizer, max_new_tokens=cfg.eval.max_new_tokens,
+                temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                out_path=run_dir / "eval" / f"{tag}.jsonl", judge=judge,
+            )
         summary["generation_wall_s"] = time.perf_counter() - t0
         summary["judge"] = cfg.judge.kind
     finally:
@@ -198,8 +206,9 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     open_run_dir(cfg)
     stop.install(cfg.launch.stop_grace_s)
     start_ray(cfg)
-    learners = LearnerGroup(cfg, optim=cfg.erpo.optim, model_path=str(init_from), dpo_loss=cfg.erpo.loss)
-    groups = [RolloutGroup.for_run(cfg, init_from)]
+    with phase("erpo_setup"):
+        learners = LearnerGroup(cfg, optim=cfg.erpo.optim, model_path=str(init_from), dpo_loss=cfg.erpo.loss)
+        groups = [RolloutGroup.for_run(cfg, init_from)]
     rollout = groups[0]
     try:
         if cfg.judge.kind == "model":
@@ -213,7 +222,8 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
             groups.append(reference)
         state = train_erpo(cfg, learners, rollout, judge, run_dir, reference=reference)
         out = run_dir / "hf_erpo"
-        learners.export_hf(str(out))
+        with phase("export_erpo"):
+            learners.export_hf(str(out))
         log.info("ERPO finished after %d iteration(s), %d DPO steps; model exported to %s",
                  state.extra["iteration"], state.step, out)
     finally:
