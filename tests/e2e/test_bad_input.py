@@ -21,7 +21,7 @@ from safer_dist.config import load_config, save_config
 class ShardWriter:
     world_size = 2
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> None:
         d = Path(root) / tag
         d.mkdir(parents=True, exist_ok=True)
         for r in range(2):
