@@ -21,8 +21,9 @@ from safer_dist.runtime.log import get_logger, quiet_libraries
 log = get_logger("export")
 
 
-def save_hf_atomically(model, tokenizer, out_dir: str | Path, state_dict=None) -> Path:
-    """save_pretrained (safetensors) + tokenizer into ``out_dir``, replacing it in one rename.
+def save_hf_atomically(model, tokenizer, out_dir: str | Path, state_dict=None, also=None) -> Path:
+    """save_pretrained (safetensors) + tokenizer into ``out_dir``, replacing it in one rename;
+    ``also(dir)`` adds files (the LoRA adapter directory).
 
     The directory is built next to its destination and swapped in, so a crash leaves either
     the old export or the new one, never a mixture.
@@ -30,6 +31,8 @@ def save_hf_atomically(model, tokenizer, out_dir: str | Path, state_dict=None) -
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if also is not None:
+            also(tmp)
 
     return atomic_write_dir(out_dir, fill)
 
@@ -75,24 +78,32 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, stage: str | N
     """Write ``out_dir`` (safetensors, config, generation config, tokenizer) from a checkpoint.
 
     The architecture and tokenizer come from the ``model.path`` recorded in the checkpoint's
-    config.yaml; the weights are the checkpoint's fp32 master weights (cast to ``dtype``).
+    config.yaml; the weights are the checkpoint's fp32 master weights (cast to ``dtype``). A
+    checkpoint of LoRA training exports merged weights, and the adapters alone in
+    ``out_dir/adapter/`` (:mod:`safer_dist.train.lora`).
     The checkpoint is verified against its manifest first.
     """
     # Heavy: the CLI imports this module for `safer export` only.
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from safer_dist.train import lora
     from safer_dist.train.models import load_tokenizer
 
     quiet_libraries()
     ckpt = resolve_checkpoint(source, stage)
     verify_manifest(ckpt)
-    model_cfg = load_checkpoint_meta(ckpt)["config"].get("model", {})
+    saved = load_checkpoint_meta(ckpt)["config"]
+    model_cfg = saved.get("model", {})
     model_path, trust = model_cfg.get("path"), bool(model_cfg.get("trust_remote_code", False))
     if not model_path or not (Path(model_path) / "config.json").is_file():
         raise ValueError(f"{ckpt}/config.yaml: model.path={model_path!r} is not a local Hugging Face directory "
                          "(the export takes the architecture and tokenizer from it)")
     state_dict = consolidated_state_dict(ckpt)
+    also = None
+    if lora.has_adapters(state_dict):  # merged into the plain model; the adapters alone beside it
+        also = lora.checkpoint_adapter_writer(ckpt, saved, state_dict)
+        state_dict = lora.merge_state_dict(state_dict, lora.scaling(lora.lora_section_of(saved)))
     config = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32)
@@ -107,6 +118,6 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, stage: str | N
     if (Path(model_path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust)
-    out = save_hf_atomically(model, tokenizer, out_dir)
+    out = save_hf_atomically(model, tokenizer, out_dir, also=also)
     log.info("exported %s (%d tensors, %s) to %s", ckpt, len(state_dict), dtype, out)
     return out

@@ -18,14 +18,14 @@ from safer_dist.config.loading import (
 from safer_dist.config.resume import RESUME_KEYS, semantic_diff
 from safer_dist.config.schema import (
     CheckpointSection, Config, ConfigError, DataSection, DpoLossSection, ErpoOptimSection, ErpoSection,
-    EvalSection, JudgeSection, LaunchSection, LearnerSection, ModelSection, OptimSection, RolloutSection,
+    EvalSection, JudgeSection, LaunchSection, LearnerSection, LoraSection, ModelSection, OptimSection, RolloutSection,
     RunSection, SynthSection, TrackSection, TrainSection, parse_named_list,
 )
 
 __all__ = [
     "ALIASES", "DEPRECATED", "PATH_KEYS", "RESUME_KEYS", "CheckpointSection", "Config", "ConfigError", "DataSection",
     "DpoLossSection", "ErpoOptimSection", "ErpoSection", "EvalSection", "JudgeSection", "LaunchSection",
-    "LearnerSection", "ModelSection", "OptimSection", "RolloutSection", "RunSection", "SynthSection", "TrackSection",
+    "LearnerSection", "LoraSection", "ModelSection", "OptimSection", "RolloutSection", "RunSection", "SynthSection", "TrackSection",
     "TrainSection", "apply_override", "config_from_dict", "load_config", "parse_named_list", "save_config",
     "semantic_diff",
 ]

@@ -18,19 +18,23 @@ RESUME_KEYS = {
         "run.seed", "model.path", "data.train", "data.max_seq_len", "data.overlong", "data.segment_dropout",
         "data.valid_fraction",
         "train.global_batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay",
-        "train.adam_beta1", "train.adam_beta2", "train.grad_clip", "learner.zero_stage",
+        "train.adam_beta1", "train.adam_beta2", "train.grad_clip", "learner.zero_stage", "model.lora",
+        "model.quantization",
     ),
     "erpo": (
         "run.seed", "erpo.init_from", "data.erpo_prompts", "data.rulebook", "judge", "rollout.temperature",
         "rollout.top_p", "eval.max_new_tokens", "erpo.prompts_per_iteration", "erpo.chunk_size", "erpo.steps",
         "erpo.num_candidates", "erpo.num_completions", "erpo.step_max_new_tokens", "erpo.answer_max_new_tokens",
         "erpo.completion_temperature", "erpo.reference", "erpo.safety_pair_repeats", "erpo.epochs",
-        "erpo.ranking", "erpo.loss", "erpo.optim", "learner.zero_stage",
+        "erpo.ranking", "erpo.loss", "erpo.optim", "learner.zero_stage", "model.lora", "model.quantization",
     ),
 }
 # Settings under a resume key that change how the same computation is run, not its result:
 # a resumed run may change them (and a checkpoint written before they existed lacks them).
 RESUME_IGNORED = frozenset({"erpo.loss.share_prefix"})
+# Resume keys added after checkpoints were first written: a checkpoint without them ran with
+# their default (no adapters, no quantization).
+ADDED_LATER = ("model.lora.", "model.quantization")
 
 
 def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") -> list[str]:
@@ -40,6 +44,10 @@ def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") ->
     # directory they were started from (so does a Config built in code).
     before = _absolute_leaves(_leaves(_migrate(saved, "checkpoint config", warn=False)))
     now = _absolute_leaves(_leaves(current.to_dict()))
+    defaults = _leaves(Config().to_dict())
+    for leaf in defaults:
+        if leaf.startswith(ADDED_LATER):
+            before.setdefault(leaf, defaults[leaf])
     out = []
     for key in RESUME_KEYS[stage]:
         for leaf in sorted(k for k in now if (k == key or k.startswith(key + ".")) and k not in RESUME_IGNORED):

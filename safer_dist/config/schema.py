@@ -40,6 +40,33 @@ class RunSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters on the learners (safer_dist/train/lora.py, built with peft): the base weights
+    stay frozen and only the adapters train. Rollout workers and exports get merged weights."""
+
+    # Adapter rank r; 0: off (full fine-tuning).
+    rank: int = 0
+    # The adapter's update is scaled by alpha / rank.
+    alpha: float = 16.0
+    # Dropout on each adapter's input in training steps (never in evaluation or log-probs).
+    dropout: float = 0.0
+    # all-linear (every linear layer of the blocks; never the LM head) or a comma-separated list
+    # of module names, e.g. q_proj,k_proj,v_proj,o_proj.
+    target_modules: str = "all-linear"
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def validate(self, key: str) -> None:
+        _check(self.rank >= 0, f"{key}.rank must be >= 0 (0: no adapters, full fine-tuning)")
+        _check(self.alpha > 0, f"{key}.alpha must be > 0")
+        _check(0 <= self.dropout < 1, f"{key}.dropout must be in [0, 1)")
+        _check(bool(self.target_modules.strip()) and not any(not m.strip() for m in self.target_modules.split(",")),
+               f"{key}.target_modules must be all-linear or module names separated by commas (got {self.target_modules!r})")
+
+
+@dataclass
 class ModelSection:
     # A local Hugging Face directory. Nothing is fetched from a hub.
     path: str = "models/tiny"
@@ -53,6 +80,10 @@ class ModelSection:
     dtype: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraSection = field(default_factory=LoraSection)
+    # none | 4bit: the learners' frozen base weights in bitsandbytes NF4 with bf16 compute
+    # (QLoRA; needs model.lora.rank > 0, CUDA and bitsandbytes).
+    quantization: str = "none"
 
 
 @dataclass
@@ -440,6 +471,14 @@ class Config:
             ("auto", "sdpa", "eager", "flash_attention_2", "safer_varlen", "safer_segments"),
         )
         _one_of("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+        self.model.lora.validate("model.lora")
+        _one_of("model.quantization", self.model.quantization, ("none", "4bit"))
+        _check(self.model.quantization == "none" or self.model.lora.enabled,
+               "model.quantization=4bit quantizes the frozen base weights of LoRA training: set model.lora.rank "
+               "(e.g. model.lora.rank=16) or model.quantization=none")
+        _check(self.model.quantization == "none" or (lr.zero_stage < 3 and self.model.dtype in ("auto", "bfloat16")),
+               "model.quantization=4bit needs learner.zero_stage 0, 1 or 2 and model.dtype auto or bfloat16 "
+               "(bf16 compute on an NF4 base)")
         _one_of("launch.device", self.launch.device, ("auto", "cpu", "cuda"))
         _one_of("judge.kind", self.judge.kind, ("rule", "model"))
         e = self.erpo

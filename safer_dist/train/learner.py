@@ -63,6 +63,7 @@ class Learner:
         if self.device == "cpu":
             torch.set_num_threads(learner.cpus_per_learner)
         self.engine = None
+        self.adapters = None  # safer_dist.train.lora.Adapters with model.lora.rank > 0
         self._hf_ds_config = None  # ZeRO-3: transformers' HfDeepSpeedConfig, which it only references weakly
         self._data = None
         self._batches: StepPrefetcher | None = None
@@ -104,6 +105,13 @@ class Learner:
         model = self._load_model(ds_config)
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if self.model_cfg.lora.enabled:
+            from safer_dist.train.lora import Adapters
+
+            self.adapters = Adapters(self.model_cfg.lora, model, gradient_checkpointing=self.model_cfg.gradient_checkpointing)
+            if rank == 0:
+                log.info("%s", self.adapters.describe())
+        trainable = [p for p in model.parameters() if p.requires_grad]  # all of them without adapters
         self.attn_implementation = model.config._attn_implementation
         optimizer = None
         if self.cfg.offload_optimizer:
@@ -113,7 +121,7 @@ class Learner:
             }
         else:
             optimizer = torch.optim.AdamW(
-                model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
+                trainable, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
                 foreach=self.device == "cuda",
             )
         # A plain function (not the bound method): LambdaLR then keeps it out of its state_dict.
@@ -125,7 +133,7 @@ class Learner:
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            model_parameters=model.parameters() if optimizer is None else None,
+            model_parameters=trainable if optimizer is None else None,
         )
         self.head = LMHead(self.engine.module, self.cfg.loss_chunk_tokens, self.device)
         self.share_prefix = self._share_prefix()
@@ -134,6 +142,7 @@ class Learner:
             "attn_implementation": self.attn_implementation, "loss_head": self.head.mode,
             "share_prefix": self.share_prefix,
             "num_params": count_params(model), "num_params_non_embedding": non_embedding_params(model),
+            "num_trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
             "peak_flops": device_peak_flops(self.device, self.cfg.peak_tflops),
         }
 
@@ -144,6 +153,12 @@ class Learner:
         from safer_dist.train.models import load_model
 
         m = self.model_cfg
+        if m.quantization == "4bit":
+            from safer_dist.train.lora import check_quantization, load_quantized
+
+            check_quantization(m, self.device)
+            return load_quantized(self.model_path, attn_implementation=m.attn_implementation,
+                                  trust_remote_code=m.trust_remote_code)
         if self.cfg.zero_stage == 3:
             from safer_dist.train.partitioned_load import load_model_partitioned
 
@@ -384,6 +399,9 @@ class Learner:
         """Broadcast the current weights to the rollout workers. Collective under ZeRO-3."""
         from safer_dist.erpo.weight_sync import send_weights
 
+        if self.adapters is not None:  # the rollout workers' plain models take the merged weights
+            return self.adapters.send_merged(self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
+                                             zero3=self.cfg.zero_stage == 3)
         return send_weights(self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
                             zero3=self.cfg.zero_stage == 3)
 
@@ -426,9 +444,16 @@ class Learner:
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
 
     def export_hf(self, out_dir: str) -> None:
-        """Write a Hugging Face directory (safetensors, config, tokenizer). Collective."""
+        """Write a Hugging Face directory (safetensors, config, tokenizer). Collective. With
+        adapters: the merged model, plus the adapters alone in ``<out_dir>/adapter/``
+        (:mod:`safer_dist.train.lora`)."""
         from safer_dist.checkpointing.export import save_hf_atomically
 
+        if self.adapters is not None:
+            from safer_dist.train.lora import export_merged
+
+            return export_merged(self.adapters, self.engine.module, self.tokenizer, out_dir, base_model=self.model_path,
+                                 zero3=self.cfg.zero_stage == 3, rank=self.rank)
         sd = self.full_state_dict()
         if self.rank == 0:
             save_hf_atomically(self.engine.module, self.tokenizer, out_dir, state_dict=sd)
