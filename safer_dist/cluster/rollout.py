@@ -50,6 +50,8 @@ class RolloutWorker:
         self.path = path
         self.version = 0
         self.sync_group = None
+        self.model_cfg = model
+        self.adapter_receiver = None  # LoRA learners: made at the first sync (safer_dist/train/lora_sync.py)
 
     def weights_version(self) -> int:
         """Version of the weights held: 0 as loaded from ``path``, then what the last sync sent."""
@@ -136,8 +138,14 @@ class RolloutWorker:
 
     def receive_weights(self, version: int) -> int:
         from safer_dist.erpo.weight_sync import receive_weights
+        from safer_dist.train import lora_sync
 
-        receive_weights(self.model, self.sync_group)
+        if lora_sync.adapters_only(self.model_cfg):
+            if self.adapter_receiver is None:
+                self.adapter_receiver = lora_sync.AdapterReceiver(self.model_cfg, self.model)
+            self.adapter_receiver.receive(self.model, self.sync_group)
+        else:
+            receive_weights(self.model, self.sync_group)
         self.version = version
         return version
 

@@ -42,7 +42,8 @@ class RunSection:
 @dataclass
 class LoraSection:
     """LoRA adapters on the learners (safer_dist/train/lora.py, built with peft): the base weights
-    stay frozen and only the adapters train. Rollout workers and exports get merged weights."""
+    stay frozen and only the adapters train. Rollout workers receive the adapters and merge them;
+    exports hold the merged model and the adapters (``<out>/adapter/``)."""
 
     # Adapter rank r; 0: off (full fine-tuning).
     rank: int = 0

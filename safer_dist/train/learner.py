@@ -399,9 +399,11 @@ class Learner:
         """Broadcast the current weights to the rollout workers. Collective under ZeRO-3."""
         from safer_dist.erpo.weight_sync import send_weights
 
-        if self.adapters is not None:  # the rollout workers' plain models take the merged weights
-            return self.adapters.send_merged(self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
-                                             zero3=self.cfg.zero_stage == 3)
+        if self.adapters is not None:  # LoRA: the adapters alone (safer_dist/train/lora_sync.py)
+            from safer_dist.train import lora_sync
+
+            return lora_sync.send(self.adapters, self.engine.module, getattr(self, "sync_group", None),
+                                  model_cfg=self.model_cfg, rank=self.rank, zero3=self.cfg.zero_stage == 3)
         return send_weights(self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
                             zero3=self.cfg.zero_stage == 3)
 

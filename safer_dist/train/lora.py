@@ -11,9 +11,10 @@ the base). Its output is ``base(x) + B(A(dropout(x))) * alpha / r``. Every other
 frozen, and the DeepSpeed engine and optimizer get the adapter parameters only. Adapters take
 the base weights' dtype (peft does not up-cast them here), which ZeRO-3 needs.
 
-Outside the learners nothing knows about adapters: rollout workers and exports get *merged*
-weights, ``W + (B @ A) * alpha / r`` under the plain model's names (:func:`merge_state_dict`;
-:meth:`Adapters.merged_buckets` for the live, possibly partitioned model). ``export`` also
+Outside the learners models are plain: exports hold *merged* weights, ``W + (B @ A) * alpha / r``
+under the plain model's names (:func:`merge_state_dict`; :meth:`Adapters.merged_buckets` for the
+live, possibly partitioned model), and rollout workers receive the adapters alone and merge them
+the same way (:mod:`safer_dist.train.lora_sync`). ``export`` also
 writes the adapters alone to ``<out>/adapter/`` (:data:`ADAPTER_DIR`), which
 ``peft.PeftModel.from_pretrained(<base model>, "<out>/adapter")`` loads; its
 ``base_model_name_or_path`` names the model the adapters were trained on (for ERPO: the SFT
@@ -220,22 +221,6 @@ class Adapters:
                     out.append((name, w))
                 yield out
 
-    def send_merged(self, model: torch.nn.Module, group, *, zero3: bool, rank: int, bucket_mb: float = 256.0) -> int:
-        """Broadcast the merged weights from learner rank 0 as :func:`safer_dist.erpo.weight_sync.send_weights`
-        broadcasts a plain model's (same buckets and order: the rollout workers' plain models
-        receive them unchanged); returns the bytes sent."""
-        sent = 0
-        for bucket in self.merged_buckets(model, zero3=zero3, rank=rank, bucket_mb=bucket_mb):
-            if bucket is None:
-                continue
-            flat = torch.cat([w.reshape(-1) for _, w in bucket])
-            group.broadcast(flat, 0).wait()
-            sent += flat.numel() * flat.element_size()
-        if rank == 0:
-            log.info("weight sync: %.1f MiB of merged weights sent (the adapters alone: %.1f MiB)",
-                     sent / 2**20, self.num_trainable * _element_size(model) / 2**20)
-        return sent
-
     def merged_state_dict(self, model: torch.nn.Module, *, zero3: bool, rank: int) -> dict[str, torch.Tensor] | None:
         """The merged weights under the plain names, on CPU, on rank 0 (None elsewhere). Collective under ZeRO-3."""
         out: dict[str, torch.Tensor] = {}
@@ -261,10 +246,6 @@ class Adapters:
 
 def _numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
-
-
-def _element_size(model: torch.nn.Module) -> int:
-    return next(p for p in model.parameters() if p.requires_grad).element_size()
 
 
 def _as_received(p: torch.Tensor) -> torch.Tensor:
