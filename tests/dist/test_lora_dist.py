@@ -115,3 +115,32 @@ def test_lora_starts_as_base_trains_adapters_only_and_exports_merged(tiny_model_
         assert (peft_model(input_ids=ids).logits[0] - adapted).abs().max() < 1e-5
     assert Path(peft_model.peft_config["default"].base_model_name_or_path) == Path(tiny_model_dir)
 
+
+
+def test_lora_step_dpo_under_zero3_starts_at_log2_and_moves_adapters_only(tiny_model_dir, tmp_path):
+    import math
+
+    import numpy as np
+
+    from safer_dist.erpo.pairs import PairData
+    from tests.dist.test_dpo_dist import BETA, NLL_WEIGHT, PAIRS_SEED, initial_weights, make_cfg, run, write_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    rows = write_pairs(path, tiny_model_dir)
+    cfg = make_cfg(tiny_model_dir, 2, 4, 2, stage=3)
+    cfg.model.lora.rank = 4
+    metrics, weights = run(cfg, path)
+    # As for full training (tests/dist/test_dpo_dist.py): before the first update the policy
+    # is the reference (B = 0), so each pair adds -log σ(0) = log 2, plus nll_weight times the
+    # chosen steps' mean NLL per token under the reference.
+    batch = [rows[i] for i in PairData(rows, tokenizer=None, seed=PAIRS_SEED).global_batch(0, 4)]
+    nll = sum(-r["ref_chosen"] for r in batch) / sum(r["chosen_len"] for r in batch)
+    assert metrics[0]["loss"] == pytest.approx(math.log(2) + NLL_WEIGHT * nll, abs=2e-5)
+    assert metrics[0]["reward_margin"] == pytest.approx(0.0, abs=2e-5) and BETA > 0
+    assert metrics[-1]["reward_margin"] > 0
+    initial = initial_weights(tiny_model_dir)
+    for name, w in weights.items():
+        if ".lora_B." in name:
+            assert np.abs(w).max() > 0, name
+        elif not is_adapter_name(name):
+            assert np.array_equal(w, initial[name.replace(".base_layer.", ".")]), name
