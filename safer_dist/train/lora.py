@@ -154,9 +154,15 @@ class Adapters:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # NCCL sends CUDA tensors only; adapters sit on the CPU beside offloaded ZeRO-3 parameters.
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
             with torch.no_grad():
                 for p in self.trainable(model):
-                    dist.broadcast(p.data, 0)
+                    data = p.data
+                    t = data if device is None else data.to(device)
+                    dist.broadcast(t, 0)
+                    if t.data_ptr() != data.data_ptr():
+                        data.copy_(t)
 
     def describe(self) -> str:
         s = self.section

@@ -146,3 +146,11 @@ def test_gradient_checkpointing_reaches_the_adapters(adapted):
     for name, g in grads[0].items():
         assert grads[1][name] is not None, name
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
+def test_adapters_take_the_base_dtype(tiny_model_dir):
+    """No fp32 up-cast of bf16 adapters (peft's get_peft_model default): ZeRO-3 wants one dtype."""
+    model = load_model(tiny_model_dir, dtype=torch.bfloat16)
+    adapters = Adapters(LoraSection(rank=4), model)
+    assert {p.dtype for p in Adapters.trainable(model)} == {torch.bfloat16}
+    assert adapters.num_trainable == sum(p.numel() for p in Adapters.trainable(model))
