@@ -28,7 +28,7 @@ from safer_dist.runtime import phases, stop
 from safer_dist.runtime.io import atomic_write_json
 from safer_dist.runtime.log import get_logger
 from safer_dist.runtime.phases import phase
-from safer_dist.train.lora import check_quantization
+from safer_dist.train.lora import check_adapters
 from safer_dist.train.models import init_model_from_corpus, load_tokenizer
 from safer_dist.train.sft import train_sft
 from safer_dist.train.sft_data import split_valid
@@ -66,7 +66,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def preflight(cfg: Config, *, need_train: bool = True) -> None:
     """Fail fast, before anything is written, on a missing model, bad data, or a 4-bit base
     that cannot load here."""
-    check_quantization(cfg.model, cfg.launch.device)  # sft_job checks it even before preparing inputs
+    check_adapters(cfg.model, cfg.launch.device)  # sft_job checks it even before preparing inputs
     check_model_dir(cfg)
     Rulebook.load(cfg.data.rulebook)
     if need_train:
@@ -123,7 +123,7 @@ def open_run_dir(cfg: Config) -> Path:
 def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``. Writes
     ``<run>/report.md`` with the training curves (``safer run`` rewrites it with its evaluation)."""
-    check_quantization(cfg.model, cfg.launch.device)
+    check_adapters(cfg.model, cfg.launch.device)
     prepare_inputs(cfg)
     preflight(cfg)
     # A bad resume checkpoint (or config change) fails here, before anything is written.
@@ -199,7 +199,7 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
 
 def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     """Iterative step-level preference optimisation from the SFT model; returns ``<run>/hf_erpo``."""
-    check_quantization(cfg.model, cfg.launch.device)
+    check_adapters(cfg.model, cfg.launch.device)
     run_dir = cfg.run.dir
     init_from = cfg.erpo.init_path(run_dir)
     if not (init_from / "config.json").is_file():

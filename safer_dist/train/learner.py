@@ -154,9 +154,9 @@ class Learner:
 
         m = self.model_cfg
         if m.quantization == "4bit":
-            from safer_dist.train.lora import check_quantization, load_quantized
+            from safer_dist.train.lora import check_adapters, load_quantized
 
-            check_quantization(m, self.device)
+            check_adapters(m, self.device)
             return load_quantized(self.model_path, attn_implementation=m.attn_implementation,
                                   trust_remote_code=m.trust_remote_code)
         if self.cfg.zero_stage == 3:

@@ -47,10 +47,15 @@ _ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedd
 
 # -- configuration checks (before anything starts) -----------------------------------------------
 
+_NO_PEFT = "model.lora.rank > 0 needs the peft package: pip install 'safer[lora]' (or peft), or set model.lora.rank=0"
 
-def check_quantization(model: ModelSection, device: str) -> None:
-    """ValueError naming ``model.quantization`` when the 4-bit base cannot be loaded on
-    ``device`` ("cpu" | "cuda" | "auto": CUDA when visible here)."""
+
+def check_adapters(model: ModelSection, device: str) -> None:
+    """ValueError naming the key when ``model.lora`` needs peft and it is not installed, or
+    when the 4-bit base (``model.quantization``) cannot be loaded on ``device`` ("cpu" |
+    "cuda" | "auto": CUDA when visible here)."""
+    if model.lora.enabled and importlib.util.find_spec("peft") is None:
+        raise ValueError(_NO_PEFT)
     if model.quantization == "none":
         return
     if device == "auto":
@@ -71,8 +76,7 @@ def peft_config(section: LoraSection):
     try:
         from peft import LoraConfig
     except ImportError:
-        raise ValueError("model.lora.rank > 0 needs the peft package: pip install 'safer[lora]' (or peft), "
-                         "or set model.lora.rank=0") from None
+        raise ValueError(_NO_PEFT) from None
     spec = section.target_modules.strip()
     targets = spec if spec == "all-linear" else [m.strip() for m in spec.split(",")]
     return LoraConfig(r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout,
@@ -124,11 +128,11 @@ class Adapters:
     layers, so the (frozen) embeddings' output is made to require grad."""
 
     def __init__(self, section: LoraSection, model: torch.nn.Module, *, gradient_checkpointing: bool = False):
+        self.section = section
+        self.config = peft_config(section)
         from peft import inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
-        self.section = section
-        self.config = peft_config(section)
         for p in model.parameters():
             p.requires_grad_(False)
         try:

@@ -154,3 +154,20 @@ def test_adapters_take_the_base_dtype(tiny_model_dir):
     adapters = Adapters(LoraSection(rank=4), model)
     assert {p.dtype for p in Adapters.trainable(model)} == {torch.bfloat16}
     assert adapters.num_trainable == sum(p.numel() for p in Adapters.trainable(model))
+
+
+def test_missing_packages_are_named_before_start(monkeypatch):
+    import importlib.util
+
+    from safer_dist.train.lora import check_adapters
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("peft", "bitsandbytes") else real(name, *a))
+    with pytest.raises(ValueError, match=r"model\.lora\.rank > 0 needs the peft package"):
+        check_adapters(load_config(None, ["model.lora.rank=8"]).model, "cpu")
+    check_adapters(load_config(None).model, "cpu")  # no adapters: nothing to check
+    # On a GPU host without bitsandbytes (peft present here) the 4-bit base is refused, naming the key.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match=r"model\.quantization=4bit needs the bitsandbytes package"):
+        check_adapters(load_config(None, ["model.lora.rank=8", "model.quantization=4bit"]).model, "cuda")
