@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -365,3 +366,29 @@ def checkpoint_adapter_writer(checkpoint: Path, saved_config: dict, state_dict: 
         base = saved_config.get("erpo", {}).get("init_from") or str(Path(checkpoint).parents[2] / "hf")
     adapters = {k: v for k, v in state_dict.items() if is_adapter_name(k)}
     return lambda out: write_adapter_dir(Path(out) / ADAPTER_DIR, adapters, section, base)
+
+
+# -- adapter directories as models (`safer eval model.path=<export>/adapter`) ----------------------
+
+
+def adapter_base(path: str | Path) -> Path | None:
+    """The base model directory of a peft adapter directory (``adapter_config.json`` and no
+    ``config.json``), or None for any other path. The base must be a local directory."""
+    path = Path(path)
+    config = path / "adapter_config.json"
+    if (path / "config.json").is_file() or not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ValueError(f"{path} holds adapters for base_model_name_or_path={base!r}, which is not a local Hugging "
+                         "Face directory; load the merged export (the directory above an export's adapter/) instead")
+    return Path(base)
+
+
+def merge_adapter_dir(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """``model`` (the adapters' base) with the LoRA adapters of ``path`` merged into its weights (peft)."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    log.info("merged the adapters of %s into %s", path, adapter_base(path))
+    return merged

@@ -205,7 +205,11 @@ def _check_local_dir(path: str | Path, required: tuple[str, ...], kind: str) -> 
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """Load the tokenizer saved in the local directory ``path``."""
+    """Load the tokenizer saved in the local directory ``path`` (for a peft adapter directory:
+    its base model's, :func:`safer_dist.train.lora.adapter_base`)."""
+    from safer_dist.train.lora import adapter_base
+
+    path = adapter_base(path) or path
     path = _check_local_dir(path, ("config.json", "tokenizer_config.json", "tokenizer.json"), "model")
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
 
@@ -223,7 +227,15 @@ def load_model(
     ``attn_implementation`` goes through :func:`resolve_attn_implementation` for ``device``;
     ``config.use_cache`` is set to False because packed training batches are only correct
     without a KV cache (``generate`` still uses one: it passes ``use_cache`` explicitly).
+    A peft LoRA adapter directory loads as its base model with the adapters merged in.
     """
+    from safer_dist.train.lora import adapter_base, merge_adapter_dir
+
+    base = adapter_base(path)
+    if base is not None:
+        model = load_model(base, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                           trust_remote_code=trust_remote_code)
+        return merge_adapter_dir(model, path)
     path = _check_local_dir(path, ("config.json",), "model")
     device = torch.device(device)
     attn = resolve_attn_implementation(attn_implementation, device.type)

@@ -171,3 +171,30 @@ def test_missing_packages_are_named_before_start(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ValueError, match=r"model\.quantization=4bit needs the bitsandbytes package"):
         check_adapters(load_config(None, ["model.lora.rank=8", "model.quantization=4bit"]).model, "cuda")
+
+
+def test_an_adapter_directory_loads_as_the_merged_model(adapted, tiny_model_dir, tmp_path):
+    """What `safer eval model.path=<export>/adapter` loads: the base with the adapters merged,
+    the merged export's logits; the tokenizer is the base's."""
+    import json
+
+    from safer_dist.train.lora import ADAPTER_DIR, export_merged
+    from safer_dist.train.models import load_tokenizer
+
+    model, adapters = adapted()
+    with torch.no_grad():
+        for layer in adapters.layers.values():
+            layer.lora_B[ADAPTER].weight.normal_(0, 0.1)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    export_merged(adapters, model, tokenizer, str(tmp_path / "hf"), base_model=str(tiny_model_dir), zero3=False, rank=0)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        want = load_model(tmp_path / "hf", dtype=torch.float32)(input_ids=ids).logits
+        got = load_model(tmp_path / "hf" / ADAPTER_DIR, dtype=torch.float32)(input_ids=ids).logits
+        assert (got - want).abs().max() < 1e-5
+        assert (want - load_model(tiny_model_dir, dtype=torch.float32)(input_ids=ids).logits).abs().max() > 1e-3
+    assert load_tokenizer(tmp_path / "hf" / ADAPTER_DIR).get_vocab() == tokenizer.get_vocab()
+    config = tmp_path / "hf" / ADAPTER_DIR / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "org/model"}))
+    with pytest.raises(ValueError, match="base_model_name_or_path='org/model', which is not a local"):
+        load_model(tmp_path / "hf" / ADAPTER_DIR, dtype=torch.float32)
