@@ -142,7 +142,8 @@ class Learner:
             "attn_implementation": self.attn_implementation, "loss_head": self.head.mode,
             "share_prefix": self.share_prefix,
             "num_params": count_params(model), "num_params_non_embedding": non_embedding_params(model),
-            "num_trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
+            # with adapters, the parameters that get a weight gradient (MFU: safer_dist/train/throughput.py)
+            **({"num_params_trained": self.adapters.num_trainable} if self.adapters is not None else {}),
             "peak_flops": device_peak_flops(self.device, self.cfg.peak_tflops),
         }
 

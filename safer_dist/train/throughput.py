@@ -3,7 +3,9 @@
     MFU = 6 * N * tokens_per_s / (peak FLOP/s summed over all learners)
 
 N is :func:`non_embedding_params` (each learner reports it at setup). 6N counts the forward
-(2N) and backward (4N) FLOPs per token of the matmuls with the weights; attention's own FLOPs,
+(2N) and backward (4N) FLOPs per token of the matmuls with the weights; with LoRA adapters
+(``model.lora``) the frozen weights need no weight gradient, so the backward is 2N + 2T for
+the T trained parameters and 6N becomes 4N + 2T (both count the adapters in N); attention's own FLOPs,
 which grow with the sequence length, are left out (the usual estimate), so MFU reads slightly
 low for long sequences. The peak is the device's dense bf16 tensor-core rate: from
 ``learner.peak_tflops`` when set, else looked up by the GPU's name (:data:`PEAK_BF16_TFLOPS`).
@@ -77,17 +79,21 @@ def non_embedding_params(model) -> int:
     return n
 
 
-def mfu(num_params: int, tokens_per_s: float, peak_flops: float) -> float:
-    """Model FLOP utilisation: 6 * num_params * tokens_per_s / peak_flops (all learners' peak)."""
-    return 6.0 * num_params * tokens_per_s / peak_flops
+def mfu(num_params: int, tokens_per_s: float, peak_flops: float, num_trained: int | None = None) -> float:
+    """Model FLOP utilisation: (4 * num_params + 2 * num_trained) * tokens_per_s / peak_flops (all
+    learners' peak); ``num_trained``, the parameters with a weight gradient, defaults to all
+    (6 * num_params)."""
+    trained = num_params if num_trained is None else num_trained
+    return (4.0 * num_params + 2.0 * trained) * tokens_per_s / peak_flops
 
 
 class Throughput:
     """Per-step throughput of a learner group, from the dicts its ranks returned at setup
-    (``num_params_non_embedding``, ``peak_flops``)."""
+    (``num_params_non_embedding``, ``peak_flops``, and ``num_params_trained`` with adapters)."""
 
     def __init__(self, infos: list[dict]):
         self.num_params = int(infos[0]["num_params_non_embedding"])
+        self.num_trained = infos[0].get("num_params_trained")
         peaks = [info["peak_flops"] for info in infos]
         self.peak_flops = float(sum(peaks)) if all(peaks) else None
 
@@ -96,7 +102,7 @@ class Throughput:
         "mfu" when the peak is unknown."""
         out = {"tokens_per_s": num_tokens / seconds}
         if self.peak_flops:
-            out["mfu"] = mfu(self.num_params, out["tokens_per_s"], self.peak_flops)
+            out["mfu"] = mfu(self.num_params, out["tokens_per_s"], self.peak_flops, self.num_trained)
         return out
 
 

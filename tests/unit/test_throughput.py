@@ -20,6 +20,15 @@ def test_mfu_by_hand():
     assert math.isclose(mfu(1_100_000_000, 19_500, 989e12), 0.1301314459, rel_tol=1e-9)
 
 
+def test_mfu_with_adapters_by_hand():
+    # LoRA: forward 2N, backward 2N (input gradients) + 2T (weight gradients of the T trained
+    # parameters only): (4 * 1e6 + 2 * 5e4) * 2500 tokens/s / 2e12 = 4.1e6 * 2500 / 2e12 = 0.005125
+    infos = [{"num_params_non_embedding": 1_000_000, "num_params_trained": 50_000, "peak_flops": 1e12}] * 2
+    assert math.isclose(Throughput(infos)(5000, 2.0)["mfu"], 0.005125, rel_tol=1e-12)
+    assert math.isclose(mfu(1_000_000, 2500.0, 2e12, num_trained=50_000), 0.005125, rel_tol=1e-12)
+    assert mfu(1_000_000, 2500.0, 2e12, num_trained=1_000_000) == mfu(1_000_000, 2500.0, 2e12)
+
+
 def test_no_mfu_without_a_known_peak():
     # One learner without a peak (CPU, no learner.peak_tflops) leaves MFU out for the group.
     speed = Throughput([{"num_params_non_embedding": 10, "peak_flops": 1e12},
