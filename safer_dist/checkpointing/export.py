@@ -37,6 +37,24 @@ def save_hf_atomically(model, tokenizer, out_dir: str | Path, state_dict=None, a
     return atomic_write_dir(out_dir, fill)
 
 
+def model_of_state_dict(config, state_dict: dict, *, trust_remote_code: bool, source: str, model_name: str):
+    """The causal LM of ``config`` holding the tensors of ``state_dict`` (assigned, not copied;
+    tied weights tied). ValueError naming ``source`` for a weight the model lacks or a missing one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"{source}: weights {result.unexpected_keys[:5]} do not belong to {model_name}")
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{source}: no weights for {missing[:5]}")
+    return model
+
+
 # -- export from a DeepSpeed checkpoint (no Ray, no process group; CPU) -------------------------
 
 
@@ -85,7 +103,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, stage: str | N
     """
     # Heavy: the CLI imports this module for `safer export` only.
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from safer_dist.train import lora
     from safer_dist.train.models import load_tokenizer
@@ -105,16 +123,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, stage: str | N
         also = lora.checkpoint_adapter_writer(ckpt, saved, state_dict)
         state_dict = lora.merge_state_dict(state_dict, lora.scaling(lora.lora_section_of(saved)))
     config = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32)
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise ValueError(f"{ckpt}: weights {result.unexpected_keys[:5]} do not belong to the model of {model_path}")
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ValueError(f"{ckpt}: no weights for {missing[:5]} in the checkpoint")
-    model = model.to(getattr(torch, dtype))
+    model = model_of_state_dict(config, state_dict, trust_remote_code=trust, source=f"{ckpt}",
+                                model_name=f"the model of {model_path}").to(getattr(torch, dtype))
     if (Path(model_path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust)

@@ -456,7 +456,8 @@ class Learner:
             from safer_dist.train.lora import export_merged
 
             return export_merged(self.adapters, self.engine.module, self.tokenizer, out_dir, base_model=self.model_path,
-                                 zero3=self.cfg.zero_stage == 3, rank=self.rank)
+                                 zero3=self.cfg.zero_stage == 3, rank=self.rank,
+                                 trust_remote_code=self.model_cfg.trust_remote_code)
         sd = self.full_state_dict()
         if self.rank == 0:
             save_hf_atomically(self.engine.module, self.tokenizer, out_dir, state_dict=sd)

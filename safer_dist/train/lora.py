@@ -338,16 +338,32 @@ def lora_section_of(saved_config: dict) -> LoraSection:
 
 
 def export_merged(adapters: Adapters, model: torch.nn.Module, tokenizer, out_dir: str, *, base_model: str,
-                  zero3: bool, rank: int) -> None:
+                  zero3: bool, rank: int, trust_remote_code: bool = False) -> None:
     """Write ``out_dir`` as a plain Hugging Face model of the merged weights, with the adapters
-    alone in ``out_dir/adapter/`` (:func:`write_adapter_dir`). Collective under ZeRO-3."""
-    from safer_dist.checkpointing.export import save_hf_atomically
+    alone in ``out_dir/adapter/`` (:func:`write_adapter_dir`). Collective under ZeRO-3.
+
+    ``model`` saves itself with the merged state dict, except a 4-bit (QLoRA) one, whose config
+    would make the export load 4-bit again: a plain model is built from its config without the
+    quantization config (4-bit bases never run under ZeRO-3, where transformers would build it
+    partitioned), so the export is a plain bf16 model, merged over the dequantized base."""
+    import copy
+
+    from safer_dist.checkpointing.export import model_of_state_dict, save_hf_atomically
 
     merged = adapters.merged_state_dict(model, zero3=zero3, rank=rank)
     lora = adapters.adapter_state_dict(model, zero3=zero3, rank=rank)
-    if rank == 0:
-        save_hf_atomically(model, tokenizer, out_dir, state_dict=merged,
-                           also=lambda d: write_adapter_dir(d / ADAPTER_DIR, lora, adapters.section, base_model))
+    if rank != 0:
+        return
+    also = lambda d: write_adapter_dir(d / ADAPTER_DIR, lora, adapters.section, base_model)  # noqa: E731
+    if getattr(model.config, "quantization_config", None) is None:
+        save_hf_atomically(model, tokenizer, out_dir, state_dict=merged, also=also)
+        return
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    plain = model_of_state_dict(config, merged, trust_remote_code=trust_remote_code, source="the merged adapters",
+                                model_name=f"the model of {base_model}")
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    save_hf_atomically(plain, tokenizer, out_dir, also=also)
 
 
 def scaling(section: LoraSection) -> float:
@@ -360,6 +376,10 @@ def checkpoint_adapter_writer(checkpoint: Path, saved_config: dict, state_dict: 
     ``dir/adapter/``. Their base is the model the stage started from: ``model.path`` for SFT,
     the SFT export (``erpo.init_from``, else ``<run>/hf``) for an ERPO checkpoint
     (``<run>/checkpoints/erpo/step_N``)."""
+    if saved_config.get("model", {}).get("quantization", "none") != "none":
+        raise ValueError(f"{checkpoint}: a checkpoint of a 4-bit base (model.quantization=4bit) holds NF4 weights, "
+                         "which `safer export` does not dequantize; use the export the run wrote (<run>/hf, "
+                         "<run>/hf_erpo), merged by the learners over the dequantized base")
     section = lora_section_of(saved_config)
     base = saved_config.get("model", {}).get("path")
     if Path(checkpoint).parent.name == "erpo":

@@ -198,3 +198,30 @@ def test_an_adapter_directory_loads_as_the_merged_model(adapted, tiny_model_dir,
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "org/model"}))
     with pytest.raises(ValueError, match="base_model_name_or_path='org/model', which is not a local"):
         load_model(tmp_path / "hf" / ADAPTER_DIR, dtype=torch.float32)
+
+
+def test_a_quantized_learners_export_is_a_plain_model(adapted, tiny_model_dir, tmp_path):
+    """A 4-bit learner's config carries its quantization config; the export must not (it holds
+    merged bf16/fp32 weights). The config is faked here: NF4 weights need CUDA."""
+    import json
+
+    from safer_dist.train.lora import ADAPTER_DIR, checkpoint_adapter_writer, export_merged
+    from safer_dist.train.models import load_tokenizer
+
+    model, adapters = adapted()
+    with torch.no_grad():
+        for layer in adapters.layers.values():
+            layer.lora_B[ADAPTER].weight.normal_(0, 0.1)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    export_merged(adapters, model, load_tokenizer(tiny_model_dir), str(tmp_path / "hf"), base_model=str(tiny_model_dir),
+                  zero3=False, rank=0)
+    assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (tmp_path / "hf" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    with torch.no_grad():
+        assert (load_model(tmp_path / "hf", dtype=torch.float32)(input_ids=ids).logits - want).abs().max() < 1e-5
+    # `safer export` cannot dequantize NF4 weights from a checkpoint: it says so.
+    with pytest.raises(ValueError, match=r"model\.quantization=4bit.*<run>/hf"):
+        checkpoint_adapter_writer(tmp_path / "step_4", {"model": {"quantization": "4bit"}}, {})
