@@ -141,8 +141,8 @@ class Adapters:
         except ValueError as e:  # e.g. target modules not found
             raise ValueError(f"model.lora.target_modules={section.target_modules!r}: {e}") from None
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-        for layer in self.layers.values():
-            if section.dropout > 0:
+        if section.dropout > 0:
+            for layer in self.layers.values():
                 layer.lora_dropout[ADAPTER] = _TrainingDropout(section.dropout)
         if gradient_checkpointing:
             model.enable_input_require_grads()
