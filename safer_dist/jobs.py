@@ -14,6 +14,7 @@ from pathlib import Path
 
 from safer_dist.checkpointing.checkpoint import Checkpointer
 from safer_dist.cluster.group import LearnerGroup, start_ray, stop_ray
+from safer_dist.cluster.placement import PhaseBundles, require_placement
 from safer_dist.cluster.rollout import RolloutGroup
 from safer_dist.config import Config, save_config
 from safer_dist.data.chat import prompt_text
@@ -122,9 +123,10 @@ def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     preflight(cfg)
     # A bad resume checkpoint (or config change) fails here, before anything is written.
     Checkpointer(cfg.checkpoint, cfg.run.dir / "checkpoints" / "sft").check_resume(cfg)
+    start_ray(cfg)
+    require_placement(cfg, "sft")  # refused here, before the run dir is written
     run_dir = open_run_dir(cfg)
     stop.install(cfg.launch.stop_grace_s)
-    start_ray(cfg)
     group = LearnerGroup(cfg)
     try:
         t0 = time.perf_counter()
@@ -154,14 +156,16 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
     if cfg.judge.kind == "model" and not cfg.judge.model_path:
         raise ValueError("judge.kind=model needs judge.model_path")
     tokenizer = load_tokenizer(model_path)
+    start_ray(cfg)
+    bundles = _phase_bundles(cfg, "eval")
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    start_ray(cfg)
-    workers = RolloutGroup.for_run(cfg, model_path)
-    judge_workers = judge = None
+    workers = judge_workers = judge = None
     try:
+        workers = RolloutGroup.for_run(cfg, model_path, slots=bundles.slots("rollout"))
         if cfg.judge.kind == "model":
-            judge_workers = RolloutGroup.for_run(cfg, cfg.judge.model_path)
+            judge_workers = RolloutGroup.for_run(cfg, cfg.judge.model_path, slots=bundles.slots("judge"),
+                                                 name="model-judge rollout")
             judge = ModelJudge(judge_workers, cfg.judge.prompt_template)
         t0 = time.perf_counter()
         summary, rows = evaluate(
@@ -172,9 +176,11 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
         summary["generation_wall_s"] = time.perf_counter() - t0
         summary["judge"] = cfg.judge.kind
     finally:
-        workers.shutdown()
         if judge_workers is not None:
             judge_workers.shutdown()
+        if workers is not None:
+            workers.shutdown()
+        bundles.remove()
         if not keep_ray:
             stop_ray()
     summary["model"] = str(model_path)
@@ -195,21 +201,27 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
         raise ValueError("judge.kind=model needs judge.model_path")
     load_records(cfg.data.erpo_prompts, "prompts")  # fail fast on bad prompts
     rulebook = Rulebook.load(cfg.data.rulebook)
+    start_ray(cfg)
+    bundles = _phase_bundles(cfg, "erpo")  # refused here, before the run dir is written
     open_run_dir(cfg)
     stop.install(cfg.launch.stop_grace_s)
-    start_ray(cfg)
-    learners = LearnerGroup(cfg, optim=cfg.erpo.optim, model_path=str(init_from), dpo_loss=cfg.erpo.loss)
-    groups = [RolloutGroup.for_run(cfg, init_from)]
-    rollout = groups[0]
+    groups: list = []
     try:
+        learners = LearnerGroup(cfg, optim=cfg.erpo.optim, model_path=str(init_from), dpo_loss=cfg.erpo.loss,
+                                slots=bundles.slots("learner"))
+        groups.append(learners)
+        rollout = RolloutGroup.for_run(cfg, init_from, slots=bundles.slots("rollout"))
+        groups.append(rollout)
         if cfg.judge.kind == "model":
-            groups.append(RolloutGroup.for_run(cfg, cfg.judge.model_path))
+            groups.append(RolloutGroup.for_run(cfg, cfg.judge.model_path, slots=bundles.slots("judge"),
+                                               name="model-judge rollout"))
             judge = ModelJudge(groups[-1], cfg.judge.prompt_template)
         else:
             judge = RuleJudge(rulebook)
         reference = None
         if cfg.erpo.reference == "sft":
-            reference = RolloutGroup.for_run(cfg, init_from)
+            reference = RolloutGroup.for_run(cfg, init_from, slots=bundles.slots("reference"),
+                                             name="SFT-reference rollout")
             groups.append(reference)
         state = train_erpo(cfg, learners, rollout, judge, run_dir, reference=reference)
         out = run_dir / "hf_erpo"
@@ -217,18 +229,27 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
         log.info("ERPO finished after %d iteration(s), %d DPO steps; model exported to %s",
                  state.extra["iteration"], state.step, out)
     finally:
-        for g in groups:
+        for g in reversed(groups):
             g.shutdown()
-        learners.shutdown()
+        bundles.remove()
         if not keep_ray:
             stop_ray()
     return out
+
+
+def _phase_bundles(cfg: Config, phase: str) -> PhaseBundles:
+    """The placement groups of ``phase`` on the Ray cluster, ready; PlacementError (exit 2) when
+    they cannot be placed, before any actor starts (safer_dist/cluster/placement.py)."""
+    where = require_placement(cfg, phase).phase(phase)
+    return PhaseBundles(where, cfg.learner.placement_timeout_s, "learner.placement_timeout_s")
 
 
 def run_job(cfg: Config) -> dict:
     """The main job: initial model (if missing) -> SFT -> ERPO -> evaluation of both."""
     t0 = time.perf_counter()
     try:
+        start_ray(cfg)
+        require_placement(cfg, "run")  # every phase, before the first starts
         hf = sft_job(cfg, keep_ray=True)
         results = {"sft": eval_job(cfg, hf, "sft", keep_ray=True)}
         if cfg.erpo.iterations > 0:

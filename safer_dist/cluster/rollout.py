@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from safer_dist.cluster.group import gpus_per_learner
+from safer_dist.cluster.placement import (
+    Cluster, PhaseBundles, Slots, learner_gpus, own_phase, ray_free,
+)
 from safer_dist.config import Config, ModelSection, RolloutSection
 from safer_dist.data.chat import Prompt
 from safer_dist.train.sft_data import encode_context, encode_prompt
@@ -148,7 +150,11 @@ class RolloutWorker:
 
 
 class RolloutGroup:
-    """M rollout workers as Ray actors (one GPU each on CUDA, else ``cpus_per_worker``).
+    """M rollout workers as Ray actors, one per bundle of a placement group: the group's own
+    (``{CPU: cpus_per_worker, GPU: 1}`` per worker on GPUs) or, given ``slots``, a phase's
+    shared one (colocated with the learners: safer_dist/cluster/placement.py). The placement
+    group must be ready within ``rollout.placement_timeout_s`` and every call must answer within
+    ``rollout.call_timeout_s``; else the error names what is missing or who did not answer.
 
     ``expected_version``: the weight version every worker must hold (0: the weights loaded from
     ``path``; ``LearnerGroup.push_weights`` sets it). Every call's answer is checked against it.
@@ -162,19 +168,26 @@ class RolloutGroup:
     """
 
     @classmethod
-    def for_run(cls, cfg: Config, path: str | Path) -> RolloutGroup:
-        """Workers holding the model at ``path``, placed as the run's config says: one GPU
-        each where the learners get GPUs, else ``rollout.cpus_per_worker`` CPUs."""
-        return cls(cfg.model, cfg.rollout, path=str(path), device=cfg.launch.device, use_gpu=gpus_per_learner(cfg) > 0)
+    def for_run(cls, cfg: Config, path: str | Path, slots: Slots | None = None, name: str = "policy rollout") -> RolloutGroup:
+        """Workers holding the model at ``path``, placed as the run's config says: in ``slots``,
+        or on a GPU each where the learners get GPUs, else ``rollout.cpus_per_worker`` CPUs."""
+        return cls(cfg.model, cfg.rollout, path=str(path), device=cfg.launch.device,
+                   use_gpu=learner_gpus(cfg, Cluster.from_ray()) > 0, slots=slots, name=name)
 
-    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto", use_gpu: bool = False):
+    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
+                 use_gpu: bool = False, slots: Slots | None = None, name: str = "rollout"):
         import ray
 
-        remote = ray.remote(
-            num_cpus=rollout.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=rollout.max_restarts,
-        )(RolloutWorker)
+        self.own_bundles = None
+        if slots is None:
+            phase = own_phase("rollout", name, rollout.num_workers, float(rollout.cpus_per_worker), use_gpu,
+                              f"rollout.num_workers={rollout.num_workers}, rollout.cpus_per_worker={rollout.cpus_per_worker}")
+            self.own_bundles = PhaseBundles(phase, rollout.placement_timeout_s, "rollout.placement_timeout_s")
+            slots = self.own_bundles.slots("rollout")
+        remote = ray.remote(max_restarts=rollout.max_restarts)(RolloutWorker)
         self.cfg = rollout
-        self.workers = [remote.remote(model, rollout, path=path, device=device) for _ in range(rollout.num_workers)]
+        self.workers = [remote.options(**slots.options(i)).remote(model, rollout, path=path, device=device)
+                        for i in range(rollout.num_workers)]
         self.expected_version = 0
         self.resync: Callable[[], None] | None = None
         self.num_retries = 0  # shards re-run after a worker died or came back restarted (for logs and tests)
@@ -206,14 +219,22 @@ class RolloutGroup:
             ref = call(w, shards[i])
             # Queued right behind the call on the same actor, so it runs in the process that ran
             # the call (or in a later one, if that died): the version the call's answer came from.
-            running[ref] = (i, w.weights_version.remote())
+            running[ref] = (i, w.weights_version.remote(), time.monotonic() + self.cfg.call_timeout_s)
 
         for i in shards:
             submit(i)
         out: list = [None] * len(items)
         while running:
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            i, version_ref = running.pop(ref)
+            first_deadline = min(d for _, _, d in running.values())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, first_deadline - time.monotonic()))
+            if not ready:
+                late = sorted(i for i, _, d in running.values() if d <= time.monotonic())
+                raise RolloutFailure(
+                    f"rollout worker(s) {late} did not answer {what} within rollout.call_timeout_s="
+                    f"{self.cfg.call_timeout_s:g} s (Ray has {ray_free()} free)"
+                )
+            ref = ready[0]
+            i, version_ref, _ = running.pop(ref)
             try:
                 res = ray.get(ref)
                 version = ray.get(version_ref)
@@ -262,7 +283,10 @@ class RolloutGroup:
                 "(LearnerGroup.connect_weight_sync); its results would be stale"
             )
         if busy:
-            ray.wait(busy, num_returns=len(busy))
+            _, late = ray.wait(busy, num_returns=len(busy), timeout=self.cfg.call_timeout_s)
+            if late:
+                raise RolloutFailure(f"{stale}, and {len(late)} other rollout call(s) did not finish within "
+                                     f"rollout.call_timeout_s={self.cfg.call_timeout_s:g} s")
         t0 = time.perf_counter()
         try:
             self.resync()
@@ -316,3 +340,5 @@ class RolloutGroup:
 
         for w in self.workers:
             ray.kill(w, no_restart=True)
+        if self.own_bundles is not None:
+            self.own_bundles.remove()

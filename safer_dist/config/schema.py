@@ -206,6 +206,19 @@ class RolloutSection:
     # weight sync and gets the current weights again, and its shard of the work is retried on
     # it (results are keyed by position: nothing lost or duplicated).
     max_restarts: int = 3
+    # Where rollout workers go (safer_dist/cluster/placement.py): colocate = in the learners'
+    # placement-group bundles, sharing their GPUs (fractional GPU resources), so every GPU samples
+    # and trains; separate = bundles (GPUs) of their own. auto: colocate where learners get GPUs,
+    # separate on CPU (the CPU demo's placement).
+    placement: str = "auto"
+    # Seconds the rollout workers' placement group may take to be ready before the job fails
+    # naming what is missing.
+    placement_timeout_s: float = 300.0
+    # Seconds one rollout call (a worker's shard of generate, sample or logprobs) may take
+    # before the job is declared hung. Generous: a shard of real sampling takes minutes.
+    call_timeout_s: float = 3600.0
+    # Seconds the weight-sync group's set-up (learner rank 0 and every worker) may take.
+    sync_timeout_s: float = 300.0
 
 
 @dataclass
@@ -461,6 +474,9 @@ class Config:
         _check(self.checkpoint.every_seconds >= 0, "checkpoint.every_seconds must be >= 0 (0 disables it)")
         _check(self.rollout.max_restarts >= 0, "rollout.max_restarts must be >= 0")
         _check(self.rollout.num_workers >= 1, "rollout.num_workers must be >= 1")
+        _one_of("rollout.placement", self.rollout.placement, ("auto", "colocate", "separate"))
+        for key in ("placement_timeout_s", "call_timeout_s", "sync_timeout_s"):
+            _check(getattr(self.rollout, key) > 0, f"rollout.{key} must be > 0")
         _check(0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
         _check(self.launch.stop_grace_s > 0, "launch.stop_grace_s must be > 0")
         _check(bool(self.run.name) and "/" not in self.run.name, "run.name must be a non-empty name without '/'")

@@ -205,7 +205,9 @@ def test_checkpointing_and_logits_by_hand():
 
 def _cfg(**over):
     items = {"learner.num_learners": 8, "data.max_seq_len": 4096, "train.micro_batch_size": 2,
-             "train.global_batch_size": 64, "erpo.optim.micro_batch_size": 1, "erpo.optim.global_batch_size": 64, **over}
+             "train.global_batch_size": 64, "erpo.optim.micro_batch_size": 1, "erpo.optim.global_batch_size": 64,
+             # the learners' memory alone; colocated rollout workers are tested below
+             "rollout.placement": "separate", **over}
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
 
@@ -252,9 +254,11 @@ def test_load_note_says_how_the_learners_load():
     assert "host RAM" in note and "zero_stage=3" not in note
 
 
-def test_plan_rejects_more_learners_than_gpus():
-    with pytest.raises(ValueError, match="needs 8 GPUs"):
-        plan_config(_cfg(), gpus_per_node=4, nodes=1, gpu_mem_gb=80, shape="llama3-8b")
+def test_plan_refuses_more_learners_than_gpus():
+    plan = plan_config(_cfg(), gpus_per_node=4, nodes=1, gpu_mem_gb=80, shape="llama3-8b")
+    assert not plan.ok
+    assert plan.problems[0] == ("sft: the learner placement group needs {GPU=1, CPU=1} x 8 (PACK); --nodes 1 "
+                                "--gpus-per-node 4 has GPU=4 free")
 
 
 def test_estimate_totals_add_up():
