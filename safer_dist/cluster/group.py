@@ -283,7 +283,8 @@ class LearnerGroup:
         world = 1 + len(rollout.workers)
         refs = [self.actors[0].init_sync.remote(host, port, world)]
         refs += rollout.init_sync_refs(host, port, first_rank=1, world_size=world)
-        self._get(refs, "weight-sync set-up", timeout_s=300.0, names=self._sync_names(rollout, 1))
+        self._get(refs, f"weight-sync set-up (rollout.sync_timeout_s={rollout.cfg.sync_timeout_s:g})",
+                  timeout_s=rollout.cfg.sync_timeout_s, names=self._sync_names(rollout, 1))
         rollout.resync = lambda: self.resync(rollout)
 
     def push_weights(self, rollout: RolloutGroup, version: int) -> None:
