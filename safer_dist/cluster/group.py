@@ -276,13 +276,20 @@ class LearnerGroup:
 
     # -- weight sync to rollout workers -----------------------------------------------------
     def connect_weight_sync(self, rollout: RolloutGroup) -> None:
-        """Form the weight-sync group: learner rank 0 is member 0, rollout worker i member i+1.
-        Any group formed before is left first, so this also rebuilds it (on a new port); the
-        workers keep their weights. Gives ``rollout`` its ``resync`` hook (:meth:`resync`)."""
+        """Form the weight-sync group: learner rank 0 is member 0, rollout worker i member i+1;
+        a worker on rank 0's GPU gets the CUDA-IPC hand-over instead of the broadcast
+        (erpo/weight_sync.py). Any group formed before is left first, so this also rebuilds it
+        (on a new port); the workers keep their weights. Gives ``rollout`` its ``resync`` hook (:meth:`resync`)."""
+        from safer_dist.erpo.weight_sync import layout, member_device_key
+
         host, port = self._get([self.actors[0].address.remote()], "address")[0]
-        world = 1 + len(rollout.workers)
-        refs = [self.actors[0].init_sync.remote(host, port, world)]
-        refs += rollout.init_sync_refs(host, port, first_rank=1, world_size=world)
+        # Workers on learner rank 0's own GPU (colocated) take the CUDA-IPC hand-over, the rest
+        # the broadcast (erpo/weight_sync.py).
+        keys = self._get([self.actors[0].__ray_call__.remote(member_device_key)] + rollout.device_key_refs(),
+                         "device query", names=self._sync_names(rollout, 1))
+        members = layout(keys)
+        refs = [self.actors[0].init_sync.remote(host, port, members[0])]
+        refs += rollout.init_sync_refs(host, port, members[1:])
         self._get(refs, f"weight-sync set-up (rollout.sync_timeout_s={rollout.cfg.sync_timeout_s:g})",
                   timeout_s=rollout.cfg.sync_timeout_s, names=self._sync_names(rollout, 1))
         rollout.resync = lambda: self.resync(rollout)

@@ -126,20 +126,21 @@ class RolloutWorker:
 
         return ray.util.get_node_ip_address()
 
-    def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
-        """Join the weight-sync group as member ``rank``, leaving any group joined before (the
-        group is rebuilt when a worker restarts). The weights held, and their version, stay."""
-        from safer_dist.erpo.weight_sync import close_group, make_group
+    def init_sync(self, host: str, port: int, member) -> None:
+        """Open this worker's end of the weight sync (``weight_sync.Member``), leaving any opened
+        before (the channel is rebuilt when a worker restarts). The weights held, and their
+        version, stay."""
+        from safer_dist.erpo.weight_sync import Channel, close_channel
 
-        close_group(self.sync_group)
+        close_channel(self.sync_group)
         self.sync_group = None
         backend = "nccl" if self.device == "cuda" else "gloo"
-        self.sync_group = make_group(host, port, rank, world_size, backend, local_ip=self.node_ip())
+        self.sync_group = Channel(host, port, member, backend, local_ip=self.node_ip())
 
     def receive_weights(self, version: int) -> int:
         from safer_dist.erpo.weight_sync import receive_weights
 
-        receive_weights(self.model, self.sync_group)
+        receive_weights(self.model, self.sync_group, version=version)
         self.version = version
         return version
 
@@ -331,8 +332,14 @@ class RolloutGroup:
         return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard, share_prefix), items)
 
     # -- weight sync (driven by LearnerGroup.connect_weight_sync / push_weights) ------------
-    def init_sync_refs(self, host: str, port: int, *, first_rank: int, world_size: int) -> list:
-        return [w.init_sync.remote(host, port, first_rank + i, world_size) for i, w in enumerate(self.workers)]
+    def init_sync_refs(self, host: str, port: int, members: list) -> list:
+        """Worker i opens its end of the weight sync as ``members[i]`` (``weight_sync.Member``)."""
+        return [w.init_sync.remote(host, port, m) for w, m in zip(self.workers, members)]
+
+    def device_key_refs(self) -> list:
+        from safer_dist.erpo.weight_sync import member_device_key
+
+        return [w.__ray_call__.remote(member_device_key) for w in self.workers]
 
     def receive_weights_refs(self, version: int) -> list:
         return [w.receive_weights.remote(version) for w in self.workers]

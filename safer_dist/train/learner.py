@@ -366,26 +366,26 @@ class Learner:
         }
 
     # -- weight sync to rollout workers -----------------------------------------------------
-    def init_sync(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the weight-sync group as member 0 (other ranks have nothing to join),
-        leaving the group it joined before, if any (the group is rebuilt when a rollout worker
-        restarts)."""
+    def init_sync(self, host: str, port: int, member) -> None:
+        """Rank 0 opens its end of the weight sync as member 0 (``weight_sync.Member``; other
+        ranks have nothing to open), leaving the one it opened before, if any (the channel is
+        rebuilt when a rollout worker restarts)."""
         if self.rank == 0:
-            from safer_dist.erpo.weight_sync import close_group, make_group
+            from safer_dist.erpo.weight_sync import Channel, close_channel
 
             import ray
 
-            close_group(getattr(self, "sync_group", None))
+            close_channel(getattr(self, "sync_group", None))
             self.sync_group = None
             backend = "nccl" if self.device == "cuda" else "gloo"
-            self.sync_group = make_group(host, port, 0, world_size, backend, local_ip=ray.util.get_node_ip_address())
+            self.sync_group = Channel(host, port, member, backend, local_ip=ray.util.get_node_ip_address())
 
     def send_weights(self, version: int) -> int:
-        """Broadcast the current weights to the rollout workers. Collective under ZeRO-3."""
+        """Send the current weights to the rollout workers as ``version``. Collective under ZeRO-3."""
         from safer_dist.erpo.weight_sync import send_weights
 
         return send_weights(self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
-                            zero3=self.cfg.zero_stage == 3)
+                            zero3=self.cfg.zero_stage == 3, version=version)
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
