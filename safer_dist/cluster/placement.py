@@ -125,7 +125,8 @@ class Phase:
 
     def describe(self) -> str:
         parts = [f"{a.count} {ROLES[a.role]} actor(s) x {_res(a.gpus, a.cpus)}" for a in self.actors.values()]
-        how = "colocated in shared bundles" if self.colocated else "separate bundles"
+        how = ("colocated in shared bundles" if self.colocated else
+               "separate bundles" if len(self.actors) > 1 else "a bundle each")
         return f"{self.name}: {' + '.join(parts)} ({how}) = {self.num_gpus} GPU(s), {self.num_cpus:g} CPU(s)"
 
 
