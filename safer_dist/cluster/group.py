@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from safer_dist.cluster.placement import Cluster, PhaseBundles, Slots, learner_gpus, placement
+from safer_dist.cluster.placement import Cluster, PhaseBundles, Slots, placement
 from safer_dist.config import Config, DpoLossSection, OptimSection
 from safer_dist.runtime.log import get_logger
 
@@ -41,6 +41,14 @@ def _actor_node_ip(_actor) -> str:
 
 def cuda_available_in_cluster() -> bool:
     return Cluster.from_ray().num_gpus > 0
+
+
+def release_cuda_cache(_actor=None) -> None:
+    """Hand this process's cached, unused CUDA memory back to the GPU, for a process sharing it."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def start_ray(cfg: Config) -> None:
@@ -126,11 +134,6 @@ def stop_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-
-
-def gpus_per_learner(cfg: Config) -> int:
-    """learner.gpus_per_learner on the Ray cluster joined (placement.learner_gpus)."""
-    return learner_gpus(cfg, Cluster.from_ray())
 
 
 class LearnerGroup:
@@ -297,6 +300,10 @@ class LearnerGroup:
     def push_weights(self, rollout: RolloutGroup, version: int) -> None:
         """Broadcast the learners' weights to every rollout worker, which then holds ``version``."""
         t0 = time.perf_counter()
+        if self.slots.gpus and self.slots.gpus < 1:
+            # Colocated on CUDA: the learners' cached activation memory goes back to the GPU for
+            # the rollout workers' KV cache (the workers release theirs after each call).
+            self._all("release cached GPU memory", lambda a, r: a.__ray_call__.remote(release_cuda_cache))
         refs = [a.send_weights.remote(version) for a in self.actors] + rollout.receive_weights_refs(version)
         self._get(refs, f"weight sync (version {version})", names=self._sync_names(rollout, self.world_size))
         rollout.expected_version = version

@@ -33,7 +33,8 @@ class RolloutFailure(RuntimeError):
 
 
 class RolloutWorker:
-    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto"):
+    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
+                 share_gpu: bool = False):
         from safer_dist.train.engine import resolve_device, resolve_dtype
         from safer_dist.train.models import load_model, load_tokenizer
 
@@ -52,6 +53,13 @@ class RolloutWorker:
         self.path = path
         self.version = 0
         self.sync_group = None
+        # Colocated with a learner on one GPU: the KV cache and scoring buffers go back to the GPU
+        # after every call (torch's allocator would keep them cached), so the learner can train.
+        self.share_gpu = share_gpu and self.device == "cuda"
+
+    def _release(self) -> None:
+        if self.share_gpu:
+            torch.cuda.empty_cache()
 
     def weights_version(self) -> int:
         """Version of the weights held: 0 as loaded from ``path``, then what the last sync sent."""
@@ -94,6 +102,7 @@ class RolloutWorker:
                     "num_tokens": len(new),
                     "latency_s": latency,
                 }
+        self._release()
         return out  # type: ignore[return-value]
 
 
@@ -106,10 +115,12 @@ class RolloutWorker:
         from safer_dist.erpo.sampling import sample_candidates
 
         contexts = [encode_context(self.tokenizer, p, x) for p, x in items]
-        return sample_candidates(
+        out = sample_candidates(
             self.model, self.tokenizer, contexts, n, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
             temperature=temperature, top_p=top_p, seed=seed, batch_rows=self.cfg.batch_size,
         )
+        self._release()
+        return out
 
     def logprobs(self, items: list[tuple[Prompt, str, str, bool]], share_prefix: bool = True) -> list[tuple[float, int]]:
         """log p(continuation | prompt, prefix) under the weights held, for (prompt, prefix,
@@ -119,7 +130,9 @@ class RolloutWorker:
         from safer_dist.erpo.sampling import continuation_logprobs
 
         pairs = [step_sequence(self.tokenizer, p, x, c, eos) for p, x, c, eos in items]
-        return continuation_logprobs(self.model, pairs, share_prefix=share_prefix)
+        out = continuation_logprobs(self.model, pairs, share_prefix=share_prefix)
+        self._release()
+        return out
 
     def node_ip(self) -> str:
         import ray
@@ -187,7 +200,8 @@ class RolloutGroup:
             slots = self.own_bundles.slots("rollout")
         remote = ray.remote(max_restarts=rollout.max_restarts)(RolloutWorker)
         self.cfg = rollout
-        self.workers = [remote.options(**slots.options(i)).remote(model, rollout, path=path, device=device)
+        self.workers = [remote.options(**slots.options(i)).remote(model, rollout, path=path, device=device,
+                                                                   share_gpu=0 < slots.gpus < 1)
                         for i in range(rollout.num_workers)]
         self.expected_version = 0
         self.resync: Callable[[], None] | None = None
