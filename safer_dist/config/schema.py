@@ -323,7 +323,8 @@ class SynthSection:
     """``safer synth``: Ex-Ante traces from a teacher model (safer_dist/synth/pipeline.py, docs/data.md)."""
 
     # Prompts (JSONL / Parquet / save_to_disk): prompt, optional id, category, harmful, reference.
-    prompts: str = "data/demo/erpo_prompts.jsonl"
+    # None: data.erpo_prompts (the ERPO prompt pool; the demo's, data/demo/, with configs/tiny.yaml).
+    prompts: str | None = None
     # accepted.jsonl, rejects.jsonl and summary.json go here; None: <run dir>/synth.
     out_dir: str | None = None
     max_prompts: int = 0  # 0: all
