@@ -33,7 +33,7 @@ def _args(root):
 
 
 ERPO = [
-    "erpo.iterations=2", "erpo.prompts_per_iteration=8", "erpo.chunk_size=4", "eval.max_new_tokens=160",
+    "erpo.iterations=2", "erpo.prompts_per_iteration=8", "erpo.chunk_size=4", "erpo.max_new_tokens=160",
     "erpo.step_max_new_tokens=64", "erpo.answer_max_new_tokens=64", "erpo.optim.global_batch_size=4",
     "erpo.optim.micro_batch_size=2", "checkpoint.every_steps=1",
     # 10x the tiny config's rate: a few steps must move the rewards far above rounding noise.
