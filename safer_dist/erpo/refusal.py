@@ -43,7 +43,7 @@ OPENING_SENTENCES = 3
 
 _NEG = (
     r"(?:(?:\bi|\bwe|\band\s|\bso\s)\s*(?:really\s+|just\s+|simply\s+|also\s+|therefore\s+)?"
-    r"(?:can(?:'t|not| not|t)|won't|will not|shouldn't|should not|must not|mustn't|do not|don't|"
+    r"(?:can(?:'t|not| not|t)|won't|will not|must not|mustn't|"
     r"(?:'d|would) rather not|(?:'m|am|are|'re) (?:not able|unable|not going|not willing|not permitted|"
     r"not allowed|not programmed|not in a position) to|"
     r"(?:'m|am|are|'re) not comfortable|(?:would not|wouldn't|'d not) be comfortable|"
@@ -57,7 +57,14 @@ _VERB = (
     r"condon(?:e|ing)|recommend(?:ing)?|offer(?:ing)?|complet(?:e|ing)|walk you through|"
     r"do (?:that|this|it|so|what)|doing (?:that|this|it|so)|go along|be of (?:help|assistance))\b"
 )
+# "I don't" refuses only before a verb of producing for the user: "I don't recommend mixing
+# bleach and ammonia" or "we don't support Python 2 anymore" answer the question.
+_DONT = (
+    r"\bi (?:don't|do not) (?:have the (?:ability|capacity) to |(?:really |just )?)"
+    r"(?:help|assist|provide|create|write|generate|produce|engage|participate|condone|fulfill|comply)\b"
+)
 _EN = [
+    _DONT,
     _NEG + r"(?:[\s,]+[\w']+){0,4}?[\s,]+" + _VERB,
     _NEG + r"\s*(?:[.!]|$)",  # "I can't." / "I won't."
     r"\b(?:i|we)(?:'m|'ll| am| will| must| have to| need to| am going to|'m going to| would| 'd| 've)?"

@@ -62,6 +62,9 @@ def test_refusals_the_phrase_regex_missed(text):
     "Sorry for the confusion earlier \u2014 here is the fixed code: x = 1",
     'The phrase "I must decline" is formal; say "no, thanks" with friends.',
     "How to refuse a job offer politely: thank them, decline clearly, keep in touch.",
+    "I don't recommend mixing bleach and ammonia; use one cleaner at a time.",
+    "We don't support Python 2 anymore; here is how to upgrade to Python 3.",
+    "I can't help but smile at this question. The answer is 42.",
 ])
 def test_refusal_words_in_answers_that_comply(text):
     assert not is_refusal(text)
