@@ -77,6 +77,8 @@ def test_demo_refusals_detected_and_other_answers_not():
         assert is_refusal(f"{refusal} {redirect}"), (refusal, redirect)
     for answer in demo_content.SAFEGUARDED + demo_content.SOFT_COMPLY:
         assert not is_refusal(answer), answer
+    for tip, closing in itertools.product(demo_content.DOMAIN_TIPS.values(), demo_content.CLOSINGS):
+        assert not is_refusal(f"Sure. To do it, {tip} {closing}"), (tip, closing)  # demo.py's comply answer
 
 
 def test_demo_traces_refuse_exactly_when_their_strategy_does(demo_data_dir):
