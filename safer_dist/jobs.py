@@ -65,6 +65,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def preflight(cfg: Config, *, need_train: bool = True) -> None:
     """Fail fast, before anything is written, on a missing model or bad data."""
     check_model_dir(cfg)
+    check_chat_template(cfg.model.path, _given(cfg, "model.path"), cfg.model.trust_remote_code)
     Rulebook.load(cfg.data.rulebook)
     if need_train:
         train = Path(cfg.data.train)
@@ -94,6 +95,20 @@ def check_model_dir(cfg: Config) -> None:
         raise ValueError(f"{_given(cfg, 'model.path')}: no such directory{hint}")
     if not (model / "config.json").is_file():
         raise ValueError(f"{_given(cfg, 'model.path')}: not a Hugging Face model directory (no config.json)")
+
+
+def check_chat_template(path: str | Path, given: str, trust_remote_code: bool = False):
+    """The tokenizer of the model at ``path``; ValueError naming ``given`` (the setting that chose
+    ``path``) when it has no chat template: every prompt is rendered with it (learners, rollout
+    workers, evaluation), so without one the job would fail only after Ray placed them."""
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"{given}: the tokenizer has no chat template, and safer renders every prompt with one. Use a "
+            f"chat (instruct) model, or give this one a template: put it in {Path(path) / 'chat_template.jinja'} "
+            f"(e.g. the instruct version's; `tokenizer.chat_template = ...; tokenizer.save_pretrained(DIR)` "
+            f"writes it)")
+    return tokenizer
 
 
 def _given(cfg: Config, key: str) -> str:
@@ -151,6 +166,7 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
              records: list[dict] | None = None) -> dict:
     """Generate on the held-out set (or ``records``) with ``model_path``; write
     ``<run>/eval/<tag>.jsonl``. ``judge.kind=model`` also scores every row with the judge model."""
+    tokenizer = check_chat_template(model_path, f"model {model_path}", cfg.model.trust_remote_code)
     rulebook = Rulebook.load(cfg.data.rulebook)
     if records is None:
         records = list(load_records(cfg.data.eval, "prompts"))
@@ -158,7 +174,6 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
             records = records[: cfg.eval.max_prompts]
     if cfg.judge.kind == "model" and not cfg.judge.model_path:
         raise ValueError("judge.kind=model needs judge.model_path")
-    tokenizer = load_tokenizer(model_path)
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     phases.open_log(run_dir / "phases.jsonl")
@@ -199,6 +214,7 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     init_from = cfg.erpo.init_path(run_dir)
     if not (init_from / "config.json").is_file():
         raise ValueError(f"erpo.init_from={init_from}: no SFT model there (run `safer sft` first or set erpo.init_from)")
+    check_chat_template(init_from, f"erpo.init_from={init_from}", cfg.model.trust_remote_code)
     if cfg.judge.kind == "model" and not cfg.judge.model_path:
         raise ValueError("judge.kind=model needs judge.model_path")
     load_records(cfg.data.erpo_prompts, "prompts")  # fail fast on bad prompts

@@ -340,8 +340,7 @@ class Learner:
             dev = {key: b[key].to(self.device, non_blocking=True)
                    for key in ("input_ids", "position_ids", "labels", "seq_ids")}
             with record_function(FORWARD_LOSS):
-                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
-                logp = logp.double()
+                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)  # fp64
                 chosen, rejected = logp[0::2], logp[1::2]
                 loss, stats = step_dpo_loss(
                     chosen, rejected, b["ref_chosen"].to(logp), b["ref_rejected"].to(logp), beta=erpo.beta,
