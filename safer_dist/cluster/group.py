@@ -339,8 +339,11 @@ class LearnerGroup:
         ]
 
     # -- checkpoints and export -------------------------------------------------------------
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
-        self._all("save_checkpoint", lambda a, r: a.save_checkpoint.remote(root, tag, client_state))
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:
+        """Every rank writes its shards; returns the digests of their files, by name
+        (``checkpoint.rank_digests``: each rank hashed its own, in parallel)."""
+        per_rank = self._all("save_checkpoint", lambda a, r: a.save_checkpoint.remote(root, tag, client_state, hash_files))
+        return {name: d for digests in per_rank for name, d in digests.items()}
 
     def load_checkpoint(self, root: str, tag: str, **kwargs) -> dict:
         self.weights_version = None

@@ -243,6 +243,9 @@ class ErpoSection:
     num_completions: int = 1
     step_max_new_tokens: int = 96
     answer_max_new_tokens: int = 128
+    # A whole response: the trajectory whose step prefixes are sampled from, and each completion
+    # after a candidate step that the judge scores.
+    max_new_tokens: int = 256
     # Temperature of the completions that judge a candidate's outcome (0: greedy, the
     # policy's most likely continuation, as in evaluation).
     completion_temperature: float = 0.0
@@ -336,7 +339,8 @@ class SynthSection:
     """``safer synth``: Ex-Ante traces from a teacher model (safer_dist/synth/pipeline.py, docs/data.md)."""
 
     # Prompts (JSONL / Parquet / save_to_disk): prompt, optional id, category, harmful, reference.
-    prompts: str = "data/demo/erpo_prompts.jsonl"
+    # None: data.erpo_prompts (the ERPO prompt pool; the demo's, data/demo/, with configs/tiny.yaml).
+    prompts: str | None = None
     # accepted.jsonl, rejects.jsonl and summary.json go here; None: <run dir>/synth.
     out_dir: str | None = None
     max_prompts: int = 0  # 0: all
@@ -463,6 +467,8 @@ class Config:
         _check(e.chunk_size >= 1, "erpo.chunk_size must be >= 1")
         _check(e.safety_pair_repeats >= 1, "erpo.safety_pair_repeats must be >= 1")
         _check(e.epochs >= 1, "erpo.epochs must be >= 1")
+        _check(min(e.max_new_tokens, e.step_max_new_tokens, e.answer_max_new_tokens) >= 1,
+               "erpo.max_new_tokens, erpo.step_max_new_tokens and erpo.answer_max_new_tokens must be >= 1")
         bad = [x for x in e.steps.split(",") if x.strip() not in ("assessment", "rules", "calibration", "answer")]
         _check(not bad and bool(e.steps.strip()), f"erpo.steps: unknown step(s) {bad}; use assessment,rules,calibration,answer")
         e.optim.validate("erpo.optim", lr.num_learners)

@@ -340,8 +340,7 @@ class Learner:
             dev = {key: b[key].to(self.device, non_blocking=True)
                    for key in ("input_ids", "position_ids", "labels", "seq_ids")}
             with record_function(FORWARD_LOSS):
-                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
-                logp = logp.double()
+                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)  # fp64
                 chosen, rejected = logp[0::2], logp[1::2]
                 loss, stats = step_dpo_loss(
                     chosen, rejected, b["ref_chosen"].to(logp), b["ref_rejected"].to(logp), beta=erpo.beta,
@@ -388,10 +387,14 @@ class Learner:
                             zero3=self.cfg.zero_stage == 3, version=version)
 
     # -- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
-        """Write this rank's shards and RNG state into ``root/tag``. Collective."""
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:
+        """Write this rank's shards and RNG state into ``root/tag``; return the size (and sha256)
+        of the files this rank wrote, fsynced (``checkpoint.rank_digests``). Collective."""
+        from safer_dist.checkpointing.checkpoint import rank_digests
+
         self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), Path(root) / tag / f"rng_rank{self.rank}.pt")
+        return rank_digests(Path(root) / tag, self.rank, hash_files)
 
     def load_checkpoint(self, root: str, tag: str, *, load_optimizer: bool = True, universal: bool = False) -> dict:
         """Restore shards, scheduler and this rank's RNG from ``root/tag``. Collective."""
