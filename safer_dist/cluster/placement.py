@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from safer_dist.config import Config, ConfigError
+from safer_dist.config import Config, ConfigError, RolloutSection
 
 ROLES = {"learner": "learner", "rollout": "policy rollout", "judge": "model-judge rollout",
          "reference": "SFT-reference rollout"}
@@ -251,10 +251,15 @@ def _own(role: str, name: str, count: int, cpus: float, gpu: bool, strategy: str
 
 
 def _keys(cfg: Config, role: str) -> str:
-    lr, ro = cfg.learner, cfg.rollout
+    lr = cfg.learner
     if role == "learner":
         return f"learner.num_learners={lr.num_learners}, learner.cpus_per_learner={lr.cpus_per_learner}"
-    return f"{ROLES[role]}: rollout.num_workers={ro.num_workers}, rollout.cpus_per_worker={ro.cpus_per_worker}"
+    return f"{ROLES[role]}: {rollout_keys(cfg.rollout)}"
+
+
+def rollout_keys(ro: RolloutSection) -> str:
+    """The config fields that size a rollout group, as messages name them."""
+    return f"rollout.num_workers={ro.num_workers}, rollout.cpus_per_worker={ro.cpus_per_worker}"
 
 
 def _place(groups: list[BundleGroup], cluster: Cluster) -> tuple[list[dict[str, int]] | None, str | None]:

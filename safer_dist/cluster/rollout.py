@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from safer_dist.cluster.placement import (
-    Cluster, PhaseBundles, Slots, learner_gpus, own_phase, ray_free,
+    Cluster, PhaseBundles, Slots, learner_gpus, own_phase, ray_free, rollout_keys,
 )
 from safer_dist.config import Config, ModelSection, RolloutSection
 from safer_dist.data.chat import Prompt
@@ -195,7 +195,7 @@ class RolloutGroup:
         self.own_bundles = None
         if slots is None:
             phase = own_phase("rollout", name, rollout.num_workers, float(rollout.cpus_per_worker), use_gpu,
-                              f"rollout.num_workers={rollout.num_workers}, rollout.cpus_per_worker={rollout.cpus_per_worker}")
+                              rollout_keys(rollout))
             self.own_bundles = PhaseBundles(phase, rollout.placement_timeout_s, "rollout.placement_timeout_s")
             slots = self.own_bundles.slots("rollout")
         remote = ray.remote(max_restarts=rollout.max_restarts)(RolloutWorker)
