@@ -36,6 +36,15 @@ DeepSpeed's default communication buckets (reduce bucket 5e8 elements, ZeRO-3 pr
 are added as ``buffers``. A setup fits when the total is at most 90% of the GPU's memory (the
 rest: CUDA context, NCCL, allocator fragmentation). Memory is in GiB (2**30 bytes).
 
+Where the actors go is safer_dist/cluster/placement.py's rule (`safer slurm submit` and the jobs
+use the same), printed one line per phase; anything that does not fit — the placement, the
+learners, a rollout worker — is listed in a last ``DOES NOT FIT:`` line and `safer plan` exits 3.
+With rollout workers colocated on the learners' GPUs (``rollout.placement=colocate``) the GPU is
+time-shared and a setup must fit twice: while the learners train (their total + the workers'
+bf16 weights, which stay) and while the workers sample (the learners' model states and buffers,
+which stay, + the workers' weights, KV cache and scoring logits). Where the optimizer states do
+not fit next to the rollout side, the walk below reaches optimizer offload and says so.
+
 The recommendation walks setups from fastest to leanest — ZeRO-2, ZeRO-3, then both with
 gradient checkpointing, then optimizer offload, then parameter offload — each at the
 configured micro-batch or the largest smaller one that fits and divides the global batch,
