@@ -33,6 +33,7 @@ from safer_dist.train.engine import (
 )
 from safer_dist.train.lm_head import LMHead
 from safer_dist.train.sft_data import StepPrefetcher
+from safer_dist.train.tree_attention import PackedLayout, packed_layout
 from safer_dist.runtime.log import get_logger, quiet_libraries
 from safer_dist.train.throughput import device_peak_flops, non_embedding_params
 
@@ -176,6 +177,13 @@ class Learner:
         dist.all_reduce(t)
         return t.tolist()
 
+    def _on_device(self, batch: dict, keys: tuple[str, ...] | None = None) -> tuple[dict, PackedLayout]:
+        """``batch``'s tensors (those of ``keys``) on the learner's device, and its sequence
+        boundaries, computed here once from the host ``position_ids`` (no synchronisation) for
+        every layer's attention (:class:`~safer_dist.train.tree_attention.PackedLayout`)."""
+        layout = packed_layout(batch["position_ids"]).to(self.device)
+        return {k: batch[k].to(self.device, non_blocking=True) for k in keys or batch}, layout
+
     def _backward_and_step(self, scaled_loss: torch.Tensor) -> None:
         with record_function(BACKWARD):
             self.engine.backward(scaled_loss)
@@ -200,9 +208,9 @@ class Learner:
         for b in batches:
             if b is None:  # every example of this micro-batch was dropped: keep ranks in step
                 b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
-            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            b, layout = self._on_device(b)
             with record_function(FORWARD_LOSS):
-                loss = self.head.sft_loss(self.engine, b, max(n_label, 1.0))
+                loss = self.head.sft_loss(self.engine, b, max(n_label, 1.0), layout)
             self._backward_and_step(loss * scale)
             loss_sum += loss.detach().double()
         (loss_global,) = self._all_reduce([loss_sum])
@@ -241,8 +249,9 @@ class Learner:
                     if b is None:  # this rank's shard ran out: a forward pass anyway (ZeRO-3 is collective)
                         b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
                     n_label += num_label_tokens(b)
-                    b = {k: v.to(self.device) for k, v in b.items()}
-                    logits = self.engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+                    b, layout = self._on_device(b)
+                    logits = self.engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False,
+                                         **layout.model_kwargs()).logits
                     nll_sum += float(sft_loss(logits, b["labels"], 1.0))
         finally:
             self.engine.train(was_training)
@@ -337,10 +346,9 @@ class Learner:
                 for k in ("loss", "margin", "acc", "reward_chosen", "reward_rejected")}
         for b in batches:
             k = int(b["num_pairs"])
-            dev = {key: b[key].to(self.device, non_blocking=True)
-                   for key in ("input_ids", "position_ids", "labels", "seq_ids")}
+            dev, layout = self._on_device(b, ("input_ids", "position_ids", "labels", "seq_ids"))
             with record_function(FORWARD_LOSS):
-                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
+                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev, layout), dev["seq_ids"], 2 * k)
                 logp = logp.double()
                 chosen, rejected = logp[0::2], logp[1::2]
                 loss, stats = step_dpo_loss(
