@@ -29,7 +29,8 @@ from torch.profiler import record_function
 
 from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
 from safer_dist.train.engine import (
-    deepspeed_config, init_distributed, resolve_device, resolve_dtype, rng_state, set_rng_state,
+    client_optimizer_kwargs, deepspeed_config, init_distributed, resolve_device, resolve_dtype, rng_state,
+    set_rng_state,
 )
 from safer_dist.train.lm_head import LMHead
 from safer_dist.train.sft_data import StepPrefetcher
@@ -115,7 +116,7 @@ class Learner:
         else:
             optimizer = torch.optim.AdamW(
                 model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-                foreach=self.device == "cuda",
+                **client_optimizer_kwargs(self.device),
             )
         # A plain function (not the bound method): LambdaLR then keeps it out of its state_dict.
         def lr_factor(step: int) -> float:
