@@ -85,6 +85,7 @@ class Learner:
         self._batches: StepPrefetcher | None = None
         self._valid = None  # the encoded validation set (eval_loss)
         self._pairs = None
+        self._pair_batches: StepPrefetcher | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -336,17 +337,37 @@ class Learner:
         return self._data
 
     # -- step-level DPO -------------------------------------------------------------------
-    def load_pairs(self, path: str, seed: int, safety_repeats: int = 1) -> int:
-        """Read an iteration's pairs (written by the driver before training); returns how many
-        the learner trains on per epoch (safety pairs count ``safety_repeats`` times)."""
+    def load_pairs(self, path: str, seed: int, safety_repeats: int = 1, *, share_prefix: bool | None = None) -> int:
+        """Read an iteration's pairs (written by the driver before training) and tokenize them, each
+        once; returns how many the learner trains on per epoch (safety pairs count
+        ``safety_repeats`` times). A step's micro-batches are packed from the tokenized pairs, the
+        next step's in the background (``learner.prefetch_batches``), as SFT's are.
+
+        ``share_prefix``: pack each pair's context once; ``None`` is the set-up's choice
+        (``self.share_prefix``); ``False`` packs it twice (benchmarks compare the two); ``True``
+        needs a learner set up to share it."""
         import json
 
         from safer_dist.erpo.pairs import PairData
 
+        if share_prefix is None:
+            share_prefix = self.share_prefix
+        elif share_prefix and not self.share_prefix:
+            raise ValueError("load_pairs(share_prefix=True): this learner was set up without prefix sharing "
+                             "(erpo.loss.share_prefix=false, or an attention backend that takes no shared prefix)")
         recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        self._pairs = PairData([r for r in recs if r.get("chosen") is not None], self.tokenizer, seed=seed,
-                               safety_repeats=safety_repeats, share_prefix=self.share_prefix)
-        return len(self._pairs)
+        pairs = PairData([r for r in recs if r.get("chosen") is not None], self.tokenizer, seed=seed,
+                         safety_repeats=safety_repeats, share_prefix=share_prefix).tokenize_all()
+        if self._pair_batches is not None:
+            self._pair_batches.close()  # it may be packing the previous pairs' next step
+        t = self.optim
+        self._pairs = pairs
+        self._pair_batches = StepPrefetcher(
+            lambda step: pairs.micro_batches(step, global_batch_size=t.global_batch_size, rank=self.rank,
+                                             world_size=self.world_size, micro_batch_size=t.micro_batch_size),
+            enabled=self.cfg.prefetch_batches,
+        )
+        return len(pairs)
 
     def dpo_step(self, step: int) -> dict:
         """One optimizer step of step-level DPO (``dpo_loss`` of set-up) on pair batch ``step``
@@ -359,10 +380,8 @@ class Learner:
         t0 = time.perf_counter()
         t, erpo = self.optim, self.dpo_loss
         assert erpo is not None, "dpo_step needs a learner set up with dpo_loss"
-        batches = self._pairs.micro_batches(
-            step, global_batch_size=t.global_batch_size, rank=self.rank, world_size=self.world_size,
-            micro_batch_size=t.micro_batch_size,
-        )
+        assert self._pair_batches is not None, "dpo_step needs load_pairs first"
+        batches = self._pair_batches.get(step)
         n_tokens_local = sum(b["input_ids"].numel() for b in batches)
         n_pair_tokens_local = sum(int(b["num_pair_tokens"]) for b in batches)
         n_chosen_local = sum(int(b["chosen_len"].sum()) for b in batches)
