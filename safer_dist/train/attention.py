@@ -29,10 +29,10 @@ for each sequence, ``attention_mask=None``, ``use_cache=False``. Every backend c
   correct.
 - ``safer_segments`` (ours, any device; the CPU default): runs SDPA once per packed sequence
   (``is_causal=True``, no mask; the sequences read from the ``PackedLayout`` when one is passed)
-  instead of once over the whole row with a dense block-diagonal ``T x T`` mask. On CPU, packs of 8 sequences of 150-250 tokens, forward + backward on 1
-  thread run 1.7x faster for the tiny model and 1.5x for the 20M one
-  (``bench/packed_attention.py``, docs/BENCHMARKS.md). Same mask function and same fallback as
-  ``safer_varlen`` for padding and KV-cache decoding.
+  instead of once over the whole row with a dense block-diagonal ``T x T`` mask. On CPU, packs
+  of 8 sequences of 150-250 tokens, forward + backward on 1 thread run 1.7x faster for the tiny
+  model and 1.5x for the 20M one (``bench/packed_attention.py``, docs/BENCHMARKS.md). Same mask
+  function and same fallback as ``safer_varlen`` for padding and KV-cache decoding.
 
 Both ``safer_*`` backends also take prefix-shared (tree) rows, where a position that drops to
 ``p > 0`` starts a branch sharing the first ``p`` tokens of the sequence before it
@@ -380,7 +380,7 @@ def _varlen_packed(
     batch_size, num_q_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
     if layout is not None:
-        cu_seqlens, max_seqlen = layout.cu_seqlens.to(query.device), layout.max_seqlen
+        cu_seqlens, max_seqlen = layout.cu_seqlens.to(query.device), layout.max_seqlen  # a no-op once moved
     elif kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
         cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"].to(torch.int32), int(kwargs["max_length_q"])
     else:

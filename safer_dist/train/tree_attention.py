@@ -142,8 +142,8 @@ def packed_layout(position_ids: torch.Tensor, batch_size: int | None = None) -> 
     segments = tuple(tree_segments(position_ids.cpu(), batch_size, seq_len))
     starts = [s.start for s in segments]
     cu_seqlens = torch.tensor(starts + [batch_size * seq_len], dtype=torch.int32)
-    return PackedLayout(segments, cu_seqlens, max(s.end - s.start for s in segments), batch_size, seq_len,
-                        has_branches(list(segments)))
+    return PackedLayout(segments, cu_seqlens, max((s.end - s.start for s in segments), default=0), batch_size,
+                        seq_len, has_branches(list(segments)))
 
 
 def token_layout(segments: list[Segment], device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
