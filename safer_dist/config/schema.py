@@ -186,8 +186,8 @@ class LearnerSection:
     # logits [tokens, vocab] never exist, only [loss_chunk_tokens, vocab]. SFT and ERPO
     # alike. 0: the model's full logits, as a plain forward gives them.
     loss_chunk_tokens: int = 4096
-    # Tokenize and pack the next SFT step's micro-batches on a background thread while this
-    # step trains (the same batches either way).
+    # Tokenize and pack the next SFT step's micro-batches (pack the next step-DPO step's; pairs are
+    # tokenized when loaded) on a background thread while this step trains (the same batches either way).
     prefetch_batches: bool = True
     # Peak dense bf16 TFLOP/s of one learner device, for MFU in metrics.jsonl. None: looked up from
     # the GPU's name (safer_dist/train/throughput.py); on CPU or an unknown GPU, MFU is not reported.

@@ -95,16 +95,18 @@ def test_gpu_benchmark_smoke_rows(tmp_path):
     assert report["non_embedding_params"] == 266048
     rows = {r["row"]: r for r in report["rows"]}
     assert sorted(rows) == sorted(["TRL SFTTrainer SFT", "plain PyTorch SFT", "plain PyTorch DPO",
-                                   "safer Learner SFT", "safer Learner DPO"])
+                                   "safer Learner SFT", "safer Learner DPO", "safer Learner DPO-SHARED"])
     for r in rows.values():
         assert "error" not in r and r["tokens_per_s"] > 0 and r["window_tokens"][0] > 0
         assert r["mfu"] == pytest.approx(6 * 266048 * r["tokens_per_s"] / 1e12)  # --peak-tflops 1
         assert r["peak_memory_gib"] is None  # CUDA memory only
-        plain = rows[f"plain PyTorch {r['kind'].upper()}"]
+        plain = rows[f"plain PyTorch {r['kind'].removesuffix('-shared').upper()}"]
         assert r["vs_plain"] == pytest.approx(r["tokens_per_s"] / plain["tokens_per_s"])
-    # Same packed batches: the learner and the plain loop train on the same tokens, window by window.
+    # Same packed batches: the learner and the plain loop train on the same tokens, window by window;
+    # the prefix-shared row on the same pairs, counted as their unshared tokens.
     assert rows["safer Learner SFT"]["window_tokens"] == rows["plain PyTorch SFT"]["window_tokens"]
     assert rows["safer Learner DPO"]["window_tokens"] == rows["plain PyTorch DPO"]["window_tokens"]
+    assert rows["safer Learner DPO-SHARED"]["window_tokens"] == rows["plain PyTorch DPO"]["window_tokens"]
     # --profile: one more step per safer and plain row, its three phases nested in the step.
     phases = json.loads((tmp_path / "prof" / "phases.json").read_text())
     assert sorted(phases) == sorted(n for n in rows if not n.startswith("TRL"))
