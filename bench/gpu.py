@@ -22,8 +22,13 @@ Rows:
   master weights and Adam states), tokenizing and packing each step's traces on the fly.
 - ``safer Learner.dpo_step``: the same engine on step-level pairs (built as in
   bench/dpo_vs_trl.py: ``--micro-batch`` pairs per micro-batch, prefix+chosen and
-  prefix+rejected packed as separate sequences — ``erpo.loss.share_prefix=false``, so that the
+  prefix+rejected packed as separate sequences — ``load_pairs(share_prefix=False)``, so that the
   plain loop runs the same batches; reference log-probs computed once before).
+- ``safer Learner.dpo_step`` (``DPO-SHARED``): the same engine and pairs with each pair's prefix
+  packed once (``erpo.loss.share_prefix``, the default: a tree row; on CUDA ``safer_varlen``
+  runs it through ``flex_attention``). Its tokens are the pairs' unshared tokens
+  (``num_pair_tokens``, as for the rows above), so its tokens/s over the ``DPO`` row's is the
+  speed-up of sharing on the same pairs; the pairs are reloaded (untimed) before each DPO window.
 - ``plain PyTorch``: the limit for this model, kernel and batch — the model alone, bf16
   parameters, fused AdamW on them, ``F.cross_entropy`` on fp32 logits, gradient clipping,
   batches packed before timing. Its DPO row computes the same loss (``losses.sequence_logprobs``
@@ -33,11 +38,11 @@ Rows:
   ``bf16=True`` on CUDA, its default fused AdamW, no gradient checkpointing (bench/sft_vs_trl.py).
 
 Figures per row: tokens/s (every token of the packed batches: prompt and response, for DPO
-prefix+chosen and prefix+rejected); MFU = 6 x (parameters - input embedding) x tokens/s / peak
+prefix+chosen and prefix+rejected, whether or not the prefix is packed once); MFU = 6 x (parameters - input embedding) x tokens/s / peak
 bf16 FLOP/s (attention's own FLOPs are not counted; peak from ``PEAK_BF16_TFLOPS`` by GPU name,
 or ``--peak-tflops``); peak memory (``torch.cuda.max_memory_allocated`` over the row's windows,
 model and optimizer states included; not reported on CPU); the ratio to the plain loop of the
-same kind (SFT or DPO).
+same kind (SFT or DPO; DPO-SHARED to the plain DPO row).
 
 Protocol: the contestants' model states do not fit on one GPU together (the 8B slice's learner
 alone holds 52 GiB of them under ZeRO-2), so contestants run one after another — TRL, the plain
@@ -85,6 +90,8 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A1
 HBM_GBPS = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0), ("H200", 4800.0),
             ("A100 80GB PCIe", 1935.0), ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0), ("L40S", 864.0))
 ROWS = ("sft", "dpo")
+LEARNER_ROWS = (*ROWS, "dpo-shared")
+PLAIN_KIND = {"dpo-shared": "dpo"}  # the plain row a learner row's vs_plain compares with, where not its own kind
 TRL, PLAIN, LEARNER = "TRL SFTTrainer", "plain PyTorch", "safer Learner"
 
 
@@ -329,17 +336,37 @@ def run_plain(args, ws, model_dir, sections, pairs, erpo, *, device, dtype, attn
 
 
 def run_learner(args, sections, pairs_path, *, device) -> dict:
-    # the plain loop's pair batches encode each prefix twice: the learner too, so both rows run
-    # the same batches (bench/dpo_vs_trl.py measures prefix sharing)
-    sections = {**sections, "dpo_loss": replace(sections["dpo_loss"], share_prefix=False)}
+    # The DPO row packs each prefix twice, as the plain loop's batches do, so both run the same
+    # batches; the DPO-SHARED row packs it once (the learner's default), on the same pairs.
     learner = h.safer_learner(sections, args.seed, device=device)
-    learner.load_pairs(str(pairs_path), args.seed)
-    records = {kind: new_record() for kind in ROWS}
-    out = run_rows(LEARNER, {
-        "sft": measured(lambda s: learner.sft_step(s)["num_tokens"], args.steps, device, records["sft"]),
-        "dpo": measured(lambda s: learner.dpo_step(s)["num_tokens"], args.steps, device, records["dpo"]),
-    }, records, args.repeats)
+    if not learner.share_prefix:
+        print(f"# no DPO-SHARED row: attention {learner.attn_implementation} takes no shared prefix")
+
+    records = {kind: new_record() for kind in (LEARNER_ROWS if learner.share_prefix else ROWS)}
+
+    def load(share: bool) -> None:
+        learner.load_pairs(str(pairs_path), args.seed, share_prefix=share)
+
+    def dpo_window(share: bool) -> h.Window:
+        record = records["dpo-shared" if share else "dpo"]
+        window = measured(lambda s: learner.dpo_step(s)["num_pair_tokens"], args.steps, device, record)
+
+        def run():
+            load(share)  # untimed: the window times its steps only
+            return window()
+
+        return run
+
+    windows = {"sft": measured(lambda s: learner.sft_step(s)["num_tokens"], args.steps, device, records["sft"]),
+               "dpo": dpo_window(False)}
+    if learner.share_prefix:
+        windows["dpo-shared"] = dpo_window(True)
+    out = run_rows(LEARNER, windows, records, args.repeats)
+    load(False)
     profile_rows(LEARNER, {"sft": lambda: learner.sft_step(1), "dpo": lambda: learner.dpo_step(1)}, device, args.profile)
+    if learner.share_prefix:
+        load(True)
+        profile_rows(LEARNER, {"dpo-shared": lambda: learner.dpo_step(1)}, device, args.profile)
     learner.engine.destroy()
     return out
 
@@ -371,7 +398,7 @@ def make_rows(results: dict, n_params: int, tflops: float | None) -> list[dict]:
             })
     plain = {r["kind"]: r.get("tokens_per_s") for r in rows if r["contestant"] == PLAIN}
     for r in rows:
-        base = plain.get(r["kind"])
+        base = plain.get(PLAIN_KIND.get(r["kind"], r["kind"]))
         r["vs_plain"] = r["tokens_per_s"] / base if r.get("tokens_per_s") and base else None
     return rows
 
@@ -466,7 +493,7 @@ def main() -> None:
         # The plain loop fills in the pairs' reference log-probs, which the learner reads.
         results[PLAIN] = contestant(PLAIN, ROWS, run_plain, args, ws, model_dir, sections, pairs, erpo, **kw)
         pairs_path.write_text("".join(json.dumps(x) + "\n" for x in pairs))
-        results[LEARNER] = contestant(LEARNER, ROWS, run_learner, args, sections, pairs_path, device=device)
+        results[LEARNER] = contestant(LEARNER, LEARNER_ROWS, run_learner, args, sections, pairs_path, device=device)
 
         rows = make_rows(results, n_params, tflops)
         print(f"\ntokens/s, {args.shape}, {device}, {args.steps} optimizer steps per window, median of "
@@ -484,6 +511,10 @@ def main() -> None:
             sys.exit("no SFT ratio: a contestant ran out of memory")
         print(h.ratio_line(learner_sft["tokens_per_s"], plain_sft["tokens_per_s"],
                            "safer Learner.sft_step vs plain PyTorch SFT"))
+        shared, unshared = by.get(f"{LEARNER} DPO-SHARED", {}), by[f"{LEARNER} DPO"]
+        if shared.get("tokens_per_s") and unshared.get("tokens_per_s"):
+            print(h.ratio_line(shared["tokens_per_s"], unshared["tokens_per_s"],
+                               "safer Learner.dpo_step, prefix shared vs packed twice (same pairs)"))
     finally:
         ws.cleanup(keep=bool(args.workdir))
 

@@ -218,8 +218,8 @@ class LearnerSection:
     # logits [tokens, vocab] never exist, only [loss_chunk_tokens, vocab]. SFT and ERPO
     # alike. 0: the model's full logits, as a plain forward gives them.
     loss_chunk_tokens: int = 4096
-    # Tokenize and pack the next SFT step's micro-batches on a background thread while this
-    # step trains (the same batches either way).
+    # Tokenize and pack the next SFT step's micro-batches (pack the next step-DPO step's; pairs are
+    # tokenized when loaded) on a background thread while this step trains (the same batches either way).
     prefetch_batches: bool = True
     # Peak dense bf16 TFLOP/s of one learner device, for MFU in metrics.jsonl. None: looked up from
     # the GPU's name (safer_dist/train/throughput.py); on CPU or an unknown GPU, MFU is not reported.
@@ -238,6 +238,19 @@ class RolloutSection:
     # weight sync and gets the current weights again, and its shard of the work is retried on
     # it (results are keyed by position: nothing lost or duplicated).
     max_restarts: int = 3
+    # Where rollout workers go (safer_dist/cluster/placement.py): colocate = in the learners'
+    # placement-group bundles, sharing their GPUs (fractional GPU resources), so every GPU samples
+    # and trains; separate = bundles (GPUs) of their own. auto: colocate where learners get GPUs,
+    # separate on CPU (the CPU demo's placement).
+    placement: str = "auto"
+    # Seconds the rollout workers' placement group may take to be ready before the job fails
+    # naming what is missing.
+    placement_timeout_s: float = 300.0
+    # Seconds one rollout call (a worker's shard of generate, sample or logprobs) may take
+    # before the job is declared hung. Generous: a shard of real sampling takes minutes.
+    call_timeout_s: float = 3600.0
+    # Seconds the weight-sync group's set-up (learner rank 0 and every worker) may take.
+    sync_timeout_s: float = 300.0
 
 
 @dataclass
@@ -262,6 +275,9 @@ class ErpoSection:
     num_completions: int = 1
     step_max_new_tokens: int = 96
     answer_max_new_tokens: int = 128
+    # A whole response: the trajectory whose step prefixes are sampled from, and each completion
+    # after a candidate step that the judge scores.
+    max_new_tokens: int = 256
     # Temperature of the completions that judge a candidate's outcome (0: greedy, the
     # policy's most likely continuation, as in evaluation).
     completion_temperature: float = 0.0
@@ -355,7 +371,8 @@ class SynthSection:
     """``safer synth``: Ex-Ante traces from a teacher model (safer_dist/synth/pipeline.py, docs/data.md)."""
 
     # Prompts (JSONL / Parquet / save_to_disk): prompt, optional id, category, harmful, reference.
-    prompts: str = "data/demo/erpo_prompts.jsonl"
+    # None: data.erpo_prompts (the ERPO prompt pool; the demo's, data/demo/, with configs/tiny.yaml).
+    prompts: str | None = None
     # accepted.jsonl, rejects.jsonl and summary.json go here; None: <run dir>/synth.
     out_dir: str | None = None
     max_prompts: int = 0  # 0: all
@@ -490,6 +507,8 @@ class Config:
         _check(e.chunk_size >= 1, "erpo.chunk_size must be >= 1")
         _check(e.safety_pair_repeats >= 1, "erpo.safety_pair_repeats must be >= 1")
         _check(e.epochs >= 1, "erpo.epochs must be >= 1")
+        _check(min(e.max_new_tokens, e.step_max_new_tokens, e.answer_max_new_tokens) >= 1,
+               "erpo.max_new_tokens, erpo.step_max_new_tokens and erpo.answer_max_new_tokens must be >= 1")
         bad = [x for x in e.steps.split(",") if x.strip() not in ("assessment", "rules", "calibration", "answer")]
         _check(not bad and bool(e.steps.strip()), f"erpo.steps: unknown step(s) {bad}; use assessment,rules,calibration,answer")
         e.optim.validate("erpo.optim", lr.num_learners)
@@ -501,6 +520,9 @@ class Config:
         _check(self.checkpoint.every_seconds >= 0, "checkpoint.every_seconds must be >= 0 (0 disables it)")
         _check(self.rollout.max_restarts >= 0, "rollout.max_restarts must be >= 0")
         _check(self.rollout.num_workers >= 1, "rollout.num_workers must be >= 1")
+        _one_of("rollout.placement", self.rollout.placement, ("auto", "colocate", "separate"))
+        for key in ("placement_timeout_s", "call_timeout_s", "sync_timeout_s"):
+            _check(getattr(self.rollout, key) > 0, f"rollout.{key} must be > 0")
         _check(0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
         _check(self.launch.stop_grace_s > 0, "launch.stop_grace_s must be > 0")
         _check(bool(self.run.name) and "/" not in self.run.name, "run.name must be a non-empty name without '/'")

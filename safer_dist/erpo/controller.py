@@ -61,7 +61,7 @@ class Sampler:
 
     def chunk(self, records: list[dict], ranking: Ranking, seed: int, iteration: int) -> list[dict]:
         e = self.cfg.erpo
-        trajectories = self._sample([(r["prompt"], "") for r in records], 1, None, self.cfg.eval.max_new_tokens, seed)
+        trajectories = self._sample([(r["prompt"], "") for r in records], 1, None, e.max_new_tokens, seed)
         jobs: dict[str, list[tuple[int, str]]] = {s: [] for s in self.steps}
         for i, traj in enumerate(trajectories):
             text = traj[0]["text"]
@@ -94,7 +94,7 @@ class Sampler:
         is completed once, whatever ``num_completions`` says: identical candidates are common
         (most rule-verification steps are), and completions are most of the sampling time."""
         e = self.cfg.erpo
-        max_new = self.cfg.eval.max_new_tokens
+        max_new = e.max_new_tokens
         if e.completion_temperature > 0:
             comp = self._sample(items, e.num_completions, None, max_new, seed, e.completion_temperature)
             return [[x["text"] for x in cs] for cs in comp]

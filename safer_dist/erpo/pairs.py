@@ -25,11 +25,13 @@ from safer_dist.train.sft_data import encode_context
 
 def step_sequence(tokenizer, prompt: Prompt, prefix_text: str, step_text: str, ends_with_eos: bool) -> tuple[list[int], list[int]]:
     """(context ids, step ids) for a step given the prompt and the response prefix."""
-    ctx = encode_context(tokenizer, prompt, prefix_text)
+    return encode_context(tokenizer, prompt, prefix_text), step_ids(tokenizer, step_text, ends_with_eos)
+
+
+def step_ids(tokenizer, step_text: str, ends_with_eos: bool) -> list[int]:
+    """A step's token ids (the ones the DPO loss counts), + EOS for the answer step."""
     step = tokenizer.encode(step_text, add_special_tokens=False)
-    if ends_with_eos:
-        step = step + [tokenizer.eos_token_id]
-    return ctx, step
+    return step + [tokenizer.eos_token_id] if ends_with_eos else step
 
 
 class PairData:
@@ -39,13 +41,20 @@ class PairData:
     ``chosen_text``, ``rejected_text``, ``ref_chosen``, ``ref_rejected``. A pair whose ``why``
     is ``"safety"`` appears ``safety_repeats`` times per epoch. ``share_prefix``: pack each pair's
     context once (:func:`pack_pairs`); only for a model whose attention takes trees.
+
+    Each pair is tokenized once, on first use (:meth:`tokenize_all` does them all; the learner
+    calls it when it loads the pairs, so training steps only pack), a repeated safety pair once
+    for all its repeats.
     """
 
     def __init__(self, pairs: list[dict], tokenizer, *, seed: int, safety_repeats: int = 1, share_prefix: bool = False):
         if not pairs:
             raise ValueError("no preference pairs to train on")
-        pairs = [p for p in pairs for _ in range(safety_repeats if p.get("why") == "safety" else 1)]
-        self.pairs, self.tokenizer, self.seed, self.share_prefix = pairs, tokenizer, seed, share_prefix
+        expanded = [(j, p) for j, p in enumerate(pairs) for _ in range(safety_repeats if p.get("why") == "safety" else 1)]
+        self.pairs = [p for _, p in expanded]
+        self.tokenizer, self.seed, self.share_prefix = tokenizer, seed, share_prefix
+        self._source = [j for j, _ in expanded]  # the given pair each (repeated) pair is
+        self._encoded: list[dict | None] = [None] * len(pairs)
         self._perm: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
@@ -63,11 +72,25 @@ class PairData:
         return [self._order(pos // n)[pos % n] for pos in range(step * batch_size, (step + 1) * batch_size)]
 
     def encode(self, index: int) -> dict:
-        r = self.pairs[index]
-        eos = r["step"] == "answer"
-        ctx, chosen = step_sequence(self.tokenizer, r["prompt"], r["prefix"], r["chosen_text"], eos)
-        _, rejected = step_sequence(self.tokenizer, r["prompt"], r["prefix"], r["rejected_text"], eos)
-        return {"ctx": ctx, "chosen": chosen, "rejected": rejected, "ref_chosen": r["ref_chosen"], "ref_rejected": r["ref_rejected"]}
+        """Pair ``index`` tokenized: ``ctx``, ``chosen``, ``rejected`` ids and the reference log-probs
+        (the same dict on every call: treat it as read-only)."""
+        j = self._source[index]
+        if self._encoded[j] is None:
+            r = self.pairs[index]
+            eos = r["step"] == "answer"
+            self._encoded[j] = {
+                "ctx": encode_context(self.tokenizer, r["prompt"], r["prefix"]),
+                "chosen": step_ids(self.tokenizer, r["chosen_text"], eos),
+                "rejected": step_ids(self.tokenizer, r["rejected_text"], eos),
+                "ref_chosen": r["ref_chosen"], "ref_rejected": r["ref_rejected"],
+            }
+        return self._encoded[j]
+
+    def tokenize_all(self) -> "PairData":
+        """Tokenize every pair now (each once), so that :meth:`micro_batches` only packs."""
+        for i in range(len(self)):
+            self.encode(i)
+        return self
 
     def micro_batches(self, step: int, *, global_batch_size: int, rank: int, world_size: int, micro_batch_size: int) -> list[dict]:
         """This rank's micro-batches of step ``step`` (:func:`pack_pairs`: per pair, the chosen

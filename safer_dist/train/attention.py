@@ -10,7 +10,10 @@ for each sequence, ``attention_mask=None``, ``use_cache=False``. Every backend c
 - ``sdpa`` / ``eager``: transformers 5 detects packing from ``position_ids`` and builds a
   block-diagonal causal 4D mask (``masking_utils.find_packed_sequence_indices``). Correct only
   without a KV cache, hence ``use_cache=False`` in training.
-- ``safer_varlen`` (ours, CUDA only): derives ``cu_seqlens`` from ``position_ids`` and calls
+- ``safer_varlen`` (ours, CUDA only): takes ``cu_seqlens`` from the batch's
+  :class:`~safer_dist.train.tree_attention.PackedLayout` (computed once per packed batch on the
+  host and passed to the model forward as ``**layout.model_kwargs()``, as the learner does; else
+  derived from ``position_ids`` in every layer, a host synchronisation each) and calls
   ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's bundled flash kernel) — no ``T x T``
   mask is materialised. Its arguments changed across torch releases: the first take
   ``is_causal`` and no ``scale``; 2.11 takes ``scale`` and ``window_size`` but no
@@ -25,11 +28,11 @@ for each sequence, ``attention_mask=None``, ``use_cache=False``. Every backend c
   SDPA with an explicit 4D mask built here, so generation with the same model object stays
   correct.
 - ``safer_segments`` (ours, any device; the CPU default): runs SDPA once per packed sequence
-  (``is_causal=True``, no mask) instead of once over the whole row with a dense block-diagonal
-  ``T x T`` mask. On CPU, packs of 8 sequences of 150-250 tokens, forward + backward on 1
-  thread run 1.7x faster for the tiny model and 1.5x for the 20M one
-  (``bench/packed_attention.py``, docs/BENCHMARKS.md). Same mask function and same fallback as
-  ``safer_varlen`` for padding and KV-cache decoding.
+  (``is_causal=True``, no mask; the sequences read from the ``PackedLayout`` when one is passed)
+  instead of once over the whole row with a dense block-diagonal ``T x T`` mask. On CPU, packs
+  of 8 sequences of 150-250 tokens, forward + backward on 1 thread run 1.7x faster for the tiny
+  model and 1.5x for the 20M one (``bench/packed_attention.py``, docs/BENCHMARKS.md). Same mask
+  function and same fallback as ``safer_varlen`` for padding and KV-cache decoding.
 
 Both ``safer_*`` backends also take prefix-shared (tree) rows, where a position that drops to
 ``p > 0`` starts a branch sharing the first ``p`` tokens of the sequence before it
@@ -56,7 +59,9 @@ from dataclasses import dataclass
 import torch
 
 from safer_dist.runtime.log import get_logger
-from safer_dist.train.tree_attention import flex_tree, sdpa_tree, tree_mask, tree_segments
+from safer_dist.train.tree_attention import (
+    LAYOUT_KWARG, PackedLayout, flex_tree, sdpa_tree, tree_mask, tree_segments,
+)
 
 log = get_logger("attention")
 
@@ -312,8 +317,11 @@ def varlen_attention_forward(
 
     ``query``: ``[B, Hq, Tq, D]``; ``key``/``value``: ``[B, Hkv, Tk, D]``; ``attention_mask``:
     ``None`` or a 2D ``[B, >=Tk]`` bool padding mask (from ``flash_attention_mask``);
-    ``kwargs`` may carry ``position_ids`` ``[B or 1, Tq]`` and precomputed ``cu_seq_lens_q`` /
-    ``max_length_q`` (transformers' FlashAttentionKwargs). Returns ``([B, Tq, Hq, D], None)``.
+    ``kwargs`` may carry ``position_ids`` ``[B or 1, Tq]``, the batch's
+    :class:`~safer_dist.train.tree_attention.PackedLayout` (``safer_packed_layout``, from
+    ``layout.model_kwargs()``: then nothing is derived from ``position_ids``, no host
+    synchronisation per layer) or precomputed ``cu_seq_lens_q`` / ``max_length_q``
+    (transformers' FlashAttentionKwargs). Returns ``([B, Tq, Hq, D], None)``.
     """
     if dropout:
         raise ValueError(f"{VARLEN_NAME} does not support attention dropout (got {dropout}); set attention_dropout=0")
@@ -325,11 +333,31 @@ def varlen_attention_forward(
     if api is None:
         # padding, KV-cache decoding, non-causal, fp32, CPU or no kernel: exactly what safer_segments does
         return segments_attention_forward(module, query, key, value, attention_mask, 0.0, scaling, is_causal, **kwargs)
+    layout = _layout(kwargs, query)
     position_ids = kwargs.get("position_ids")
-    if position_ids is not None and _may_hold_trees(position_ids):
+    if layout is not None:
+        trees = layout.has_branches
+    else:
+        trees = position_ids is not None and _may_hold_trees(position_ids)
+    if trees:
         # the varlen kernel takes only block-diagonal packing; a tree row goes through flex_attention
-        return flex_tree(query, key, value, scaling, position_ids.expand(query.shape[0], -1)), None
-    return _varlen_packed(api, query, key, value, scaling, kwargs), None
+        pos = None if position_ids is None else position_ids.expand(query.shape[0], -1)
+        return flex_tree(query, key, value, scaling, pos, layout=layout), None
+    return _varlen_packed(api, query, key, value, scaling, kwargs, layout), None
+
+
+def _layout(kwargs: dict, query: torch.Tensor) -> PackedLayout | None:
+    """The batch's precomputed :class:`PackedLayout` when the call carries one for these query
+    rows; ``None`` when the boundaries must be read off ``position_ids``."""
+    layout = kwargs.get(LAYOUT_KWARG)
+    if layout is None:
+        return None
+    if not layout.matches(query.shape[0], query.shape[2]):
+        raise ValueError(
+            f"{LAYOUT_KWARG} describes a [{layout.batch_size}, {layout.seq_len}] batch, the attention got "
+            f"[{query.shape[0]}, {query.shape[2]}]: build it from this batch's position_ids"
+        )
+    return layout
 
 
 def _rows_with_drops(position_ids: torch.Tensor) -> list[int]:
@@ -344,13 +372,16 @@ def _may_hold_trees(position_ids: torch.Tensor) -> bool:
 
 
 def _varlen_packed(
-    api: VarlenApi, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, kwargs: dict
+    api: VarlenApi, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, kwargs: dict,
+    layout: PackedLayout | None = None,
 ) -> torch.Tensor:
     """Causal attention of a packed batch through the varlen kernel, called as ``api`` says.
     ``[B, H, T, D]`` in, ``[B, T, Hq, D]`` out."""
     batch_size, num_q_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
-    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
+    if layout is not None:
+        cu_seqlens, max_seqlen = layout.cu_seqlens.to(query.device), layout.max_seqlen  # a no-op once moved
+    elif kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
         cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"].to(torch.int32), int(kwargs["max_length_q"])
     else:
         cu_seqlens, max_seqlen = packed_cu_seqlens(kwargs.get("position_ids"), batch_size, q_len)
@@ -421,7 +452,8 @@ def _sdpa_segments(
     """Causal SDPA over each sequence (or tree segment, :mod:`safer_dist.train.tree_attention`) of a
     packed batch; ``[B, H, T, D]`` in, ``[B, T, H, D]`` out."""
     batch_size, _, q_len, _ = query.shape
-    segments = tree_segments(kwargs.get("position_ids"), batch_size, q_len)
+    layout = _layout(kwargs, query)
+    segments = list(layout.segments) if layout is not None else tree_segments(kwargs.get("position_ids"), batch_size, q_len)
     return sdpa_tree(query, key, value, scaling, segments), None
 
 

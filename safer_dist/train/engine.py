@@ -28,6 +28,16 @@ def resolve_dtype(requested: str, device: str) -> torch.dtype:
     return getattr(torch, requested)
 
 
+def client_optimizer_kwargs(device: str) -> dict:
+    """How ``torch.optim.AdamW`` runs the learner's client optimizer on ``device``: on CUDA the
+    fused kernel (the whole update in a few launches instead of several per parameter tensor;
+    DeepSpeed hands it its fp32 master partitions, which are CUDA tensors); elsewhere the
+    per-tensor loop (``foreach=False``), whose CPU results the tests pin."""
+    if torch.device(device).type == "cuda":
+        return {"fused": True}
+    return {"foreach": False}
+
+
 def deepspeed_config(learner: LearnerSection, optim: OptimSection, world_size: int, dtype: torch.dtype) -> dict:
     gas = optim.global_batch_size // (optim.micro_batch_size * world_size)
     zero: dict[str, Any] = {"stage": learner.zero_stage}

@@ -29,10 +29,12 @@ from torch.profiler import record_function
 
 from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
 from safer_dist.train.engine import (
-    deepspeed_config, init_distributed, resolve_device, resolve_dtype, rng_state, set_rng_state,
+    client_optimizer_kwargs, deepspeed_config, init_distributed, resolve_device, resolve_dtype, rng_state,
+    set_rng_state,
 )
 from safer_dist.train.lm_head import LMHead
 from safer_dist.train.sft_data import StepPrefetcher
+from safer_dist.train.tree_attention import PackedLayout, packed_layout
 from safer_dist.runtime.log import get_logger, quiet_libraries
 from safer_dist.train.throughput import device_peak_flops, non_embedding_params
 
@@ -41,6 +43,21 @@ log = get_logger("learner")
 
 # Profiler ranges around a micro-batch's phases (torch.profiler; bench/gpu.py --profile reads them).
 FORWARD_LOSS, BACKWARD, OPTIMIZER_STEP = PHASES = ("safer.forward_loss", "safer.backward", "safer.optimizer_step")
+
+
+def read_numbers(values: list, device: str) -> list[float]:
+    """``values`` (tensors of any shape, numbers, ``None`` for NaN, as DeepSpeed may give a grad norm)
+    as one flat list of floats in order: the tensors come back from ``device`` in one copy, a step's
+    only host synchronisation."""
+    tensors = [v.detach().reshape(-1).to(device, torch.float64) for v in values if torch.is_tensor(v)]
+    read = iter(torch.cat(tensors).tolist() if tensors else [])
+    out: list[float] = []
+    for v in values:
+        if torch.is_tensor(v):
+            out += [next(read) for _ in range(v.numel())]
+        else:
+            out.append(float("nan") if v is None else float(v))
+    return out
 
 
 class Learner:
@@ -69,6 +86,7 @@ class Learner:
         self._batches: StepPrefetcher | None = None
         self._valid = None  # the encoded validation set (eval_loss)
         self._pairs = None
+        self._pair_batches: StepPrefetcher | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -122,7 +140,7 @@ class Learner:
         else:
             optimizer = torch.optim.AdamW(
                 trainable, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-                foreach=self.device == "cuda",
+                **client_optimizer_kwargs(self.device),
             )
         # A plain function (not the bound method): LambdaLR then keeps it out of its state_dict.
         def lr_factor(step: int) -> float:
@@ -184,13 +202,29 @@ class Learner:
         return why is None
 
     # -- training -------------------------------------------------------------------------
-    def _all_reduce(self, values: list) -> list[float]:
-        """Sums over ranks of ``values`` (numbers or 0-d tensors); one host synchronisation."""
+    def _sum_over_ranks(self, values: list) -> torch.Tensor:
+        """Sums over ranks of ``values`` (numbers or 0-d tensors): a float64 ``[len(values)]`` tensor on
+        the device, not read back (no host synchronisation; numbers go to the device in non-blocking
+        copies, as a blocking one would wait for the device's queued work)."""
         import torch.distributed as dist
 
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        t = torch.stack([v.to(self.device, torch.float64) if torch.is_tensor(v) else
+                         torch.tensor(float(v), dtype=torch.float64).to(self.device, non_blocking=True)
+                         for v in values])
         dist.all_reduce(t)
-        return t.tolist()
+        return t
+
+    def _all_reduce(self, values: list) -> list[float]:
+        """:meth:`_sum_over_ranks` read back as numbers; one host synchronisation."""
+        return self._sum_over_ranks(values).tolist()
+
+    def _on_device(self, batch: dict, keys: tuple[str, ...] | None = None) -> tuple[dict, PackedLayout]:
+        """``batch``'s tensors (those of ``keys``) on the learner's device, in non-blocking copies (a
+        blocking one waits for the device's queued work), and its sequence boundaries, computed here
+        once from the host ``position_ids`` for every layer's attention
+        (:class:`~safer_dist.train.tree_attention.PackedLayout`)."""
+        layout = packed_layout(batch["position_ids"]).to(self.device)
+        return {k: batch[k].to(self.device, non_blocking=True) for k in keys or batch}, layout
 
     def _backward_and_step(self, scaled_loss: torch.Tensor) -> None:
         with record_function(BACKWARD):
@@ -199,16 +233,19 @@ class Learner:
             self.engine.step()
 
     def sft_step(self, step: int) -> dict:
-        """One optimizer step on global batch ``step``. Returns global metrics (same on all ranks)."""
+        """One optimizer step on global batch ``step``. Returns global metrics (same on all ranks).
+
+        The global counts stay on the device (the loss divides by the labelled-token count there)
+        and every metric is read back once, at the end: one host synchronisation per step."""
         from safer_dist.train.sft_data import Encoded, num_label_tokens, pack
 
         t0 = time.perf_counter()
         batches, counts = self._sft_batches().get(step)
         local_label = sum(num_label_tokens(b) for b in batches if b is not None)
         local_tokens = sum(b["input_ids"].numel() for b in batches if b is not None)
-        n_label, n_tokens, n_trunc, n_drop = self._all_reduce(
-            [local_label, local_tokens, counts["truncated"], counts["dropped"]]
-        )
+        totals = self._sum_over_ranks([local_label, local_tokens, counts["truncated"], counts["dropped"]])
+        # fp32 like the loss: the division rounds as it did by the count as a number (exact below 2**24)
+        n_label = totals[0].clamp_min(1.0).float()
         scale = self.engine.gradient_accumulation_steps() * self.world_size
         lr = self.engine.get_lr()[0]
         # Summed on the device: no host synchronisation per micro-batch.
@@ -216,17 +253,18 @@ class Learner:
         for b in batches:
             if b is None:  # every example of this micro-batch was dropped: keep ranks in step
                 b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
-            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            b, layout = self._on_device(b)
             with record_function(FORWARD_LOSS):
-                loss = self.head.sft_loss(self.engine, b, max(n_label, 1.0))
+                loss = self.head.sft_loss(self.engine, b, n_label, layout)
             self._backward_and_step(loss * scale)
             loss_sum += loss.detach().double()
-        (loss_global,) = self._all_reduce([loss_sum])
-        grad_norm = self.engine.get_global_grad_norm()
+        loss_global = self._sum_over_ranks([loss_sum])
+        loss, n_label, n_tokens, n_trunc, n_drop, grad_norm = read_numbers(
+            [loss_global, totals, self.engine.get_global_grad_norm()], self.device
+        )
         return {
-            "loss": loss_global, "lr": lr, "num_tokens": int(n_tokens), "num_loss_tokens": int(n_label),
-            "truncated": int(n_trunc), "dropped": int(n_drop),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "loss": loss, "lr": lr, "num_tokens": int(n_tokens), "num_loss_tokens": int(n_label),
+            "truncated": int(n_trunc), "dropped": int(n_drop), "grad_norm": grad_norm,
             "step_time_s": time.perf_counter() - t0,
         }
 
@@ -248,7 +286,7 @@ class Learner:
             self._valid_examples(), rank=self.rank, world_size=self.world_size,
             micro_batch_size=self.optim.micro_batch_size,
         )
-        nll_sum, n_label = 0.0, 0
+        nll_sum, n_label = torch.zeros((), dtype=torch.float64, device=self.device), 0
         was_training = self.engine.training
         self.engine.eval()
         try:
@@ -257,9 +295,10 @@ class Learner:
                     if b is None:  # this rank's shard ran out: a forward pass anyway (ZeRO-3 is collective)
                         b = pack([Encoded([self.tokenizer.eos_token_id], [-100])])
                     n_label += num_label_tokens(b)
-                    b = {k: v.to(self.device) for k, v in b.items()}
-                    logits = self.engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
-                    nll_sum += float(sft_loss(logits, b["labels"], 1.0))
+                    b, layout = self._on_device(b)
+                    logits = self.engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False,
+                                         **layout.model_kwargs()).logits
+                    nll_sum += sft_loss(logits, b["labels"], 1.0).double()  # summed on the device
         finally:
             self.engine.train(was_training)
         nll_global, n_global = self._all_reduce([nll_sum, n_label])
@@ -314,17 +353,37 @@ class Learner:
         return self._data
 
     # -- step-level DPO -------------------------------------------------------------------
-    def load_pairs(self, path: str, seed: int, safety_repeats: int = 1) -> int:
-        """Read an iteration's pairs (written by the driver before training); returns how many
-        the learner trains on per epoch (safety pairs count ``safety_repeats`` times)."""
+    def load_pairs(self, path: str, seed: int, safety_repeats: int = 1, *, share_prefix: bool | None = None) -> int:
+        """Read an iteration's pairs (written by the driver before training) and tokenize them, each
+        once; returns how many the learner trains on per epoch (safety pairs count
+        ``safety_repeats`` times). A step's micro-batches are packed from the tokenized pairs, the
+        next step's in the background (``learner.prefetch_batches``), as SFT's are.
+
+        ``share_prefix``: pack each pair's context once; ``None`` is the set-up's choice
+        (``self.share_prefix``); ``False`` packs it twice (benchmarks compare the two); ``True``
+        needs a learner set up to share it."""
         import json
 
         from safer_dist.erpo.pairs import PairData
 
+        if share_prefix is None:
+            share_prefix = self.share_prefix
+        elif share_prefix and not self.share_prefix:
+            raise ValueError("load_pairs(share_prefix=True): this learner was set up without prefix sharing "
+                             "(erpo.loss.share_prefix=false, or an attention backend that takes no shared prefix)")
         recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        self._pairs = PairData([r for r in recs if r.get("chosen") is not None], self.tokenizer, seed=seed,
-                               safety_repeats=safety_repeats, share_prefix=self.share_prefix)
-        return len(self._pairs)
+        pairs = PairData([r for r in recs if r.get("chosen") is not None], self.tokenizer, seed=seed,
+                         safety_repeats=safety_repeats, share_prefix=share_prefix).tokenize_all()
+        if self._pair_batches is not None:
+            self._pair_batches.close()  # it may be packing the previous pairs' next step
+        t = self.optim
+        self._pairs = pairs
+        self._pair_batches = StepPrefetcher(
+            lambda step: pairs.micro_batches(step, global_batch_size=t.global_batch_size, rank=self.rank,
+                                             world_size=self.world_size, micro_batch_size=t.micro_batch_size),
+            enabled=self.cfg.prefetch_batches,
+        )
+        return len(pairs)
 
     def dpo_step(self, step: int) -> dict:
         """One optimizer step of step-level DPO (``dpo_loss`` of set-up) on pair batch ``step``
@@ -337,14 +396,13 @@ class Learner:
         t0 = time.perf_counter()
         t, erpo = self.optim, self.dpo_loss
         assert erpo is not None, "dpo_step needs a learner set up with dpo_loss"
-        batches = self._pairs.micro_batches(
-            step, global_batch_size=t.global_batch_size, rank=self.rank, world_size=self.world_size,
-            micro_batch_size=t.micro_batch_size,
-        )
+        assert self._pair_batches is not None, "dpo_step needs load_pairs first"
+        batches = self._pair_batches.get(step)
         n_tokens_local = sum(b["input_ids"].numel() for b in batches)
         n_pair_tokens_local = sum(int(b["num_pair_tokens"]) for b in batches)
         n_chosen_local = sum(int(b["chosen_len"].sum()) for b in batches)
-        n_tokens, n_pair_tokens, n_chosen = self._all_reduce([n_tokens_local, n_pair_tokens_local, n_chosen_local])
+        totals = self._sum_over_ranks([n_tokens_local, n_pair_tokens_local, n_chosen_local])
+        n_chosen = totals[2].clamp_min(1.0)  # float64 like the loss: the NLL term divides on the device
         n_pairs = t.global_batch_size
         scale = self.engine.gradient_accumulation_steps() * self.world_size
         lr = self.engine.get_lr()[0]
@@ -353,17 +411,16 @@ class Learner:
                 for k in ("loss", "margin", "acc", "reward_chosen", "reward_rejected")}
         for b in batches:
             k = int(b["num_pairs"])
-            dev = {key: b[key].to(self.device, non_blocking=True)
-                   for key in ("input_ids", "position_ids", "labels", "seq_ids")}
+            dev, layout = self._on_device(b, ("input_ids", "position_ids", "labels", "seq_ids", "ref_chosen",
+                                              "ref_rejected", "chosen_len", "rejected_len"))
             with record_function(FORWARD_LOSS):
-                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
-                logp = logp.double()
+                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev, layout), dev["seq_ids"], 2 * k)  # fp64
                 chosen, rejected = logp[0::2], logp[1::2]
                 loss, stats = step_dpo_loss(
-                    chosen, rejected, b["ref_chosen"].to(logp), b["ref_rejected"].to(logp), beta=erpo.beta,
+                    chosen, rejected, dev["ref_chosen"].to(logp), dev["ref_rejected"].to(logp), beta=erpo.beta,
                     num_pairs_global=n_pairs, label_smoothing=erpo.label_smoothing, length_alpha=erpo.length_alpha,
-                    chosen_len=b["chosen_len"].to(self.device), rejected_len=b["rejected_len"].to(self.device),
-                    nll_weight=erpo.nll_weight, chosen_nll_sum=-chosen, num_chosen_tokens_global=max(n_chosen, 1.0),
+                    chosen_len=dev["chosen_len"], rejected_len=dev["rejected_len"],
+                    nll_weight=erpo.nll_weight, chosen_nll_sum=-chosen, num_chosen_tokens_global=n_chosen,
                 )
             self._backward_and_step(loss.float() * scale)
             sums["loss"] += loss.detach()  # stats are detached already
@@ -371,42 +428,43 @@ class Learner:
             sums["acc"] += (stats["margin"] > 0).double().sum()
             sums["reward_chosen"] += stats["reward_chosen"].sum()
             sums["reward_rejected"] += stats["reward_rejected"].sum()
-        loss, margin, acc, rc, rr = self._all_reduce(list(sums.values()))
-        grad_norm = self.engine.get_global_grad_norm()
+        sums_global = self._sum_over_ranks(list(sums.values()))
+        loss, margin, acc, rc, rr, n_tokens, n_pair_tokens, _, grad_norm = read_numbers(
+            [sums_global, totals, self.engine.get_global_grad_norm()], self.device
+        )
         return {
             "loss": loss, "lr": lr, "reward_margin": margin / n_pairs, "preference_accuracy": acc / n_pairs,
             "reward_chosen": rc / n_pairs, "reward_rejected": rr / n_pairs, "num_pairs": n_pairs,
-            "num_tokens": int(n_tokens), "num_pair_tokens": int(n_pair_tokens),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "num_tokens": int(n_tokens), "num_pair_tokens": int(n_pair_tokens), "grad_norm": grad_norm,
             "step_time_s": time.perf_counter() - t0,
         }
 
     # -- weight sync to rollout workers -----------------------------------------------------
-    def init_sync(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the weight-sync group as member 0 (other ranks have nothing to join),
-        leaving the group it joined before, if any (the group is rebuilt when a rollout worker
-        restarts)."""
+    def init_sync(self, host: str, port: int, member) -> None:
+        """Rank 0 opens its end of the weight sync as member 0 (``weight_sync.Member``; other
+        ranks have nothing to open), leaving the one it opened before, if any (the channel is
+        rebuilt when a rollout worker restarts)."""
         if self.rank == 0:
-            from safer_dist.erpo.weight_sync import close_group, make_group
+            from safer_dist.erpo.weight_sync import Channel, close_channel
 
             import ray
 
-            close_group(getattr(self, "sync_group", None))
+            close_channel(getattr(self, "sync_group", None))
             self.sync_group = None
             backend = "nccl" if self.device == "cuda" else "gloo"
-            self.sync_group = make_group(host, port, 0, world_size, backend, local_ip=ray.util.get_node_ip_address())
+            self.sync_group = Channel(host, port, member, backend, local_ip=ray.util.get_node_ip_address())
 
     def send_weights(self, version: int) -> int:
-        """Broadcast the current weights to the rollout workers. Collective under ZeRO-3."""
+        """Send the current weights to the rollout workers as ``version``. Collective under ZeRO-3."""
         from safer_dist.erpo.weight_sync import send_weights
 
         if self.adapters is not None:  # LoRA: the adapters alone (safer_dist/train/lora_sync.py)
             from safer_dist.train import lora_sync
 
-            return lora_sync.send(self.adapters, self.engine.module, getattr(self, "sync_group", None),
-                                  model_cfg=self.model_cfg, rank=self.rank, zero3=self.cfg.zero_stage == 3)
+            return lora_sync.send(self.adapters, self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
+                                  zero3=self.cfg.zero_stage == 3, version=version, device=self.device)
         return send_weights(self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
-                            zero3=self.cfg.zero_stage == 3)
+                            zero3=self.cfg.zero_stage == 3, version=version)
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:

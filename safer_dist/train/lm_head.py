@@ -30,6 +30,7 @@ import torch
 
 from safer_dist.runtime.log import get_logger
 from safer_dist.train.losses import IGNORE_INDEX, chunked_token_logprobs, sft_loss, token_logprobs
+from safer_dist.train.tree_attention import PackedLayout
 
 log = get_logger("lm_head")
 
@@ -87,47 +88,60 @@ class LMHead:
             self.mode = "chunked"
         log.info("loss head: %s%s", self.mode, f" ({chunk_tokens} tokens per chunk)" if self.mode != "full" else "")
 
-    def token_logprobs(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_logprobs(self, engine, batch: dict, layout: PackedLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp [1, T-1] fp32, mask [1, T-1]) as :func:`safer_dist.train.losses.token_logprobs` of the
         model's logits. ``engine`` runs the model (a DeepSpeed engine, or the model itself);
-        ``batch`` holds input_ids, position_ids, labels [1, T] on the model's device."""
+        ``batch`` holds input_ids, position_ids, labels [1, T] on the model's device; ``layout``:
+        the batch's sequence boundaries (:func:`~safer_dist.train.tree_attention.packed_layout`, on
+        the model's device), passed to every attention call; ``None``: each layer derives them."""
         labels = batch["labels"]
         if self.mode == "full":
-            return token_logprobs(self._logits(engine, batch), labels)
+            return token_logprobs(self._logits(engine, batch, layout), labels)
         return self._through_head(
-            engine, batch, lambda hidden, weight: chunked_token_logprobs(hidden, weight, labels, self.chunk_tokens)
+            engine, batch, layout,
+            lambda hidden, weight: chunked_token_logprobs(hidden, weight, labels, self.chunk_tokens),
         )
 
-    def sft_loss(self, engine, batch: dict, num_tokens_global: float) -> torch.Tensor:
-        """:func:`safer_dist.train.losses.sft_loss` of the model's logits (a scalar)."""
+    def sft_loss(
+        self, engine, batch: dict, num_tokens_global: float | torch.Tensor, layout: PackedLayout | None = None,
+    ) -> torch.Tensor:
+        """:func:`safer_dist.train.losses.sft_loss` of the model's logits (a scalar);
+        ``num_tokens_global``: a number or a 0-d fp32 tensor on the model's device (the same result)."""
         if self.mode == "full":
-            logits = self._logits(engine, batch)
+            logits = self._logits(engine, batch, layout)
             # The zero term keeps every logit in the graph when no token of the batch is labelled.
             return sft_loss(logits, batch["labels"], num_tokens_global) + 0.0 * logits.sum()
         if self.mode == "liger":
-            nll = self._through_head(engine, batch, lambda hidden, weight: _liger_nll_sum(hidden, weight, batch["labels"]))
+            nll = self._through_head(
+                engine, batch, layout, lambda hidden, weight: _liger_nll_sum(hidden, weight, batch["labels"]))
             return nll / num_tokens_global
-        logp, _ = self.token_logprobs(engine, batch)
+        logp, _ = self.token_logprobs(engine, batch, layout)
         return -logp.sum() / num_tokens_global
 
-    def _logits(self, engine, batch: dict) -> torch.Tensor:
-        return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    def _logits(self, engine, batch: dict, layout: PackedLayout | None) -> torch.Tensor:
+        return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                      **_attention_kwargs(layout)).logits
 
-    def _through_head(self, engine, batch: dict, project):
+    def _through_head(self, engine, batch: dict, layout: PackedLayout | None, project):
         """``project(hidden [1, T, H], lm_head weight [V, H])``, run as the lm_head's forward,
         on the body's hidden states, all inside one call of ``engine``."""
         model = self.model
         body, head = model.get_decoder(), model.get_output_embeddings()
 
-        def causal_lm_forward(input_ids, position_ids):
-            hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        def causal_lm_forward(input_ids, position_ids, **attention_kwargs):
+            hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                          **attention_kwargs).last_hidden_state
             if self.scale != 1.0:
                 hidden = hidden * self.scale  # s * (h @ W.T) == (s * h) @ W.T
             with _forward_as(head, lambda h: project(h, head.weight)):
                 return head(hidden)
 
         with _forward_as(model, causal_lm_forward):
-            return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+            return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **_attention_kwargs(layout))
+
+
+def _attention_kwargs(layout: PackedLayout | None) -> dict:
+    return {} if layout is None else layout.model_kwargs()
 
 
 @contextlib.contextmanager

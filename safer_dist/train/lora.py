@@ -201,13 +201,13 @@ class Adapters:
 
     def merged_buckets(self, model: torch.nn.Module, *, zero3: bool, rank: int, bucket_mb: float):
         """Yield, per bucket of :func:`safer_dist.erpo.weight_sync.buckets` over
-        :meth:`plain_parameters` (the buckets a plain model's receiver forms), ``[(name,
-        merged weight)]`` on rank 0 (``None`` elsewhere). Collective under ZeRO-3: every rank
-        gathers each bucket's base weights and adapters."""
+        :meth:`plain_parameters`, ``[(name, merged weight)]`` on rank 0 (``None`` elsewhere), a
+        4-bit base dequantized. Collective under ZeRO-3: every rank gathers each bucket's base
+        weights and adapters (a bucket at a time, so no rank holds the whole model)."""
         from safer_dist.erpo.weight_sync import buckets
 
         params = dict(self.plain_parameters(model))
-        # Bucketed by the plain model's sizes: a 4-bit weight counts as the bf16 weight it stands for.
+        # A 4-bit weight counts as the bf16 weight it stands for.
         sizes = [(n, _as_received(p)) for n, p in params.items()]
         for sized in buckets(sizes, bucket_mb):
             bucket = [(n, params[n]) for n, _ in sized]

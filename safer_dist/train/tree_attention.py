@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,69 @@ def tree_segments(position_ids: torch.Tensor | None, batch_size: int, seq_len: i
 
 def has_branches(segments: list[Segment]) -> bool:
     return any(s.prefix_len for s in segments)
+
+
+LAYOUT_KWARG = "safer_packed_layout"
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLayout:
+    """The sequence boundaries of one packed batch, computed once on the host and handed to every
+    layer's attention (a model forward's ``**layout.model_kwargs()``), so no layer derives them
+    from ``position_ids`` again (on CUDA each derivation is a host synchronisation).
+
+    ``segments``: :func:`tree_segments` of the batch; ``cu_seqlens``: int32 ``[S + 1]``, the
+    segment starts over the flattened ``B * T`` tokens and ``B * T``; ``max_seqlen``: the longest
+    segment; ``batch_size``, ``seq_len``: the batch's ``[B, T]``. Built by :func:`packed_layout`.
+    """
+
+    segments: tuple[Segment, ...]
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    batch_size: int
+    seq_len: int
+    has_branches: bool
+    # per-device block masks of flex_tree, built by the first layer that needs one
+    _block_masks: dict = field(default_factory=dict, repr=False)
+
+    def to(self, device: torch.device | str) -> "PackedLayout":
+        """The layout with ``cu_seqlens`` on ``device`` (an asynchronous copy; the rest is host data)."""
+        return PackedLayout(self.segments, self.cu_seqlens.to(device, non_blocking=True), self.max_seqlen,
+                            self.batch_size, self.seq_len, self.has_branches)
+
+    def matches(self, batch_size: int, seq_len: int) -> bool:
+        return (self.batch_size, self.seq_len) == (batch_size, seq_len)
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments for a transformers model forward, which passes them to every attention
+        call: the layout itself (read by ``safer_segments`` / ``safer_varlen``) and, for a batch
+        without tree branches, transformers' own varlen arguments (``cu_seq_lens_q/k``,
+        ``max_length_q/k``; ``flash_attention_2`` reads them, ``sdpa``/``eager`` ignore them)."""
+        out: dict = {LAYOUT_KWARG: self}
+        if not self.has_branches:
+            out.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                       max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+        return out
+
+    def block_mask(self, device, build: Callable):
+        """``build()``'s flex block mask, built once per device and reused by every later layer."""
+        key = str(device)
+        if key not in self._block_masks:
+            self._block_masks[key] = build()
+        return self._block_masks[key]
+
+
+def packed_layout(position_ids: torch.Tensor, batch_size: int | None = None) -> PackedLayout:
+    """The :class:`PackedLayout` of a packed batch from its ``position_ids`` ``[B, T]`` (or
+    ``[1, T]`` broadcast to ``batch_size`` rows). Pass the host (CPU) tensor: on a CUDA tensor
+    this reads it back, one synchronisation."""
+    batch_size = batch_size or position_ids.shape[0]
+    seq_len = position_ids.shape[-1]
+    segments = tuple(tree_segments(position_ids.cpu(), batch_size, seq_len))
+    starts = [s.start for s in segments]
+    cu_seqlens = torch.tensor(starts + [batch_size * seq_len], dtype=torch.int32)
+    return PackedLayout(segments, cu_seqlens, max((s.end - s.start for s in segments), default=0), batch_size,
+                        seq_len, has_branches(list(segments)))
 
 
 def token_layout(segments: list[Segment], device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
@@ -177,10 +240,11 @@ _BLOCK_MASKS = _BlockMaskCache()
 
 def flex_tree(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
-    position_ids: torch.Tensor, *, compiled: bool = True,
+    position_ids: torch.Tensor | None, *, compiled: bool = True, layout: PackedLayout | None = None,
 ) -> torch.Tensor:
     """Attention of a packed tree batch through ``flex_attention``; same contract as
     :func:`sdpa_tree` (``[B, H, T, D]`` in, ``[B, T, Hq, D]`` out), the structure read from
+    ``layout`` when given (its block mask built by the first layer, no synchronisation), else from
     ``position_ids`` ``[B or 1, T]``. ``compiled=False`` runs flex's unfused eager path (it
     materialises the scores; on CPU flex has no backward, so CPU tests use it without grad)."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -189,7 +253,8 @@ def flex_tree(
     total = batch_size * q_len
 
     def build():
-        seg_start, pre_start, pre_end = token_layout(tree_segments(position_ids, batch_size, q_len), query.device)
+        segments = list(layout.segments) if layout is not None else tree_segments(position_ids, batch_size, q_len)
+        seg_start, pre_start, pre_end = token_layout(segments, query.device)
 
         def mask_mod(b, h, q_idx, kv_idx):
             own = (kv_idx >= seg_start[q_idx]) & (kv_idx <= q_idx)
@@ -197,7 +262,10 @@ def flex_tree(
 
         return create_block_mask(mask_mod, None, None, total, total, device=query.device)
 
-    block_mask = _BLOCK_MASKS.get(position_ids, batch_size, q_len, build)
+    if layout is not None:
+        block_mask = layout.block_mask(query.device, build)
+    else:
+        block_mask = _BLOCK_MASKS.get(position_ids, batch_size, q_len, build)
     flex = _compiled_flex() if compiled else _eager_flex()
     q, k, v = (_flatten_heads(x)[None] for x in (query, key, value))  # [1, H, B*T, D]
     out = flex(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=num_q_heads != key.shape[1])

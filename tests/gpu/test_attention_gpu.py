@@ -70,6 +70,33 @@ def test_varlen_packed_equals_sdpa_per_sequence(tiny_model_dir, sequences, monke
 
 
 @pytest.mark.skipif(not attention.torch_varlen_available(), reason="torch without varlen_attn")
+def test_varlen_with_layout_equals_derived_boundaries(tiny_model_dir, sequences, monkeypatch):
+    """The batch's PackedLayout (built on the host, as the learner does) passed to the real kernel:
+    logits and gradients equal those of the per-layer derivation from position_ids (the same
+    kernel on the same boundaries; gradients up to the kernel's own run-to-run order), and no layer
+    derives boundaries."""
+    from safer_dist.train.tree_attention import packed_layout
+
+    calls = _count_kernel_calls(monkeypatch)
+    derived_calls = []
+    real_cu = attention.packed_cu_seqlens
+    monkeypatch.setattr(attention, "packed_cu_seqlens", lambda *a: derived_calls.append(1) or real_cu(*a))
+    model = load_model(tiny_model_dir, dtype=torch.bfloat16, attn_implementation="safer_varlen", device="cuda")
+    input_ids, position_ids = _packed(sequences)
+    results = []
+    for kwargs in ({}, packed_layout(position_ids.cpu()).to("cuda").model_kwargs()):
+        model.zero_grad()
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs).logits
+        logits.float().square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 2 * layers and len(derived_calls) == layers  # only the forward without the layout
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):  # flash backward may accumulate in another order
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.skipif(not attention.torch_varlen_available(), reason="torch without varlen_attn")
 def test_varlen_gqa_tiny_preset_bf16(tmp_path, tiny_model_dir, sequences, monkeypatch):
     """bench-style GQA shapes (4 query heads, 2 kv heads) through the real kernel: with
     enable_gqa where this torch has it, else with the kv heads repeated to 4."""

@@ -122,3 +122,67 @@ def test_safety_pairs_repeat_within_each_epoch():
         ids = [data.pairs[i]["id"] for i in data.global_batch(epoch, 6)]
         assert sorted(ids) == [0, 0, 0, 1, 2, 3]
     assert len(PairData(pairs, tokenizer=None, seed=3)) == 4
+
+
+class _CountingTokenizer:
+    """A tokenizer whose ``encode`` and ``apply_chat_template`` calls are counted."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.calls = tokenizer, 0
+
+    def encode(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.encode(*args, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.apply_chat_template(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_pairs_are_tokenized_once_and_as_before(tiny_model_dir):
+    """tokenize_all tokenizes each given pair once (a safety pair repeated 3 times too); steps then
+    only pack, with no tokenizer call; the ids are step_sequence's, the micro-batches those of the
+    pairs tokenized anew."""
+    import torch
+
+    from safer_dist.erpo.pairs import step_sequence
+    from safer_dist.train.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    pairs = [{"prompt": f"How do I bake bread {i}?", "prefix": "<ex_ante>" if i % 2 else "",
+              "step": "answer" if i == 2 else "rules", "chosen_text": f"ok {i}", "rejected_text": f"no way {i}",
+              "ref_chosen": -1.0 - i, "ref_rejected": -2.0 - i, "why": "safety" if i == 0 else "utility"}
+             for i in range(3)]
+    counting = _CountingTokenizer(tok)
+    data = PairData(pairs, counting, seed=3, safety_repeats=3, share_prefix=True).tokenize_all()
+    assert len(data) == 5
+    once = counting.calls
+    sizes = dict(global_batch_size=4, rank=0, world_size=1, micro_batch_size=2)
+    batches = [data.micro_batches(step, **sizes) for step in range(3)]
+    assert counting.calls == once  # packing only
+    assert [data.encode(i) for i in range(5)] == [data.encode(i) for i in range(5)]
+    for i in range(5):
+        r = data.pairs[i]
+        ctx, chosen = step_sequence(tok, r["prompt"], r["prefix"], r["chosen_text"], r["step"] == "answer")
+        _, rejected = step_sequence(tok, r["prompt"], r["prefix"], r["rejected_text"], r["step"] == "answer")
+        assert data.encode(i) == {"ctx": ctx, "chosen": chosen, "rejected": rejected,
+                                  "ref_chosen": r["ref_chosen"], "ref_rejected": r["ref_rejected"]}
+    eos = tok.eos_token_id  # only the answer step (pair 2, the last of the 5) ends with EOS
+    assert data.encode(0)["chosen"][-1] != eos and data.encode(4)["chosen"][-1] == eos
+    fresh = PairData(pairs, tok, seed=3, safety_repeats=3, share_prefix=True)
+    for step, got in enumerate(batches):
+        for a, b in zip(got, fresh.micro_batches(step, **sizes)):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_pairs_share_prefix_needs_a_learner_set_up_for_it(tmp_path):
+    from safer_dist.config import DataSection, LearnerSection, ModelSection, TrainSection
+    from safer_dist.train.learner import Learner
+
+    learner = Learner(LearnerSection(), TrainSection(), ModelSection(), DataSection(), seed=0, device="cpu")
+    learner.share_prefix = False  # as set-up decides for erpo.loss.share_prefix=false
+    with pytest.raises(ValueError, match="set up without prefix sharing"):
+        learner.load_pairs(str(tmp_path / "pairs.jsonl"), 0, share_prefix=True)

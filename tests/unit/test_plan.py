@@ -35,10 +35,11 @@ from safer_dist.cluster.plan import (
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = {
-    # recipe: (gpus per node, nodes, shape)
-    "configs/llama3-8b-8xh100.yaml": (8, 1, "llama3-8b"),
-    "configs/qwen2.5-7b-8xh100.yaml": (8, 1, "qwen2.5-7b"),
-    "configs/llama3-70b-4x8xh100.yaml": (8, 4, "llama3-70b"),
+    # recipe: (gpus per node, nodes, shape, stage)
+    "configs/llama3-8b-8xh100.yaml": (8, 1, "llama3-8b", "run"),
+    "configs/llama3-8b-1xh100.yaml": (1, 1, "llama3-8b", "run"),
+    "configs/qwen2.5-7b-8xh100.yaml": (8, 1, "qwen2.5-7b", "run"),
+    "configs/llama3-70b-4x8xh100.yaml": (8, 4, "llama3-70b", "sft"),  # its rollout workers do not fit one GPU
 }
 
 
@@ -205,7 +206,9 @@ def test_checkpointing_and_logits_by_hand():
 
 def _cfg(**over):
     items = {"learner.num_learners": 8, "data.max_seq_len": 4096, "train.micro_batch_size": 2,
-             "train.global_batch_size": 64, "erpo.optim.micro_batch_size": 1, "erpo.optim.global_batch_size": 64, **over}
+             "train.global_batch_size": 64, "erpo.optim.micro_batch_size": 1, "erpo.optim.global_batch_size": 64,
+             # the learners' memory alone; colocated rollout workers are tested below
+             "rollout.placement": "separate", **over}
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
 
@@ -252,9 +255,12 @@ def test_load_note_says_how_the_learners_load():
     assert "host RAM" in note and "zero_stage=3" not in note
 
 
-def test_plan_rejects_more_learners_than_gpus():
-    with pytest.raises(ValueError, match="needs 8 GPUs"):
-        plan_config(_cfg(), gpus_per_node=4, nodes=1, gpu_mem_gb=80, shape="llama3-8b")
+def test_plan_refuses_more_learners_than_gpus():
+    plan = plan_config(_cfg(), gpus_per_node=4, nodes=1, gpu_mem_gb=80, shape="llama3-8b")
+    assert not plan.ok
+    assert plan.problems[0] == ("sft: the learner placement group (learner.num_learners=8, learner.cpus_per_learner=1) "
+                                "needs {GPU=1, CPU=1} x 8 (PACK); the cluster has GPU=4 free")
+    assert "DOES NOT FIT: sft: the learner placement group" in format_plan(plan, "x.yaml")
 
 
 def test_estimate_totals_add_up():
@@ -266,7 +272,7 @@ def test_cli_plan(capsys):
     recipe = "configs/llama3-8b-8xh100.yaml"
     assert main(["plan", str(REPO / recipe), "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--shape", "llama3-8b"]) == 0
     out = capsys.readouterr().out
-    assert "recommendation: ZeRO-2, mb 2" in out
+    assert "recommendation: ZeRO-3, mb 2" in out
     # no --shape and no weights at model.path: a usage error naming the fix
     assert main(["plan", str(REPO / recipe), "--gpus-per-node", "8", "--gpu-mem-gb", "80"]) == 2
     assert "--shape" in capsys.readouterr().err
@@ -277,12 +283,12 @@ def test_cli_plan(capsys):
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipes_load_and_carry_their_plan(recipe):
-    gpus_per_node, nodes, shape = RECIPES[recipe]
+    gpus_per_node, nodes, shape, stage = RECIPES[recipe]
     path = REPO / recipe
     cfg = load_config(path)
     assert cfg.learner.num_learners <= gpus_per_node * nodes
-    plan = plan_config(cfg, gpus_per_node=gpus_per_node, nodes=nodes, gpu_mem_gb=80, shape=shape)
-    assert plan.recommended is not None and plan.recommended[0] == plan.configured, "the recipe should fit as is"
+    plan = plan_config(cfg, gpus_per_node=gpus_per_node, nodes=nodes, gpu_mem_gb=80, shape=shape, stage=stage)
+    assert plan.ok and plan.recommended[0] == plan.configured, "the recipe should fit as is"
     # the comment block holds what `safer plan` prints today
     printed = [line for line in format_plan(plan, recipe).splitlines() if line]
     comment = [line[4:] for line in path.read_text().splitlines() if line.startswith("#   ")]
