@@ -62,7 +62,8 @@ def start_ray(cfg: Config) -> None:
     _local_token_auth()
     # ERPO holds learners and rollout workers at once; they take turns, so the logical CPUs
     # may exceed the cores.
-    needed = cfg.learner.num_learners * cfg.learner.cpus_per_learner + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+    needed = cfg.learner.num_learners * cfg.learner.cpus_per_learner + (
+        cfg.rollout.num_workers * cfg.rollout.tensor_parallel * cfg.rollout.cpus_per_worker)
     num_cpus = cfg.launch.num_cpus or max(os.cpu_count() or 1, needed)
     # address="local": always a new instance, never a cluster that `ray start` left running.
     ray.init(

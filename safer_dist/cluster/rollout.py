@@ -31,6 +31,10 @@ class RolloutFailure(RuntimeError):
 
 
 class RolloutWorker:
+    # Ranks the model is sharded over (a rank of a tensor-parallel worker sets its own,
+    # safer_dist/cluster/tp_rollout.py).
+    tensor_parallel = 1
+
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto"):
         from safer_dist.train.engine import resolve_device, resolve_dtype
         from safer_dist.train.models import load_model, load_tokenizer
@@ -44,7 +48,7 @@ class RolloutWorker:
         self.tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code)
         self.model = load_model(
             path, dtype=resolve_dtype(model.dtype, self.device), attn_implementation=model.attn_implementation,
-            device=self.device, trust_remote_code=model.trust_remote_code,
+            device=self.device, trust_remote_code=model.trust_remote_code, tensor_parallel=self.tensor_parallel,
         )
         self.model.eval()
         self.path = path
@@ -148,7 +152,9 @@ class RolloutWorker:
 
 
 class RolloutGroup:
-    """M rollout workers as Ray actors (one GPU each on CUDA, else ``cpus_per_worker``).
+    """M rollout workers as Ray actors (one GPU each on CUDA, else ``cpus_per_worker``); with
+    ``rollout.tensor_parallel`` K > 1, each worker is K rank actors on one node
+    (:mod:`safer_dist.cluster.tp_rollout`), not restarted when one dies.
 
     ``expected_version``: the weight version every worker must hold (0: the weights loaded from
     ``path``; ``LearnerGroup.push_weights`` sets it). Every call's answer is checked against it.
@@ -170,11 +176,18 @@ class RolloutGroup:
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto", use_gpu: bool = False):
         import ray
 
-        remote = ray.remote(
-            num_cpus=rollout.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=rollout.max_restarts,
-        )(RolloutWorker)
         self.cfg = rollout
-        self.workers = [remote.remote(model, rollout, path=path, device=device) for _ in range(rollout.num_workers)]
+        self.tensor_parallel = None
+        if rollout.tensor_parallel > 1:  # each worker is K rank actors; its rank 0 stands for it here
+            from safer_dist.cluster.tp_rollout import TensorParallelWorkers
+
+            self.tensor_parallel = TensorParallelWorkers(model, rollout, path=path, device=device, use_gpu=use_gpu)
+            self.workers = list(self.tensor_parallel.leaders)
+        else:
+            remote = ray.remote(
+                num_cpus=rollout.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=rollout.max_restarts,
+            )(RolloutWorker)
+            self.workers = [remote.remote(model, rollout, path=path, device=device) for _ in range(rollout.num_workers)]
         self.expected_version = 0
         self.resync: Callable[[], None] | None = None
         self.num_retries = 0  # shards re-run after a worker died or came back restarted (for logs and tests)
@@ -316,3 +329,5 @@ class RolloutGroup:
 
         for w in self.workers:
             ray.kill(w, no_restart=True)
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.shutdown()

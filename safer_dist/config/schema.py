@@ -206,6 +206,11 @@ class RolloutSection:
     # weight sync and gets the current weights again, and its shard of the work is retried on
     # it (results are keyed by position: nothing lost or duplicated).
     max_restarts: int = 3
+    # Ranks (devices) one worker spans: K > 1 shards the model over K devices of one node with
+    # transformers' tensor parallelism (the model's own TP plan), for models that do not fit one
+    # device. Each worker then takes K GPUs (on CPU, K x cpus_per_worker CPUs), placed together
+    # (STRICT_PACK), and is not restarted when a rank dies (safer_dist/cluster/tp_rollout.py).
+    tensor_parallel: int = 1
 
 
 @dataclass
@@ -461,6 +466,12 @@ class Config:
         _check(self.checkpoint.every_seconds >= 0, "checkpoint.every_seconds must be >= 0 (0 disables it)")
         _check(self.rollout.max_restarts >= 0, "rollout.max_restarts must be >= 0")
         _check(self.rollout.num_workers >= 1, "rollout.num_workers must be >= 1")
+        _check(
+            self.rollout.tensor_parallel >= 1,
+            f"rollout.tensor_parallel must be >= 1 (got {self.rollout.tensor_parallel}): the devices one rollout "
+            "worker spans; each worker needs that many GPUs of one node (on CPU, that many times "
+            "rollout.cpus_per_worker CPUs)",
+        )
         _check(0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
         _check(self.launch.stop_grace_s > 0, "launch.stop_grace_s must be > 0")
         _check(bool(self.run.name) and "/" not in self.run.name, "run.name must be a non-empty name without '/'")

@@ -1,0 +1,272 @@
+"""Tensor-parallel rollout workers: one worker spread over K ranks of one node.
+
+With ``rollout.tensor_parallel: K`` > 1 each rollout worker is K Ray actors
+(:class:`TensorParallelRank`) in a STRICT_PACK placement group of K bundles (one GPU each where
+the learners get GPUs, ``rollout.cpus_per_worker`` CPUs each), which form a torch.distributed
+default group of their own (NCCL on CUDA, gloo on CPU). Each rank loads its shard of the model by
+the model's own TP plan (transformers ``tp_plan="auto"``, :func:`safer_dist.train.models.load_model`):
+a model that does not fit one device samples on K.
+
+    RolloutGroup ──call──▶ rank 0 (leader) ──same call, same arguments──▶ ranks 1..K-1
+                             │ runs it too: every forward is collective over the K ranks
+                   ◀── rank 0's answer, once the followers' are in (they must be equal)
+
+Lock-step: every forward of a sharded model is a collective, so the K ranks must run the same
+forwards in the same order. The leader hands each call (``generate``, ``sample``, ``logprobs``,
+``logits``, ``receive_weights``) to the followers before running it itself, and returns its own
+answer once theirs are in; the group talks to the leader alone, as to a 1-rank worker. The ranks
+agree on everything that steers the sampler: the logits are gathered (``lm_head`` is sharded with
+gathered output) and a reduced sum is the same on every rank, and each row's random stream is
+seeded from (seed, prefix, candidate), so the same rows end at the same step on every rank. The
+ranks' ``sample`` answers are compared, and a difference is an error.
+
+What runs sharded: the sampler's own attention (shared-prefix decode steps, the
+``safer_segments`` prefill) and ``continuation_logprobs`` take whatever heads a rank holds, and
+run unchanged. The oneDNN packed linear layers (:mod:`safer_dist.erpo.packed_linear`) do not: they
+would replace the forward that the TP plan installs (the collectives around the local matmul),
+so they skip sharded layers and a tensor-parallel worker samples through ``nn.Linear``.
+
+Weights (:func:`receive_sharded_weights`): only the leader is a member of the weight-sync group,
+which is thus as large as with 1-rank workers. For each bucket the leader receives the full
+tensors from learner rank 0 and broadcasts the bucket over the TP group, and every rank copies
+its own slice of each tensor (the slice its DTensor placement names: rows for colwise, columns
+for rowwise, the whole tensor where replicated). Cost: each bucket crosses the node's links once
+more (to K-1 followers: NVLink on a GPU node), and each rank holds one full bucket
+(``bucket_mb``) at a time besides its shard; no rank ever holds the whole unsharded model.
+
+Failures: a tensor-parallel worker is not restarted (``rollout.max_restarts`` does not apply),
+because a new process cannot join its ranks' process group. A follower that dies fails the
+worker's call with an error naming it; a leader that dies is reported by the group
+(RolloutFailure: it could not be restarted).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from safer_dist.cluster.rollout import RolloutFailure, RolloutWorker
+from safer_dist.config import ModelSection, RolloutSection
+from safer_dist.erpo.weight_sync import buckets
+from safer_dist.runtime.log import get_logger
+
+log = get_logger("tp_rollout")
+
+TIMEOUT_S = 600.0  # placement, rendezvous and model load; a rank waiting on its peers
+
+
+class TensorParallelRank(RolloutWorker):
+    """Rank ``rank`` of a tensor-parallel rollout worker of ``rollout.tensor_parallel`` ranks.
+
+    Joins the ranks' default process group (rank 0 hosts it at ``addr:port``), then loads its
+    shard. ``followers``: on rank 0, the handles of ranks 1..K-1, which it drives in lock-step;
+    empty on the others.
+    """
+
+    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None, device: str, rank: int,
+                 addr: str, port: int, followers: list | tuple = (), timeout_s: float = TIMEOUT_S):
+        from safer_dist.train.engine import gloo_interface, resolve_device
+
+        self.rank, self.followers, self.timeout_s = rank, list(followers), timeout_s
+        self.tensor_parallel = rollout.tensor_parallel
+        backend = "nccl" if resolve_device(device) == "cuda" else "gloo"
+        # Ray shows each rank its own GPU as device 0; transformers binds the device LOCAL_RANK names.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(self.tensor_parallel), LOCAL_RANK="0")
+        if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+            ifname = gloo_interface(self.node_ip())
+            if ifname:
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
+        dist.init_process_group(
+            backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=self.tensor_parallel,
+            timeout=timedelta(seconds=timeout_s), **({"device_id": torch.device("cuda", 0)} if backend == "nccl" else {}),
+        )
+        super().__init__(model, rollout, path=path, device=device)
+
+    # -- calls, run by every rank in lock-step ------------------------------------------------
+    def generate(self, prompts, **kwargs) -> list[dict]:
+        return self._lockstep("generate", super().generate, (prompts,), kwargs, compare=False)  # latencies differ
+
+    def sample(self, items, **kwargs) -> list[list[dict]]:
+        return self._lockstep("sample", super().sample, (items,), kwargs)
+
+    # Numbers are rank 0's: the ranks' agree wherever reductions give every rank the same sum,
+    # which is the backend's business, not a lock-step requirement (sample's tokens are).
+    def logprobs(self, items, share_prefix: bool = True) -> list[tuple[float, int]]:
+        return self._lockstep("logprobs", super().logprobs, (items, share_prefix), {}, compare=False)
+
+    def logits(self, input_ids: list[int]) -> torch.Tensor:
+        return self._lockstep("logits", super().logits, (input_ids,), {}, compare=False)
+
+    def receive_weights(self, version: int) -> int:
+        """Receive a push of ``version`` (the leader from the learners, then every rank over the
+        TP group), each rank keeping its own shards."""
+        def receive() -> int:
+            receive_sharded_weights(self.model, self.sync_group if self.rank == 0 else None)
+            self.version = version
+            return version
+
+        return self._lockstep("receive_weights", receive, (), {}, follower_args=(version,))
+
+    def _lockstep(self, name: str, run, args: tuple, kwargs: dict, *, compare: bool = True,
+                  follower_args: tuple | None = None):
+        """``run(*args, **kwargs)`` here, after handing method ``name`` to the followers (with
+        ``follower_args`` where given, else the same arguments); this rank's answer, once
+        theirs are in and, with ``compare``, equal to it."""
+        refs = [getattr(f, name).remote(*(args if follower_args is None else follower_args), **kwargs)
+                for f in self.followers]
+        try:
+            mine = run(*args, **kwargs)
+        except BaseException:
+            # Given the same arguments, the followers fail alike (or time out in a collective):
+            # let them finish before the error leaves, so the next call finds them idle.
+            if refs:
+                import ray
+
+                ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+            raise
+        theirs = self._collect(name, refs)
+        if compare:
+            for r, answer in enumerate(theirs, 1):
+                if answer != mine:
+                    raise RuntimeError(f"tensor-parallel rank {r} answered {name} differently from rank 0: the ranks "
+                                       "are out of lock-step")
+        return mine
+
+    def _collect(self, name: str, refs: list) -> list:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        deadline = time.monotonic() + self.timeout_s
+        out = []
+        for r, ref in enumerate(refs, 1):
+            try:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except RayActorError as e:
+                raise RuntimeError(
+                    f"tensor-parallel rank {r} of this rollout worker died during {name}; a tensor-parallel worker "
+                    f"cannot replace a rank (its process group is fixed): {str(e).strip().splitlines()[0]}"
+                ) from None
+            except GetTimeoutError:
+                raise RuntimeError(
+                    f"tensor-parallel rank {r} of this rollout worker did not finish {name} within "
+                    f"{self.timeout_s:.0f} s of rank 0"
+                ) from None
+        return out
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The part of parameter ``p`` this rank stores (an alias: writing to it writes ``p``)."""
+    return p.to_local() if _is_dtensor(p) else p
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def shard_of(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` (the whole tensor of parameter ``p``), cut as ``p`` is
+    sharded: by its DTensor placements (a local slice, no communication), else all of it."""
+    if not _is_dtensor(p):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def receive_sharded_weights(module: torch.nn.Module, sync_group, *, bucket_mb: float = 256.0) -> None:
+    """Receive a ``send_weights`` push into a tensor-parallel ``module``: collective over its
+    ranks (the default process group). Rank 0 takes part in ``sync_group`` (the weight-sync
+    group; None on the other ranks) and passes each bucket on over the default group; every rank
+    copies its own part of each tensor (:func:`shard_of`).
+
+    The buckets are those of :func:`safer_dist.erpo.weight_sync.buckets` over the parameters'
+    full shapes (a DTensor's ``numel`` is the whole tensor's), so they match the sender's."""
+    with torch.no_grad():
+        for bucket in buckets(list(module.named_parameters()), bucket_mb):
+            params = [p for _, p in bucket]
+            flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=_local(params[0]).device)
+            if sync_group is not None:
+                sync_group.broadcast(flat, 0).wait()
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for p in params:
+                full = flat[offset : offset + p.numel()].view(p.shape)
+                _local(p).copy_(shard_of(full, p))
+                offset += p.numel()
+
+
+def _free_address() -> tuple[str, int]:
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+class TensorParallelWorkers:
+    """``rollout.num_workers`` tensor-parallel workers of ``rollout.tensor_parallel`` ranks each,
+    every worker in a STRICT_PACK placement group of its own. ``leaders[i]`` is worker i as the
+    group sees it (rank 0); :meth:`shutdown` ends all ranks and frees the placement groups.
+    RolloutFailure when the workers cannot be placed or started within ``timeout_s``."""
+
+    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None, device: str,
+                 use_gpu: bool, timeout_s: float = TIMEOUT_S):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        k, m = rollout.tensor_parallel, rollout.num_workers
+        bundle = {"CPU": rollout.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        self.ranks: list[list] = []
+        self.pgs = [placement_group([dict(bundle) for _ in range(k)], strategy="STRICT_PACK") for _ in range(m)]
+        ready, _ = ray.wait([pg.ready() for pg in self.pgs], num_returns=m, timeout=timeout_s)
+        if len(ready) < m:
+            self.shutdown()
+            raise RolloutFailure(
+                f"{m - len(ready)} of {m} tensor-parallel rollout worker(s) could not be placed within {timeout_s:.0f} s: "
+                f"each needs {k} x {bundle} on one node (rollout.tensor_parallel={k}, "
+                f"rollout.cpus_per_worker={rollout.cpus_per_worker}); lower rollout.tensor_parallel or "
+                "rollout.num_workers, or give the cluster more resources"
+            )
+        remote = ray.remote(num_cpus=rollout.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=0)(
+            TensorParallelRank)
+        address = ray.remote(num_cpus=0)(_free_address)
+        for pg in self.pgs:
+            def on(i: int, pg=pg) -> dict:
+                return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
+
+            addr, port = ray.get(address.options(**on(0)).remote(), timeout=timeout_s)
+            args = dict(path=path, device=device, addr=addr, port=port, timeout_s=timeout_s)
+            followers = [remote.options(**on(r)).remote(model, rollout, rank=r, **args) for r in range(1, k)]
+            leader = remote.options(**on(0)).remote(model, rollout, rank=0, followers=followers, **args)
+            self.ranks.append([leader, *followers])
+        self.leaders = [ranks[0] for ranks in self.ranks]
+        started = [r.weights_version.remote() for ranks in self.ranks for r in ranks]
+        done, _ = ray.wait(started, num_returns=len(started), timeout=timeout_s)
+        try:
+            if len(done) < len(started):
+                raise RolloutFailure(f"tensor-parallel rollout ranks did not load the model within {timeout_s:.0f} s")
+            ray.get(started)
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("%d tensor-parallel rollout worker(s) of %d ranks each ready", m, k)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for ranks in self.ranks:
+            for r in ranks:
+                ray.kill(r, no_restart=True)
+        for pg in self.pgs:
+            remove_placement_group(pg)
+        self.ranks, self.pgs = [], []

@@ -1,0 +1,103 @@
+"""A 2-rank tensor-parallel rollout worker (rollout.tensor_parallel=2: two Ray actors, one gloo
+group, the tiny model sharded by its TP plan) answers as a 1-rank worker: the same greedy
+candidates and evaluation text, reference log-probs within 1e-5; and after a weight push of
+perturbed weights (over the real weight-sync code, this process as learner rank 0) it holds
+those weights: logits equal to the 1-rank worker's and to the perturbed model's own."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+import torch
+
+from safer_dist.cluster.rollout import RolloutGroup
+from safer_dist.config import Config
+from safer_dist.erpo.weight_sync import close_group, make_group, send_weights
+from safer_dist.train.models import load_model
+
+ITEMS = [
+    ("How do I bake bread number 3, please?", "<ex_ante>\n<assessment>"),
+    ("How do I write poem number 7, please?", ""),
+    ("How do I pick a lock number 40, please?", "<ex_ante>\n<assessment>Intent: learn to pick a lock."),
+]
+IDS = list(range(5, 45))
+
+
+def _answers(group: RolloutGroup) -> tuple[list, list, list, list]:
+    """Greedy candidates, their log-probs as references, greedy evaluation text, and sampled
+    candidates (temperature 1: rows that end at different steps, in two admission waves)."""
+    kwargs = dict(n=2, stop_strings=["</assessment>", "."], max_new_tokens=10, seed=0)
+    cands = group.sample(ITEMS, temperature=0.0, **kwargs)
+    scored = [(p, x, c["text"], False) for (p, x), cs in zip(ITEMS, cands) for c in cs]
+    texts = [r["text"] for r in group.generate([p for p, _ in ITEMS], max_new_tokens=8)]
+    return cands, group.logprobs(scored), texts, group.sample(ITEMS, temperature=1.0, **kwargs)
+
+
+def _assert_same(tp: tuple, plain: tuple) -> None:
+    assert tp[0] == plain[0], "greedy candidates"
+    assert tp[2] == plain[2], "greedy generate"
+    assert [n for _, n in tp[1]] == [n for _, n in plain[1]]
+    for (got, _), (want, _) in zip(tp[1], plain[1]):
+        assert abs(got - want) <= 1e-5, (got, want)
+    # Each row draws from its own stream by inverse CDF: logits within ~1e-7 draw the same token
+    # unless a draw falls that close to a boundary (not for these seeds).
+    assert tp[3] == plain[3], "sampled candidates"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_local, tiny_model_dir):
+    cfg = Config()
+    cfg.model.path = str(tiny_model_dir)
+    one = dataclasses.replace(cfg.rollout, num_workers=1, cpus_per_worker=1, batch_size=4)
+    plain = RolloutGroup(cfg.model, one, path=str(tiny_model_dir), device="cpu")
+    tp = RolloutGroup(cfg.model, dataclasses.replace(one, tensor_parallel=2), path=str(tiny_model_dir), device="cpu")
+    group = None
+    try:
+        assert len(tp.workers) == 1 and len(tp.tensor_parallel.ranks[0]) == 2
+        # The ranks really hold halves: q_proj's 64 output rows are 32 per rank.
+        shapes = [ray_local.get(r.__ray_call__.remote(lambda w: tuple(w.model.model.layers[0].self_attn.q_proj
+                                                                        .weight.to_local().shape)))
+                  for r in tp.tensor_parallel.ranks[0]]
+        assert shapes == [(32, 64), (32, 64)]
+
+        before = _answers(plain)
+        loaded = ray_local.get(plain.workers[0].logits.remote(IDS))
+        _assert_same(_answers(tp), before)
+
+        # Perturbed weights, pushed by this process as learner rank 0 to both workers at once.
+        perturbed = load_model(tiny_model_dir, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in perturbed.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        ip, port = ray_local.util.get_node_ip_address(), _free_port()
+        joins = plain.init_sync_refs(ip, port, first_rank=1, world_size=3)
+        joins += tp.init_sync_refs(ip, port, first_rank=2, world_size=3)
+        group = make_group(ip, port, 0, 3, "gloo", local_ip=ip, timeout_s=60)
+        ray_local.get(joins, timeout=60)
+        received = plain.receive_weights_refs(1) + tp.receive_weights_refs(1)
+        send_weights(perturbed, group, rank=0, zero3=False)
+        assert ray_local.get(received, timeout=60) == [1, 1]
+        plain.expected_version = tp.expected_version = 1  # as LearnerGroup.push_weights records it
+
+        with torch.no_grad():
+            want = perturbed(input_ids=torch.tensor([IDS]), use_cache=False).logits[0]
+        got_tp = ray_local.get(tp.workers[0].logits.remote(IDS))
+        got_plain = ray_local.get(plain.workers[0].logits.remote(IDS))
+        assert (loaded - want).abs().max() > 1e-2, "the perturbation changed the logits"
+        torch.testing.assert_close(got_plain, want, rtol=0, atol=0)
+        torch.testing.assert_close(got_tp, want, rtol=0, atol=1e-5)
+        after = _answers(plain)
+        assert after[1] != before[1], "the push changed the weights the log-probs come from"
+        _assert_same(_answers(tp), after)
+    finally:
+        close_group(group)
+        tp.shutdown()
+        plain.shutdown()
