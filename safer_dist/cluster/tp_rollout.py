@@ -122,11 +122,13 @@ class TensorParallelRank(RolloutWorker):
             mine = run(*args, **kwargs)
         except BaseException:
             # Given the same arguments, the followers fail alike (or time out in a collective):
-            # let them finish before the error leaves, so the next call finds them idle.
+            # let them finish before the error leaves, so the next call finds them idle. If one
+            # died (which fails this rank's collective), say so rather than how the collective failed.
             if refs:
                 import ray
 
                 ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+                self._raise_if_dead(name, refs)
             raise
         theirs = self._collect(name, refs)
         if compare:
@@ -135,6 +137,25 @@ class TensorParallelRank(RolloutWorker):
                     raise RuntimeError(f"tensor-parallel rank {r} answered {name} differently from rank 0: the ranks "
                                        "are out of lock-step")
         return mine
+
+    def _raise_if_dead(self, name: str, refs: list) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+        for r, ref in enumerate(refs, 1):
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError as e:
+                raise self._died(r, name, e) from None
+            except (GetTimeoutError, RayError):  # still running, or failed as this rank did
+                pass
+
+    @staticmethod
+    def _died(rank: int, name: str, err: Exception) -> RuntimeError:
+        return RuntimeError(
+            f"tensor-parallel rank {rank} of this rollout worker died during {name}; a tensor-parallel worker "
+            f"cannot replace a rank (its process group is fixed): {(str(err).strip().splitlines() or [''])[0]}"
+        )
 
     def _collect(self, name: str, refs: list) -> list:
         import ray
@@ -146,10 +167,7 @@ class TensorParallelRank(RolloutWorker):
             try:
                 out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except RayActorError as e:
-                raise RuntimeError(
-                    f"tensor-parallel rank {r} of this rollout worker died during {name}; a tensor-parallel worker "
-                    f"cannot replace a rank (its process group is fixed): {str(e).strip().splitlines()[0]}"
-                ) from None
+                raise self._died(r, name, e) from None
             except GetTimeoutError:
                 raise RuntimeError(
                     f"tensor-parallel rank {r} of this rollout worker did not finish {name} within "

@@ -2,7 +2,8 @@
 group, the tiny model sharded by its TP plan) answers as a 1-rank worker: the same greedy
 candidates and evaluation text, reference log-probs within 1e-5; and after a weight push of
 perturbed weights (over the real weight-sync code, this process as learner rank 0) it holds
-those weights: logits equal to the 1-rank worker's and to the perturbed model's own."""
+those weights: logits equal to the 1-rank worker's and to the perturbed model's own. A rank
+that dies fails the worker's next call at once, naming the rank."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 
 import pytest
 import torch
+from ray.exceptions import RayTaskError
 
 from safer_dist.cluster.rollout import RolloutGroup
 from safer_dist.config import Config
@@ -97,6 +99,11 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
         after = _answers(plain)
         assert after[1] != before[1], "the push changed the weights the log-probs come from"
         _assert_same(_answers(tp), after)
+
+        # A rank that dies fails the worker's next call at once, naming it (it cannot be replaced).
+        ray_local.kill(tp.tensor_parallel.ranks[0][1], no_restart=True)
+        with pytest.raises(RayTaskError, match="tensor-parallel rank 1 of this rollout worker died during sample"):
+            tp.sample(ITEMS, n=2, stop_strings=None, max_new_tokens=4, temperature=0.0)
     finally:
         close_group(group)
         tp.shutdown()
