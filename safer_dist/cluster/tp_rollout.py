@@ -85,6 +85,7 @@ class TensorParallelRank(RolloutWorker):
             timeout=timedelta(seconds=timeout_s), **({"device_id": torch.device("cuda", 0)} if backend == "nccl" else {}),
         )
         super().__init__(model, rollout, path=path, device=device)
+        check_weight_layout(self.model, trust_remote_code=model.trust_remote_code)
 
     # -- calls, run by every rank in lock-step ------------------------------------------------
     def generate(self, prompts, **kwargs) -> list[dict]:
@@ -195,6 +196,27 @@ def shard_of(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def check_weight_layout(model: torch.nn.Module, *, trust_remote_code: bool = False) -> None:
+    """Refuse a sharded ``model`` that :func:`receive_sharded_weights` cannot fill: its
+    parameters must come in the order and with the full shapes of the unsharded model, which is
+    what the learners send (a sharded parameter as a DTensor; a transformers release that held
+    the shards as plain local tensors would show smaller shapes)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        whole = AutoModelForCausalLM.from_config(model.config, trust_remote_code=trust_remote_code)
+    want = [(n, tuple(p.shape)) for n, p in whole.named_parameters()]
+    got = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    if got != want:
+        diff = next(((g, w) for g, w in zip(got, want) if g != w), (got[len(want):] or None, want[len(got):] or None))
+        raise RuntimeError(
+            "rollout.tensor_parallel: this transformers release shards the model so that a weight push cannot "
+            f"fill it (parameters must show the unsharded model's names, order and full shapes; first difference: "
+            f"{diff[0]} where the learners send {diff[1]}); use a transformers release whose tensor parallelism "
+            "holds DTensor parameters (5.25 does), or rollout.tensor_parallel=1"
+        )
 
 
 def receive_sharded_weights(module: torch.nn.Module, sync_group, *, bucket_mb: float = 256.0) -> None:

@@ -247,13 +247,18 @@ def load_model(
 
 
 def _tensor_parallel_kwargs(tp_size: int) -> dict:
-    """``from_pretrained`` arguments for the model's own TP plan over ``tp_size`` ranks:
-    ``distributed_config`` where transformers has it (5.17 on), else the older ``tp_plan``."""
+    """``from_pretrained`` arguments for the model's own TP plan over ``tp_size`` ranks: a
+    ``DistributedConfig`` where transformers' has ``tp_size`` (5.17 on; an older class of that
+    name has no TP fields), else the older ``tp_plan="auto"`` arguments."""
+    import dataclasses
+
     try:
         from transformers import DistributedConfig
     except ImportError:
-        return {"tp_plan": "auto", "tp_size": tp_size}
-    return {"distributed_config": DistributedConfig(tp_size=tp_size, tp_plan="auto")}
+        DistributedConfig = None
+    if DistributedConfig is not None and "tp_size" in {f.name for f in dataclasses.fields(DistributedConfig)}:
+        return {"distributed_config": DistributedConfig(tp_size=tp_size)}  # the model's own plan
+    return {"tp_plan": "auto", "tp_size": tp_size}
 
 
 def count_params(model: torch.nn.Module) -> int:
