@@ -3,18 +3,21 @@ group, the tiny model sharded by its TP plan) answers as a 1-rank worker: the sa
 candidates and evaluation text, reference log-probs within 1e-5; and after a weight push of
 perturbed weights (over the real weight-sync code, this process as learner rank 0) it holds
 those weights: logits equal to the 1-rank worker's and to the perturbed model's own. A rank
-that dies fails the worker's next call at once, naming the rank."""
+that dies fails the worker's next call at once, naming the rank; a worker that cannot be placed
+fails within its deadline, naming what it needs."""
 
 from __future__ import annotations
 
 import dataclasses
 import socket
+import time
 
 import pytest
 import torch
 from ray.exceptions import RayTaskError
 
-from safer_dist.cluster.rollout import RolloutGroup
+from safer_dist.cluster.rollout import RolloutFailure, RolloutGroup
+from safer_dist.cluster.tp_rollout import TensorParallelWorkers
 from safer_dist.config import Config
 from safer_dist.erpo.weight_sync import close_group, make_group, send_weights
 from safer_dist.train.models import load_model
@@ -108,3 +111,16 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
         close_group(group)
         tp.shutdown()
         plain.shutdown()
+
+
+def test_a_worker_that_cannot_be_placed_fails_within_its_deadline(ray_local, tiny_model_dir):
+    # Ray has 4 CPUs: two ranks of 3 CPUs each on one node cannot be placed.
+    cfg = Config()
+    rollout = dataclasses.replace(cfg.rollout, num_workers=1, cpus_per_worker=3, tensor_parallel=2)
+    t0 = time.monotonic()
+    with pytest.raises(RolloutFailure, match=r"1 of 1 tensor-parallel rollout worker\(s\) could not be placed within "
+                                             r"2 s: each needs 2 x \{'CPU': 3\} on one node \(rollout\.tensor_parallel=2"):
+        TensorParallelWorkers(cfg.model, rollout, path=str(tiny_model_dir), device="cpu", use_gpu=False, timeout_s=2)
+    assert time.monotonic() - t0 < 30
+    states = {pg["state"] for pg in ray_local.util.placement_group_table().values()}
+    assert states <= {"REMOVED"}, "the placement group that waited was removed"
