@@ -177,12 +177,12 @@ class RolloutGroup:
         import ray
 
         self.cfg = rollout
-        self.tensor_parallel = None
+        self.tp_workers = None
         if rollout.tensor_parallel > 1:  # each worker is K rank actors; its rank 0 stands for it here
             from safer_dist.cluster.tp_rollout import TensorParallelWorkers
 
-            self.tensor_parallel = TensorParallelWorkers(model, rollout, path=path, device=device, use_gpu=use_gpu)
-            self.workers = list(self.tensor_parallel.leaders)
+            self.tp_workers = TensorParallelWorkers(model, rollout, path=path, device=device, use_gpu=use_gpu)
+            self.workers = list(self.tp_workers.leaders)
         else:
             remote = ray.remote(
                 num_cpus=rollout.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=rollout.max_restarts,
@@ -329,5 +329,5 @@ class RolloutGroup:
 
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        if self.tensor_parallel is not None:
-            self.tensor_parallel.shutdown()
+        if self.tp_workers is not None:
+            self.tp_workers.shutdown()

@@ -65,11 +65,11 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
     tp = RolloutGroup(cfg.model, dataclasses.replace(one, tensor_parallel=2), path=str(tiny_model_dir), device="cpu")
     group = None
     try:
-        assert len(tp.workers) == 1 and len(tp.tensor_parallel.ranks[0]) == 2
+        assert len(tp.workers) == 1 and len(tp.tp_workers.ranks[0]) == 2
         # The ranks really hold halves: q_proj's 64 output rows are 32 per rank.
         shapes = [ray_local.get(r.__ray_call__.remote(lambda w: tuple(w.model.model.layers[0].self_attn.q_proj
                                                                         .weight.to_local().shape)))
-                  for r in tp.tensor_parallel.ranks[0]]
+                  for r in tp.tp_workers.ranks[0]]
         assert shapes == [(32, 64), (32, 64)]
 
         before = _answers(plain)
@@ -104,7 +104,7 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
         _assert_same(_answers(tp), after)
 
         # A rank that dies fails the worker's next call at once, naming it (it cannot be replaced).
-        ray_local.kill(tp.tensor_parallel.ranks[0][1], no_restart=True)
+        ray_local.kill(tp.tp_workers.ranks[0][1], no_restart=True)
         with pytest.raises(RayTaskError, match="tensor-parallel rank 1 of this rollout worker died during sample"):
             tp.sample(ITEMS, n=2, stop_strings=None, max_new_tokens=4, temperature=0.0)
     finally:
