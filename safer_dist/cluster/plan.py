@@ -272,12 +272,15 @@ CANDIDATES = (
 )
 
 
-def rollout_bytes(shape: ModelShape, *, rows: int, tokens_per_row: int, score_tokens: int = 8192) -> dict[str, float]:
-    """One rollout worker (a bf16 inference copy on one GPU): weights, the KV cache of ``rows``
-    sequences of ``tokens_per_row``, and the logits of one packed scoring pass
-    (``sampling.continuation_logprobs``: ``score_tokens`` tokens, bf16 logits + fp32 log-softmax)."""
-    weights = 2.0 * shape.num_params()
-    kv_cache = 2.0 * 2 * shape.num_layers * shape.kv_dim * rows * tokens_per_row
+def rollout_bytes(shape: ModelShape, *, rows: int, tokens_per_row: int, score_tokens: int = 8192,
+                  tensor_parallel: int = 1) -> dict[str, float]:
+    """One GPU of a rollout worker (a bf16 inference copy, sharded over ``tensor_parallel`` GPUs):
+    weights, the KV cache of ``rows`` sequences of ``tokens_per_row``, and the logits of one
+    packed scoring pass (``sampling.continuation_logprobs``: ``score_tokens`` tokens, bf16
+    logits + fp32 log-softmax). The TP plan shards the weights and the attention heads (so the KV
+    cache) over the GPUs; the logits are gathered whole on every GPU."""
+    weights = 2.0 * shape.num_params() / tensor_parallel
+    kv_cache = 2.0 * 2 * shape.num_layers * shape.kv_dim * rows * tokens_per_row / tensor_parallel
     logits = float(score_tokens * shape.vocab_size * (2 + 4))
     return {"weights": weights, "kv_cache": kv_cache, "logits": logits, "total": weights + kv_cache + logits}
 
@@ -347,7 +350,8 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
                        t.micro_batch_size)
     kw = dict(world_size=world, gpus_per_node=min(gpus_per_node, world), max_seq_len=seq, mixed_precision=mixed,
               loss_chunk_tokens=cfg.learner.loss_chunk_tokens)
-    rollout = rollout_bytes(model_shape, rows=cfg.rollout.batch_size, tokens_per_row=seq)
+    tp = cfg.rollout.tensor_parallel
+    rollout = rollout_bytes(model_shape, rows=cfg.rollout.batch_size, tokens_per_row=seq, tensor_parallel=tp)
     plan = Plan(model_shape, source, world, gpus_per_node, nodes, gpu_mem_gb * GIB, seq, mixed, configured,
                 [(configured, estimate(model_shape, configured, **kw))], None, rollout, [])
     # micro-batches that keep global_batch_size a multiple of micro_batch_size x learners
@@ -370,17 +374,22 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
             out.append("ERPO learners: not even one pair per micro-batch fits; shorten data.max_seq_len")
     # `safer run`, `eval` and `erpo` generate on rollout workers
     fits = plan.fits(rollout["total"])
+    what = ("1 GPU, bf16 copy, no tensor parallelism" if tp == 1 else
+            f"{tp} GPUs of a node, bf16 copy sharded by tensor parallelism; per GPU")
     out.append(
-        f"rollout worker (1 GPU, bf16 copy, no tensor parallelism): weights {rollout['weights'] / GIB:.1f} + "
+        f"rollout worker ({what}): weights {rollout['weights'] / GIB:.1f} + "
         f"KV cache {rollout['kv_cache'] / GIB:.1f} ({cfg.rollout.batch_size} rows x {seq} tokens) + scoring logits "
         f"{rollout['logits'] / GIB:.1f} = {rollout['total'] / GIB:.1f} GiB: "
-        + ("fits" if fits else "DOES NOT FIT — `safer eval`/`erpo`/`run` cannot place this model on one GPU; "
-           "use `safer sft`")
+        + ("fits" if fits else f"DOES NOT FIT — `safer eval`/`erpo`/`run` cannot place this model on {tp} GPU(s); "
+           "raise rollout.tensor_parallel (shards it over that many GPUs of a node) or use `safer sft`")
     )
+    if tp > gpus_per_node:
+        out.append(f"rollout.tensor_parallel={tp} needs {tp} GPUs on one node; a node has {gpus_per_node}")
     groups = 1 + (cfg.judge.kind == "model") + (e.reference == "sft")
-    need = world + groups * cfg.rollout.num_workers
+    need = world + groups * cfg.rollout.num_workers * tp
     if e.iterations > 0 and need > gpus:
-        out.append(f"ERPO places {world} learners + {groups} x {cfg.rollout.num_workers} rollout workers = {need} "
+        per = "" if tp == 1 else f" of {tp} GPUs"
+        out.append(f"ERPO places {world} learners + {groups} x {cfg.rollout.num_workers} rollout workers{per} = {need} "
                    f"GPUs; the cluster has {gpus}: lower learner.num_learners or rollout.num_workers")
     load = 2.0 * model_shape.num_params()  # the 16-bit weights
     per_node = min(gpus_per_node, world)

@@ -288,3 +288,26 @@ def test_recipes_load_and_carry_their_plan(recipe):
     comment = [line[4:] for line in path.read_text().splitlines() if line.startswith("#   ")]
     start = comment.index(printed[0])
     assert comment[start : start + len(printed)] == printed, f"refresh the plan in {recipe}'s comment"
+
+
+def test_rollout_tensor_parallel_shards_the_copy_over_gpus_of_a_node():
+    # Llama-3-70B (70.55e9 parameters, 80 layers, 8 KV heads x 128), rollout.tensor_parallel=4,
+    # 32 rows x 2048 tokens, per GPU: weights 2 B x 70.55e9 / 4 = 32.9 GiB; KV cache
+    # 2 (K, V) x 2 B x 80 x 1024 x 32 x 2048 / 4 = 5.0 GiB; scoring logits 8192 x 128256 x (2 + 4) B
+    # = 5.9 GiB, gathered whole on every GPU. 2 workers of 4 GPUs beside 32 learners: 40 GPUs.
+    over = {"learner.num_learners": 32, "learner.zero_stage": 3, "data.max_seq_len": 2048,
+            "rollout.tensor_parallel": 4, "rollout.num_workers": 2}
+    plan = plan_config(_cfg(**over), gpus_per_node=8, nodes=4, gpu_mem_gb=80, shape="llama3-70b")
+    assert ("rollout worker (4 GPUs of a node, bf16 copy sharded by tensor parallelism; per GPU): weights 32.9 + "
+            "KV cache 5.0 (32 rows x 2048 tokens) + scoring logits 5.9 = 43.7 GiB: fits") in plan.lines
+    assert any(line.startswith("ERPO places 32 learners + 1 x 2 rollout workers of 4 GPUs = 40 GPUs; the cluster "
+                               "has 32") for line in plan.lines)
+    # One GPU: the whole copy does not fit, and the line names the setting that shards it.
+    plan = plan_config(_cfg(**{**over, "rollout.tensor_parallel": 1}), gpus_per_node=8, nodes=4, gpu_mem_gb=80,
+                       shape="llama3-70b")
+    (line,) = [x for x in plan.lines if x.startswith("rollout worker")]
+    assert "157.3 GiB: DOES NOT FIT" in line and "raise rollout.tensor_parallel" in line
+    # More ranks than a node has GPUs cannot be placed (STRICT_PACK on one node).
+    plan = plan_config(_cfg(**{**over, "rollout.tensor_parallel": 16}), gpus_per_node=8, nodes=4, gpu_mem_gb=80,
+                       shape="llama3-70b")
+    assert "rollout.tensor_parallel=16 needs 16 GPUs on one node; a node has 8" in plan.lines
