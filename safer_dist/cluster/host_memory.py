@@ -19,10 +19,14 @@ per process. For the fullest node (``l`` learners, ``w`` rollout workers)::
                   bucket's pages are touched only as far as the gradients fill it)
     GPU rollout worker: 2P (the bf16 weights pass through the host)
     CPU rollout worker: plan.rollout_bytes in fp32 (weights, KV cache, scoring logits)
+    With rollout.tensor_parallel = K each worker is K processes, each holding a K-th of the
+    weights and KV cache (transformers reads each rank's slice of the checkpoint, safetensors
+    get_slice): 2P/K on a GPU host, plan.rollout_bytes(tensor_parallel=K) on CPU.
 
 Learners on the fullest node: ``ceil(num_learners / nodes)`` with SPREAD / STRICT_SPREAD, else as
 many as fit (``gpus_per_node``, or ``cpus_per_node // cpus_per_learner``); rollout workers
-(``rollout.num_workers`` per rollout group, as `safer plan` counts groups) fill what is left.
+(``rollout.num_workers`` x ``rollout.tensor_parallel`` processes per rollout group, as `safer plan`
+counts groups) fill what is left.
 It errs on the large side: a job killed for memory loses more than one that asks too much.
 """
 
@@ -75,7 +79,8 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
     p = float(shape.num_params())
     gpu = gpus_per_node > 0 and cfg.launch.device != "cpu" and lr.gpus_per_learner != "0"
     groups = 1 + (cfg.judge.kind == "model") + (cfg.erpo.reference == "sft")
-    workers = groups * ro.num_workers if stage in ("run", "erpo") else 0
+    k = ro.tensor_parallel  # a rollout worker is k processes, each holding a k-th of the model
+    workers = groups * ro.num_workers * k if stage in ("run", "erpo") else 0
 
     spread = lr.placement in ("SPREAD", "STRICT_SPREAD")
     fit = gpus_per_node if gpu else cpus_per_node // lr.cpus_per_learner  # learners one node can hold
@@ -91,12 +96,13 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
         est = estimate(shape, setup, world_size=lr.num_learners, gpus_per_node=1, max_seq_len=seq,
                        mixed_precision=mixed, loss_chunk_tokens=lr.loss_chunk_tokens)
         learner = CUDA_PROCESS_HOST_BYTES + (2 if mixed else 4) * p + est.cpu_per_node
-        worker = CUDA_PROCESS_HOST_BYTES + 2 * p
+        worker = CUDA_PROCESS_HOST_BYTES + 2 * p / k
     else:
         setup = Setup(lr.zero_stage, False, False, cfg.model.gradient_checkpointing, cfg.train.micro_batch_size)
         est = estimate(shape, setup, world_size=lr.num_learners, gpus_per_node=1, max_seq_len=seq,
                        mixed_precision=False, loss_chunk_tokens=lr.loss_chunk_tokens)
         learner = (PROCESS_HOST_BYTES + 4 * p + est.grads + est.optimizer + est.activations + est.logits
                    + min(est.buffers, 4 * p))
-        worker = PROCESS_HOST_BYTES + 2 * rollout_bytes(shape, rows=ro.batch_size, tokens_per_row=seq)["total"]
+        worker = PROCESS_HOST_BYTES + 2 * rollout_bytes(shape, rows=ro.batch_size, tokens_per_row=seq,
+                                                        tensor_parallel=k)["total"]
     return HostMemory(n_learners, n_workers, learner, worker)

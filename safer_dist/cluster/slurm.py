@@ -127,17 +127,22 @@ def check_fits(cfg: Config, opts: SubmitOptions) -> None:
     lr, ro = cfg.learner, cfg.rollout
     ask = f"--nodes {opts.nodes} --gpus-per-node {opts.gpus_per_node}"
     gpu_learners = opts.gpus_per_node > 0 and cfg.launch.device != "cpu" and lr.gpus_per_learner != "0"
-    # ERPO holds learners and rollout workers at once; SFT only learners.
+    # ERPO holds learners and rollout workers at once; SFT only learners. A worker is
+    # rollout.tensor_parallel processes (a GPU each), all on one node.
     workers = ro.num_workers if opts.stage in ("run", "erpo") else 0
+    tp = f" x rollout.tensor_parallel={ro.tensor_parallel}" if ro.tensor_parallel > 1 else ""
     if gpu_learners:
-        need = lr.num_learners + workers
+        need = lr.num_learners + workers * ro.tensor_parallel
         have = opts.nodes * opts.gpus_per_node
         if need > have:
             raise ConfigError(
                 f"learner.num_learners={lr.num_learners}"
-                + (f" + rollout.num_workers={workers}" if workers else "")
+                + (f" + rollout.num_workers={workers}{tp}" if workers else "")
                 + f" need {need} GPUs; {ask} give {have}"
             )
+        if workers and ro.tensor_parallel > opts.gpus_per_node:
+            raise ConfigError(f"rollout.tensor_parallel={ro.tensor_parallel} puts each rollout worker on that many "
+                              f"GPUs of one node; --gpus-per-node {opts.gpus_per_node} is too few")
     elif lr.gpus_per_learner == "1":
         raise ConfigError(f"learner.gpus_per_learner=1 needs GPUs; {ask} gives none")
     if lr.placement == "STRICT_SPREAD" and lr.num_learners > opts.nodes:
@@ -151,11 +156,11 @@ def check_fits(cfg: Config, opts: SubmitOptions) -> None:
             f"--gpus-per-node {opts.gpus_per_node} is too few"
         )
     cpus = cpus_per_node(cfg, opts)
-    need_cpus = lr.num_learners * lr.cpus_per_learner + workers * ro.cpus_per_worker
+    need_cpus = lr.num_learners * lr.cpus_per_learner + workers * ro.tensor_parallel * ro.cpus_per_worker
     if need_cpus > opts.nodes * cpus:
         raise ConfigError(
             f"the {opts.stage} stage's Ray actors need {need_cpus} CPUs (learner.cpus_per_learner, "
-            f"rollout.cpus_per_worker); --nodes {opts.nodes} --cpus-per-node {cpus} give {opts.nodes * cpus}"
+            f"rollout.cpus_per_worker{tp}); --nodes {opts.nodes} --cpus-per-node {cpus} give {opts.nodes * cpus}"
         )
     if lr.placement == "STRICT_PACK" and lr.num_learners * lr.cpus_per_learner > cpus:
         raise ConfigError(
@@ -169,7 +174,7 @@ def cpus_per_node(cfg: Config, opts: SubmitOptions) -> int:
     if opts.cpus_per_node is not None:
         return opts.cpus_per_node
     lr, ro = cfg.learner, cfg.rollout
-    workers = ro.num_workers if opts.stage in ("run", "erpo") else 0
+    workers = ro.num_workers * ro.tensor_parallel if opts.stage in ("run", "erpo") else 0  # processes
     need = lr.num_learners * lr.cpus_per_learner + workers * ro.cpus_per_worker
     if lr.placement == "STRICT_PACK":
         return need

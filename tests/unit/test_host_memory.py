@@ -59,6 +59,19 @@ def test_rollout_workers_fill_what_the_learners_leave(tmp_path):
     assert judged.workers == 4
 
 
+def test_tensor_parallel_workers_are_k_processes_with_a_kth_each(tmp_path):
+    # rollout.tensor_parallel=2: 2 workers are 4 processes; 2 fit beside the 2 learners on 4 CPUs.
+    # Each holds, fp32 (2 x bf16): weights 2P / 2 = 146,240; KV 4,194,304 / 2 = 2,097,152;
+    # scoring logits 49,152,000 (whole on every rank) -> 2 x 51,395,392 = 102,790,784
+    m = host_memory(_cfg(tmp_path, "rollout.tensor_parallel=2"), nodes=2, gpus_per_node=0, cpus_per_node=4,
+                    stage="run")
+    assert (m.learners, m.workers) == (2, 2)
+    assert m.worker_bytes == 1.5 * GIB + 102_790_784
+    wide = host_memory(_cfg(tmp_path, "rollout.tensor_parallel=2"), nodes=2, gpus_per_node=0, cpus_per_node=8,
+                       stage="run")
+    assert wide.workers == 4
+
+
 def test_describe_says_how_it_adds_up():
     m = HostMemory(learners=8, workers=0, learner_bytes=18 * GIB, worker_bytes=0)
     assert m.describe() == "Ray + driver 2.0 + 8 learner(s) x 18.0 = 146.0 GiB per node"

@@ -98,6 +98,13 @@ def test_relative_paths_are_made_absolute(tmp_path):
     (["learner.num_learners=16", "train.global_batch_size=128"], {"gpus_per_node": 8, "stage": "run"},
      r"learner.num_learners=16 \+ rollout.num_workers=2 need 18 GPUs; --nodes 2 --gpus-per-node 8 give 16"),
     (["learner.gpus_per_learner=1"], {}, "needs GPUs"),
+    (["learner.num_learners=8", "train.global_batch_size=64", "rollout.tensor_parallel=5"],
+     {"gpus_per_node": 8, "stage": "run"},
+     r"learner.num_learners=8 \+ rollout.num_workers=2 x rollout.tensor_parallel=5 need 18 GPUs; --nodes 2 "
+     r"--gpus-per-node 8 give 16"),
+    (["learner.num_learners=1", "rollout.num_workers=1", "rollout.tensor_parallel=9"],
+     {"gpus_per_node": 8, "stage": "run"},
+     "rollout.tensor_parallel=9 puts each rollout worker on that many GPUs of one node; --gpus-per-node 8 is too few"),
 ])
 def test_prepare_rejects_before_submitting(tmp_path, overrides, opts, match):
     with pytest.raises(ConfigError, match=match):
