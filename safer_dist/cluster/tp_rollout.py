@@ -36,8 +36,9 @@ more (to K-1 followers: NVLink on a GPU node), and each rank holds one full buck
 
 Failures: a tensor-parallel worker is not restarted (``rollout.max_restarts`` does not apply),
 because a new process cannot join its ranks' process group. A follower that dies fails the
-worker's call with an error naming it; a leader that dies is reported by the group
-(RolloutFailure: it could not be restarted).
+worker's call with RolloutFailure naming it (raised in rank 0, so the caller's error is also a
+RolloutFailure); a leader that dies is reported by the group (RolloutFailure: it could not be
+restarted).
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ class TensorParallelRank(RolloutWorker):
                 pass
 
     @staticmethod
-    def _died(rank: int, name: str, err: Exception) -> RuntimeError:
-        return RuntimeError(
+    def _died(rank: int, name: str, err: Exception) -> RolloutFailure:
+        return RolloutFailure(
             f"tensor-parallel rank {rank} of this rollout worker died during {name}; a tensor-parallel worker "
             f"cannot replace a rank (its process group is fixed): {(str(err).strip().splitlines() or [''])[0]}"
         )
@@ -170,7 +171,7 @@ class TensorParallelRank(RolloutWorker):
             except RayActorError as e:
                 raise self._died(r, name, e) from None
             except GetTimeoutError:
-                raise RuntimeError(
+                raise RolloutFailure(
                     f"tensor-parallel rank {r} of this rollout worker did not finish {name} within "
                     f"{self.timeout_s:.0f} s of rank 0"
                 ) from None
@@ -298,7 +299,9 @@ class TensorParallelWorkers:
         except BaseException:
             self.shutdown()
             raise
-        log.info("%d tensor-parallel rollout worker(s) of %d ranks each ready", m, k)
+        log.info("%d tensor-parallel rollout worker(s) of %d ranks each ready%s", m, k,
+                 f" (rollout.max_restarts={rollout.max_restarts} does not apply: a rank that dies is not replaced)"
+                 if rollout.max_restarts else "")
 
     def shutdown(self) -> None:
         import ray

@@ -14,7 +14,6 @@ import time
 
 import pytest
 import torch
-from ray.exceptions import RayTaskError
 
 from safer_dist.cluster.rollout import RolloutFailure, RolloutGroup
 from safer_dist.cluster.tp_rollout import TensorParallelWorkers
@@ -105,7 +104,7 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
 
         # A rank that dies fails the worker's next call at once, naming it (it cannot be replaced).
         ray_local.kill(tp.tp_workers.ranks[0][1], no_restart=True)
-        with pytest.raises(RayTaskError, match="tensor-parallel rank 1 of this rollout worker died during sample"):
+        with pytest.raises(RolloutFailure, match="tensor-parallel rank 1 of this rollout worker died during sample"):
             tp.sample(ITEMS, n=2, stop_strings=None, max_new_tokens=4, temperature=0.0)
     finally:
         close_group(group)
