@@ -9,16 +9,16 @@ a model that does not fit one device samples on K.
 
     RolloutGroup ──call──▶ rank 0 (leader) ──same call, same arguments──▶ ranks 1..K-1
                              │ runs it too: every forward is collective over the K ranks
-                   ◀── rank 0's answer, once the followers' are in (they must be equal)
+                   ◀── rank 0's answer, once the followers' are in (sampled tokens: equal)
 
 Lock-step: every forward of a sharded model is a collective, so the K ranks must run the same
 forwards in the same order. The leader hands each call (``generate``, ``sample``, ``logprobs``,
 ``logits``, ``receive_weights``) to the followers before running it itself, and returns its own
 answer once theirs are in; the group talks to the leader alone, as to a 1-rank worker. The ranks
-agree on everything that steers the sampler: the logits are gathered (``lm_head`` is sharded with
-gathered output) and a reduced sum is the same on every rank, and each row's random stream is
-seeded from (seed, prefix, candidate), so the same rows end at the same step on every rank. The
-ranks' ``sample`` answers are compared, and a difference is an error.
+agree on everything that steers the sampler: the logits are gathered (``lm_head`` is sharded
+with gathered output), an all-reduce leaves the same sum on every rank, and each row's random
+stream is seeded from (seed, prefix, candidate), so the same rows end at the same step on every
+rank. The ranks' ``sample`` answers are compared, and a difference is an error.
 
 What runs sharded: the sampler's own attention (shared-prefix decode steps, the
 ``safer_segments`` prefill) and ``continuation_logprobs`` take whatever heads a rank holds, and
