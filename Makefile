@@ -1,23 +1,38 @@
 # The two commands: `make demo` (the main job on the embedded default) and `make test`.
-# Each creates .venv and installs on first use.
+# Each creates .venv and installs on first use, from the pinned set in constraints.txt.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch goes in first, pinned, so nothing else can pull a different (CUDA) build; pyproject.toml
 # accepts a range (torch>=2.9,<2.14) so that a GPU environment keeps its own CUDA torch.
 TORCH_SPEC ?= torch==2.13.0
+# Every package at the version the last green `make test` used; `make lock` refreshes it.
+CONSTRAINTS := constraints.txt
 export DS_BUILD_OPS := 0
 export DS_ACCELERATOR ?= cpu
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install lock clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
+
+# Re-resolve the ranges of pyproject.toml in a scratch venv and pin what that installs. Run
+# `make test` on the result before committing constraints.txt.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install -q -e ".[dev]"
+	{ sed -n '/^#/p' $(CONSTRAINTS); .venv-lock/bin/python -m pip freeze --exclude-editable \
+	  | sed -E 's/^(torch==[^+]*)\+.*/\1/' | LC_ALL=C sort -f; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-lock
 
 install: $(VENV)/.installed
 
@@ -31,4 +46,4 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -rs tests/unit
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-lock runs .pytest_cache

@@ -14,9 +14,11 @@ number of rows (``--batch-rows`` = prefixes per batch x N), and run the same ran
 ``--device``), bf16 on CUDA. The peer runs SDPA; safer's sampler runs its own attention
 whatever the model's (``safer_segments`` for the packed prefill, shared-prefix for decode steps),
 and on CPU runs the fp32 linear layers on weights reordered once per call for oneDNN
-(``safer_dist.erpo.packed_linear``). On CPU a third contestant, the same sampler on
-``nn.Linear`` (``packed_weights=False``), says how much of the figure that part gives; the
-ratio line is safer's default against the peer.
+(``safer_dist.erpo.packed_linear``). The comparison is like for like: on CPU the peer's
+``generate`` runs inside the same ``packed_linears`` context, so both contestants run the same
+weights path, and the ratio line compares those two. Two more CPU contestants, the sampler on
+``nn.Linear`` (``packed_weights=False``) and ``generate`` on ``nn.Linear``, give the same
+comparison on the layers as loaded ("on nn.Linear" line).
 
 The figure is candidate tokens/s: sampled tokens before EOS, up to and including the
 closing tag, per second. A random model rarely writes the closing tag, so rows run to
@@ -54,6 +56,7 @@ import time
 import torch
 
 from gpu import SHAPES, build_model_dir, hbm_gbps, synchronize, write_json
+from safer_dist.erpo.packed_linear import packed_linears
 
 
 def prefixes_for(ws, tok, step: str, num: int) -> tuple[list[list[int]], float]:
@@ -249,12 +252,16 @@ def main() -> None:
                 return sum(_safer_tokens(c, max_new) for cs in outs for c in cs), sw.seconds
             return run
 
+        def hf_window(packed_weights: bool = True):
+            return lambda: hf_run(packed_weights)
+
         @torch.no_grad()
-        def hf_window():
+        def hf_run(packed_weights: bool):
             torch.set_num_threads(args.threads)
             torch.manual_seed(args.seed)
             rows = []
-            with h.Stopwatch() as sw:
+            weights = packed_linears(model, rows_hint=args.batch_rows) if packed_weights else contextlib.nullcontext()
+            with weights, h.Stopwatch() as sw:
                 for start in [s for _ in range(args.steps) for s in range(0, len(prefixes), per_batch)]:
                     chunk = prefixes[start : start + per_batch]
                     width = max(len(x) for x in chunk)
@@ -270,23 +277,26 @@ def main() -> None:
                 synchronize(device)
             return _kept_tokens(rows, tok, stops), sw.seconds
 
-        windows = {"safer": safer_window()}
-        if device == "cpu":  # the reordered weights are a CPU path: on CUDA the two would be one
+        windows = {"safer": safer_window(), "hf": hf_window()}
+        if device == "cpu":  # the reordered weights are a CPU path: on CUDA the pairs would be the same
             windows["nn_linear"] = safer_window(packed_weights=False)
-        windows["hf"] = hf_window
+            windows["hf_linear"] = hf_window(packed_weights=False)
         for window in windows.values():  # warm-up
             window()
         names = {"safer": "safer sample_candidates (prefix reuse, continuous)",
                  "nn_linear": "safer sample_candidates on nn.Linear",
-                 "hf": f"HF generate(num_return_sequences={args.n})"}
+                 "hf": f"HF generate(num_return_sequences={args.n})",
+                 "hf_linear": f"HF generate(num_return_sequences={args.n}) on nn.Linear"}
         rates = h.alternate({names[key]: counted(key, window) for key, window in windows.items()}, args.repeats)
         mean_work = {key: {k: statistics.mean(w[k] for w in ws) for k in ws[0]} for key, ws in work.items()}
         assert mean_work.get("nn_linear", mean_work["safer"])["positions"] == mean_work["safer"]["positions"]
+        assert mean_work.get("hf_linear", mean_work["hf"])["positions"] == mean_work["hf"]["positions"]
         work_ratio = mean_work["hf"]["positions"] / mean_work["safer"]["positions"]
         print(f"positions through the model per window: safer {mean_work['safer']['positions']:.0f}, "
               f"HF {mean_work['hf']['positions']:.0f} (HF / safer = {work_ratio:.2f}: the speed-up if a position "
               "cost both the same)")
-        for key, name in (("safer", "safer"), ("nn_linear", "safer on nn.Linear"), ("hf", "HF")):
+        for key, name in (("safer", "safer"), ("nn_linear", "safer on nn.Linear"), ("hf", "HF"),
+                          ("hf_linear", "HF on nn.Linear")):
             if key not in mean_work:
                 continue
             print(f"time per window ({name}, mean): {ledger.describe(mean_work[key])}")
@@ -315,7 +325,7 @@ def main() -> None:
                 positions_per_window={key: w["positions"] for key, w in mean_work.items()},
                 forward_time_per_window=mean_work)
         if "nn_linear" in windows:
-            print("on nn.Linear: " + h.paired_line(rates, names["nn_linear"], names["hf"]))
+            print("on nn.Linear: " + h.paired_line(rates, names["nn_linear"], names["hf_linear"]))
         print(h.paired_line(rates, names["safer"], names["hf"]))
         print(h.ratio_line(h.median(rates[names["safer"]]), h.median(rates[names["hf"]])))
     finally:

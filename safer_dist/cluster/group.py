@@ -1,6 +1,7 @@
 """Ray plumbing: start or join Ray, and place learner ranks as actors.
 
-``LearnerGroup`` owns N ``Learner`` actors in one placement group (one bundle per rank).
+``LearnerGroup`` owns N ``Learner`` actors, one per bundle of a placement group: its own, or the
+phase's shared one that colocated rollout workers also use (safer_dist/cluster/placement.py).
 Rank 0 publishes its address; every rank then forms the torch.distributed group itself.
 Every call fans out to all ranks (the collective ones must) and waits with a timeout, so a
 dead or hung rank ends the job with a message naming it instead of hanging.
@@ -8,11 +9,13 @@ dead or hung rank ends the job with a message naming it instead of hanging.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from safer_dist.cluster.placement import Cluster, PhaseBundles, Slots, placement
 from safer_dist.config import Config, DpoLossSection, OptimSection
 from safer_dist.runtime.log import get_logger
 
@@ -37,9 +40,15 @@ def _actor_node_ip(_actor) -> str:
 
 
 def cuda_available_in_cluster() -> bool:
-    import ray
+    return Cluster.from_ray().num_gpus > 0
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+
+def release_cuda_cache(_actor=None) -> None:
+    """Hand this process's cached, unused CUDA memory back to the GPU, for a process sharing it."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def start_ray(cfg: Config) -> None:
@@ -61,9 +70,9 @@ def start_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     _local_token_auth()
     # ERPO holds learners and rollout workers at once; they take turns, so the logical CPUs
-    # may exceed the cores.
-    needed = cfg.learner.num_learners * cfg.learner.cpus_per_learner + (
-        cfg.rollout.num_workers * cfg.rollout.tensor_parallel * cfg.rollout.cpus_per_worker)
+    # may exceed the cores: as many as the fullest phase places (safer_dist/cluster/placement.py).
+    gpus = _local_gpus() if cfg.launch.device != "cpu" else 0
+    needed = math.ceil(placement(cfg, "run", Cluster.uniform(1, gpus)).max_cpus())
     num_cpus = cfg.launch.num_cpus or max(os.cpu_count() or 1, needed)
     # address="local": always a new instance, never a cluster that `ray start` left running.
     ray.init(
@@ -107,6 +116,12 @@ def _local_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _resources() -> str:
     import ray
 
@@ -121,35 +136,27 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def gpus_per_learner(cfg: Config) -> int:
-    if cfg.learner.gpus_per_learner == "auto":
-        if cfg.launch.device == "cpu":
-            return 0
-        return 1 if cuda_available_in_cluster() else 0
-    return int(cfg.learner.gpus_per_learner)
-
-
 class LearnerGroup:
     """N learner ranks as Ray actors. Methods mirror ``Learner``'s and run on every rank.
 
     ``optim`` is the stage's optimisation (default ``cfg.train``; ERPO passes
     ``cfg.erpo.optim``), ``model_path`` the weights to start from (default ``model.path``),
     ``dpo_loss`` the loss of :meth:`dpo_step` (ERPO passes ``cfg.erpo.loss``). All are handed
-    to the ranks once, at set-up.
+    to the ranks once, at set-up. ``slots``: where the ranks go, in a phase's placement groups
+    (``PhaseBundles.slots("learner")``, shared with colocated rollout workers); None: a placement
+    group of the group's own, as the SFT phase places it (safer_dist/cluster/placement.py).
     """
 
     def __init__(
-        self, cfg: Config, num_learners: int | None = None, *, optim: OptimSection | None = None,
-        model_path: str | None = None, dpo_loss: DpoLossSection | None = None,
+        self, cfg: Config, *, optim: OptimSection | None = None,
+        model_path: str | None = None, dpo_loss: DpoLossSection | None = None, slots: Slots | None = None,
     ):
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from safer_dist.train.learner import Learner
 
         self.cfg = cfg
-        self.world_size = num_learners or cfg.learner.num_learners
+        self.world_size = cfg.learner.num_learners
         self.timeout_s = cfg.learner.call_timeout_s
         # The newest complete checkpoint this job saved or resumed from (set by Checkpointer),
         # named in the message when a learner fails.
@@ -158,19 +165,18 @@ class LearnerGroup:
         # restore changed the weights (a restarted rollout worker can then not get it again).
         self.weights_version: int | None = None
         self.pids: list[int] = []
-        gpus = gpus_per_learner(cfg)
-        cpus = cfg.learner.cpus_per_learner
-        bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in range(self.world_size)]
-        self.pg = placement_group(bundles, strategy=cfg.learner.placement)
-        self._get([self.pg.ready()], "placement group", timeout_s=cfg.learner.placement_timeout_s, ranked=False)
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(Learner)
-        device = cfg.launch.device if gpus or cfg.launch.device != "auto" else "cpu"
+        self.own_bundles = None
+        if slots is None:
+            phase = placement(cfg, "sft", Cluster.from_ray()).phase("sft")
+            self.own_bundles = PhaseBundles(phase, cfg.learner.placement_timeout_s, "learner.placement_timeout_s")
+            slots = self.own_bundles.slots("learner")
+        self.slots = slots
+        remote = ray.remote(max_restarts=0)(Learner)
+        device = cfg.launch.device if slots.gpus or cfg.launch.device != "auto" else "cpu"
         self.actors = [
-            remote.options(
-                name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(cfg.learner, optim or cfg.train, cfg.model, cfg.data, seed=cfg.run.seed, device=device,
-                     model_path=model_path, dpo_loss=dpo_loss)
+            remote.options(name=None, **slots.options(i)).remote(
+                cfg.learner, optim or cfg.train, cfg.model, cfg.data, seed=cfg.run.seed, device=device,
+                model_path=model_path, dpo_loss=dpo_loss)
             for i in range(self.world_size)
         ]
         self.pids = self._get([a.__ray_call__.remote(_actor_pid) for a in self.actors], "start")
@@ -273,19 +279,31 @@ class LearnerGroup:
 
     # -- weight sync to rollout workers -----------------------------------------------------
     def connect_weight_sync(self, rollout: RolloutGroup) -> None:
-        """Form the weight-sync group: learner rank 0 is member 0, rollout worker i member i+1.
-        Any group formed before is left first, so this also rebuilds it (on a new port); the
-        workers keep their weights. Gives ``rollout`` its ``resync`` hook (:meth:`resync`)."""
+        """Form the weight-sync group: learner rank 0 is member 0, rollout worker i member i+1;
+        a worker on rank 0's GPU gets the CUDA-IPC hand-over instead of the broadcast
+        (erpo/weight_sync.py). Any group formed before is left first, so this also rebuilds it
+        (on a new port); the workers keep their weights. Gives ``rollout`` its ``resync`` hook (:meth:`resync`)."""
+        from safer_dist.erpo.weight_sync import layout, member_device_key
+
         host, port = self._get([self.actors[0].address.remote()], "address")[0]
-        world = 1 + len(rollout.workers)
-        refs = [self.actors[0].init_sync.remote(host, port, world)]
-        refs += rollout.init_sync_refs(host, port, first_rank=1, world_size=world)
-        self._get(refs, "weight-sync set-up", timeout_s=300.0, names=self._sync_names(rollout, 1))
+        # Workers on learner rank 0's own GPU (colocated) take the CUDA-IPC hand-over, the rest
+        # the broadcast (erpo/weight_sync.py).
+        keys = self._get([self.actors[0].__ray_call__.remote(member_device_key)] + rollout.device_key_refs(),
+                         "device query", names=self._sync_names(rollout, 1))
+        members = layout(keys)
+        refs = [self.actors[0].init_sync.remote(host, port, members[0])]
+        refs += rollout.init_sync_refs(host, port, members[1:])
+        self._get(refs, f"weight-sync set-up (rollout.sync_timeout_s={rollout.cfg.sync_timeout_s:g})",
+                  timeout_s=rollout.cfg.sync_timeout_s, names=self._sync_names(rollout, 1))
         rollout.resync = lambda: self.resync(rollout)
 
     def push_weights(self, rollout: RolloutGroup, version: int) -> None:
         """Broadcast the learners' weights to every rollout worker, which then holds ``version``."""
         t0 = time.perf_counter()
+        if self.slots.gpus and self.slots.gpus < 1:
+            # Colocated on CUDA: the learners' cached activation memory goes back to the GPU for
+            # the rollout workers' KV cache (the workers release theirs after each call).
+            self._all("release cached GPU memory", lambda a, r: a.__ray_call__.remote(release_cuda_cache))
         refs = [a.send_weights.remote(version) for a in self.actors] + rollout.receive_weights_refs(version)
         self._get(refs, f"weight sync (version {version})", names=self._sync_names(rollout, self.world_size))
         rollout.expected_version = version
@@ -321,8 +339,11 @@ class LearnerGroup:
         ]
 
     # -- checkpoints and export -------------------------------------------------------------
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
-        self._all("save_checkpoint", lambda a, r: a.save_checkpoint.remote(root, tag, client_state))
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:
+        """Every rank writes its shards; returns the digests of their files, by name
+        (``checkpoint.rank_digests``: each rank hashed its own, in parallel)."""
+        per_rank = self._all("save_checkpoint", lambda a, r: a.save_checkpoint.remote(root, tag, client_state, hash_files))
+        return {name: d for digests in per_rank for name, d in digests.items()}
 
     def load_checkpoint(self, root: str, tag: str, **kwargs) -> dict:
         self.weights_version = None
@@ -340,8 +361,8 @@ class LearnerGroup:
 
     def shutdown(self) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         for a in self.actors:
             ray.kill(a, no_restart=True)
-        remove_placement_group(self.pg)
+        if self.own_bundles is not None:
+            self.own_bundles.remove()

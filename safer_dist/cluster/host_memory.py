@@ -23,11 +23,11 @@ per process. For the fullest node (``l`` learners, ``w`` rollout workers)::
     weights and KV cache (transformers reads each rank's slice of the checkpoint, safetensors
     get_slice): 2P/K on a GPU host, plan.rollout_bytes(tensor_parallel=K) on CPU.
 
-Learners on the fullest node: ``ceil(num_learners / nodes)`` with SPREAD / STRICT_SPREAD, else as
-many as fit (``gpus_per_node``, or ``cpus_per_node // cpus_per_learner``); rollout workers
-(``rollout.num_workers`` x ``rollout.tensor_parallel`` processes per rollout group, as `safer plan`
-counts groups) fill what is left.
-It errs on the large side: a job killed for memory loses more than one that asks too much.
+How many learners and rollout workers (of every rollout group) each node holds comes from the
+placement rule (safer_dist/cluster/placement.py), phase by phase; the fullest node of any phase
+is the one asked for. A colocated worker is a process of its own like a separate one, so it
+counts the same, and so does each rank of a tensor-parallel worker. It errs on the large side: a job killed for memory loses more than one that
+asks too much.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from safer_dist.cluster.placement import Cluster, placement
 from safer_dist.cluster.plan import GIB, Setup, estimate, resolve_shape, rollout_bytes
 from safer_dist.config import Config
 
@@ -77,17 +78,9 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
     lr, ro = cfg.learner, cfg.rollout
     shape, _ = resolve_shape(str(model_dir or cfg.model.path), cfg.model.init_preset, None)
     p = float(shape.num_params())
-    gpu = gpus_per_node > 0 and cfg.launch.device != "cpu" and lr.gpus_per_learner != "0"
-    groups = 1 + (cfg.judge.kind == "model") + (cfg.erpo.reference == "sft")
+    where = placement(cfg, stage, Cluster.uniform(nodes, gpus_per_node, cpus_per_node))
+    gpu = where.gpu
     k = ro.tensor_parallel  # a rollout worker is k processes, each holding a k-th of the model
-    workers = groups * ro.num_workers * k if stage in ("run", "erpo") else 0
-
-    spread = lr.placement in ("SPREAD", "STRICT_SPREAD")
-    fit = gpus_per_node if gpu else cpus_per_node // lr.cpus_per_learner  # learners one node can hold
-    n_learners = min(lr.num_learners, math.ceil(lr.num_learners / nodes) if spread else fit)
-    room = gpus_per_node - n_learners if gpu else (cpus_per_node - n_learners * lr.cpus_per_learner) // ro.cpus_per_worker
-    n_workers = max(0, min(workers, room))
-
     seq = cfg.data.max_seq_len
     if gpu:
         mixed = cfg.model.dtype in ("auto", "bfloat16", "float16")
@@ -105,4 +98,13 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
                    + min(est.buffers, 4 * p))
         worker = PROCESS_HOST_BYTES + 2 * rollout_bytes(shape, rows=ro.batch_size, tokens_per_row=seq,
                                                         tensor_parallel=k)["total"]
+    counts = [(0, 0)]
+    for phase in where.phases:
+        if phase.nodes is None:  # does not fit (check_fits says why): as if spread evenly
+            per_role = {a.role: math.ceil(a.processes / nodes) for a in phase.actors.values()}
+            loads = [per_role]
+        else:
+            loads = phase.nodes
+        counts += [(n.get("learner", 0), sum(v for k, v in n.items() if k != "learner")) for n in loads]
+    n_learners, n_workers = max(counts, key=lambda c: c[0] * learner + c[1] * worker)
     return HostMemory(n_learners, n_workers, learner, worker)

@@ -36,6 +36,15 @@ DeepSpeed's default communication buckets (reduce bucket 5e8 elements, ZeRO-3 pr
 are added as ``buffers``. A setup fits when the total is at most 90% of the GPU's memory (the
 rest: CUDA context, NCCL, allocator fragmentation). Memory is in GiB (2**30 bytes).
 
+Where the actors go is safer_dist/cluster/placement.py's rule (`safer slurm submit` and the jobs
+use the same), printed one line per phase; anything that does not fit — the placement, the
+learners, a rollout worker — is listed in a last ``DOES NOT FIT:`` line and `safer plan` exits 3.
+With rollout workers colocated on the learners' GPUs (``rollout.placement=colocate``) the GPU is
+time-shared and a setup must fit twice: while the learners train (their total + the workers'
+bf16 weights, which stay) and while the workers sample (the learners' model states and buffers,
+which stay, + the workers' weights, KV cache and scoring logits). Where the optimizer states do
+not fit next to the rollout side, the walk below reaches optimizer offload and says so.
+
 The recommendation walks setups from fastest to leanest — ZeRO-2, ZeRO-3, then both with
 gradient checkpointing, then optimizer offload, then parameter offload — each at the
 configured micro-batch or the largest smaller one that fits and divides the global batch,
@@ -48,9 +57,10 @@ the forward (~1/3 more compute) and offload moves the optimizer step to the CPU.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from safer_dist.cluster.placement import Cluster, Placement, advice, placement
 from safer_dist.config import Config
 
 GIB = 1 << 30
@@ -300,13 +310,37 @@ class Plan:
     recommended: tuple[Setup, Estimate] | None
     rollout: dict[str, float]
     lines: list[str]  # ERPO and rollout findings, notes
+    placement: Placement | None = None
+    # Colocated ERPO: rollout copies sharing each learner's GPU (0: separate placement). Their
+    # weights stay while the learners train; their KV cache and scoring logits exist only while
+    # sampling, when the learners hold their model states but no activations.
+    colocated_copies: int = 0
+    problems: list[str] = field(default_factory=list)  # what does not fit besides the learners
 
     @property
     def usable_bytes(self) -> float:
         return USABLE_FRACTION * self.gpu_mem_bytes
 
     def fits(self, est: Estimate | float) -> bool:
-        return (est.total if isinstance(est, Estimate) else est) <= self.usable_bytes
+        if not isinstance(est, Estimate):
+            return est <= self.usable_bytes
+        return self.training_peak(est) <= self.usable_bytes and self.sampling_peak(est) <= self.usable_bytes
+
+    def training_peak(self, est: Estimate) -> float:
+        """A learner's GPU while it trains: its total + the colocated rollout weights."""
+        return est.total + self.colocated_copies * self.rollout["weights"]
+
+    def sampling_peak(self, est: Estimate) -> float:
+        """A learner's GPU while the colocated workers sample: learner model states and buffers +
+        the workers' weights, KV cache and scoring logits (0 when not colocated)."""
+        if not self.colocated_copies:
+            return 0.0
+        return est.model_states + est.buffers + self.colocated_copies * self.rollout["total"]
+
+    @property
+    def ok(self) -> bool:
+        """Everything fits: the learners (some setup), the placement, the rollout workers."""
+        return self.recommended is not None and not self.problems
 
 
 def _recommend(plan: Plan, shape: ModelShape, configured: Setup, sizes: list[int], kw: dict):
@@ -333,17 +367,21 @@ def _recommend(plan: Plan, shape: ModelShape, configured: Setup, sizes: list[int
     return best or fallback
 
 
-def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: float, shape: str | None = None) -> Plan:
-    """Estimate ``cfg`` (``learner.num_learners`` learners, one GPU each) on ``nodes`` x
-    ``gpus_per_node`` GPUs of ``gpu_mem_gb`` GiB and recommend a setup. Raises ValueError
-    when the learners do not fit on the GPUs or the model shape is unknown."""
+def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: float, shape: str | None = None,
+                stage: str = "run") -> Plan:
+    """Estimate ``stage`` of ``cfg`` (``learner.num_learners`` learners, one GPU each) on ``nodes`` x
+    ``gpus_per_node`` GPUs of ``gpu_mem_gb`` GiB and recommend a setup. Where the actors go is
+    safer_dist/cluster/placement.py's rule, the same `safer slurm submit` applies; what does not
+    fit is listed in ``Plan.problems`` (``Plan.ok`` is False). Raises ValueError on bad arguments
+    or an unknown model shape."""
     if gpus_per_node < 1 or nodes < 1 or gpu_mem_gb <= 0:
         raise ValueError("--gpus-per-node and --nodes must be >= 1 and --gpu-mem-gb > 0")
     model_shape, source = resolve_shape(cfg.model.path, cfg.model.init_preset, shape)
     ln, t, e = cfg.learner, cfg.train, cfg.erpo
-    gpus, world = gpus_per_node * nodes, ln.num_learners
-    if world > gpus:
-        raise ValueError(f"learner.num_learners={world} needs {world} GPUs (one each); the cluster has {gpus}")
+    world = ln.num_learners
+    where = placement(cfg, stage, Cluster.uniform(nodes, gpus_per_node))
+    phases = {p.name: p for p in where.phases}
+    erpo = phases.get("erpo")
     mixed = cfg.model.dtype in ("auto", "bfloat16", "float16")  # auto is bf16 on CUDA
     seq = cfg.data.max_seq_len
     configured = Setup(ln.zero_stage, ln.offload_optimizer, ln.offload_params, cfg.model.gradient_checkpointing,
@@ -352,14 +390,21 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
               loss_chunk_tokens=cfg.learner.loss_chunk_tokens)
     tp = cfg.rollout.tensor_parallel
     rollout = rollout_bytes(model_shape, rows=cfg.rollout.batch_size, tokens_per_row=seq, tensor_parallel=tp)
-    plan = Plan(model_shape, source, world, gpus_per_node, nodes, gpu_mem_gb * GIB, seq, mixed, configured,
-                [(configured, estimate(model_shape, configured, **kw))], None, rollout, [])
+    copies = len(erpo.actors) - 1 if erpo is not None and erpo.colocated else 0
+    plan = Plan(model_shape, source, world, gpus_per_node, nodes, gpu_mem_gb * GIB, seq, mixed, configured, [], None,
+                rollout, [], where, copies)
+    plan.rows.append((configured, estimate(model_shape, configured, **kw)))
     # micro-batches that keep global_batch_size a multiple of micro_batch_size x learners
     sizes = [m for m in range(t.micro_batch_size, 0, -1) if t.global_batch_size % (m * world) == 0]
     plan.recommended = _recommend(plan, model_shape, configured, sizes, kw)
 
     out = plan.lines
-    if plan.recommended is not None and e.iterations > 0:
+    for ph in where.phases:
+        out.append("placement " + ph.describe() + (f": DOES NOT FIT — {ph.problem}" if ph.problem else ": fits"))
+    if not where.fits:
+        plan.problems += where.problems()
+        out.append("  " + advice(where))
+    if plan.recommended is not None and erpo is not None:
         # an ERPO micro-batch of k pairs packs 2k sequences (prefix+chosen, prefix+rejected)
         base = plan.recommended[0]
         ok = [k for k in range(e.optim.micro_batch_size, 0, -1) if e.optim.global_batch_size % (k * world) == 0 and plan.fits(
@@ -372,25 +417,8 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
                        f"erpo.optim.micro_batch_size={ok[0]} does")
         else:
             out.append("ERPO learners: not even one pair per micro-batch fits; shorten data.max_seq_len")
-    # `safer run`, `eval` and `erpo` generate on rollout workers
-    fits = plan.fits(rollout["total"])
-    what = ("1 GPU, bf16 copy, no tensor parallelism" if tp == 1 else
-            f"{tp} GPUs of a node, bf16 copy sharded by tensor parallelism; per GPU")
-    out.append(
-        f"rollout worker ({what}): weights {rollout['weights'] / GIB:.1f} + "
-        f"KV cache {rollout['kv_cache'] / GIB:.1f} ({cfg.rollout.batch_size} rows x {seq} tokens) + scoring logits "
-        f"{rollout['logits'] / GIB:.1f} = {rollout['total'] / GIB:.1f} GiB: "
-        + ("fits" if fits else f"DOES NOT FIT — `safer eval`/`erpo`/`run` cannot place this model on {tp} GPU(s); "
-           "raise rollout.tensor_parallel (shards it over that many GPUs of a node) or use `safer sft`")
-    )
-    if tp > gpus_per_node:
-        out.append(f"rollout.tensor_parallel={tp} needs {tp} GPUs on one node; a node has {gpus_per_node}")
-    groups = 1 + (cfg.judge.kind == "model") + (e.reference == "sft")
-    need = world + groups * cfg.rollout.num_workers * tp
-    if e.iterations > 0 and need > gpus:
-        per = "" if tp == 1 else f" of {tp} GPUs"
-        out.append(f"ERPO places {world} learners + {groups} x {cfg.rollout.num_workers} rollout workers{per} = {need} "
-                   f"GPUs; the cluster has {gpus}: lower learner.num_learners or rollout.num_workers")
+            plan.problems.append("ERPO learners: not even one pair per micro-batch fits")
+    _rollout_lines(plan, cfg, phases)
     load = 2.0 * model_shape.num_params()  # the 16-bit weights
     per_node = min(gpus_per_node, world)
     if ln.zero_stage == 3:  # safer_dist/train/partitioned_load.py
@@ -403,6 +431,40 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
                    + (f"; they ({load / GIB:.1f} GiB) do not fit on one GPU: learner.zero_stage=3 loads them "
                       "partitioned" if load > plan.usable_bytes else ""))
     return plan
+
+
+def _rollout_lines(plan: Plan, cfg: Config, phases: dict) -> None:
+    """What `safer eval`/`erpo`/`run` hold on a rollout worker's GPU, alone or colocated."""
+    r, seq, g = plan.rollout, plan.max_seq_len, lambda b: f"{b / GIB:.1f}"  # noqa: E731
+    ev = phases.get("eval")
+    per_gpu = len(ev.actors) if ev is not None and ev.colocated else 1
+    one = (f"weights {g(r['weights'])} + KV cache {g(r['kv_cache'])} ({cfg.rollout.batch_size} rows x {seq} tokens) "
+           f"+ scoring logits {g(r['logits'])} = {g(r['total'])} GiB")
+    if ev is not None or "erpo" in phases:
+        fits = plan.fits(per_gpu * r["total"])
+        copies = f"; {per_gpu} rollout groups share each GPU (judge model counted as the policy's size)" if per_gpu > 1 else ""
+        tp = cfg.rollout.tensor_parallel
+        what = ("bf16 copy, no tensor parallelism" if tp == 1 else
+                f"bf16 copy sharded over {tp} GPUs of a node by tensor parallelism; per GPU")
+        plan.lines.append(
+            f"rollout worker ({what}): {one}{copies}: "
+            + ("fits" if fits else f"DOES NOT FIT — `safer eval`/`erpo`/`run` cannot place this model on {tp} GPU(s); "
+               "raise rollout.tensor_parallel (shards it over that many GPUs of a node) or use `safer sft`")
+        )
+        if not fits:
+            plan.problems.append(f"a rollout worker does not fit on {tp} GPU(s) (rollout.tensor_parallel={tp})")
+    if not plan.colocated_copies or plan.recommended is None:
+        return
+    setup, est = plan.recommended
+    k = plan.colocated_copies
+    plan.lines.append(
+        f"colocated ERPO (learner and {k} rollout worker(s) time-share each GPU, {setup.label()}): training "
+        f"{g(est.total)} learner + {g(k * r['weights'])} rollout weights = {g(plan.training_peak(est))} GiB; sampling "
+        f"{g(est.model_states + est.buffers)} learner states + {g(k * r['total'])} rollout weights, KV cache and "
+        f"scoring logits = {g(plan.sampling_peak(est))} GiB: fits"
+        + (" (the learners' optimizer states live in host memory: learner.offload_optimizer=true)"
+           if setup.offload_optimizer else "")
+    )
 
 
 def _count(n: int) -> str:
@@ -435,8 +497,10 @@ def format_plan(plan: Plan, config_path: str) -> str:
             lines.append(f"{'':12s} {'':46s}offloaded to host RAM: {est.cpu_per_node / GIB:.1f} GiB per node")
     lines.append("")
     if plan.recommended is None:
-        lines.append("recommendation: nothing fits, even ZeRO-3 with parameter and optimizer offload at micro-batch 1: "
-                     "use more GPUs, a shorter data.max_seq_len, or GPUs with more memory")
+        shared = (f" with {plan.colocated_copies} colocated rollout worker(s) on each learner's GPU (or use "
+                  "rollout.placement=separate)") if plan.colocated_copies else ""
+        lines.append("recommendation: nothing fits, even ZeRO-3 with parameter and optimizer offload at micro-batch 1"
+                     f"{shared}: use more GPUs, a shorter data.max_seq_len, or GPUs with more memory")
     else:
         setup, est = plan.recommended
         same = setup == plan.configured
@@ -445,4 +509,6 @@ def format_plan(plan: Plan, config_path: str) -> str:
         if not same:
             lines.append(f"  overrides: {setup.overrides()}")
     lines += plan.lines
+    if plan.problems:
+        lines.append("DOES NOT FIT: " + "; ".join(plan.problems))
     return "\n".join(lines)

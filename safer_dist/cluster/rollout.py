@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from safer_dist.cluster.group import gpus_per_learner
+from safer_dist.cluster.placement import (
+    Cluster, PhaseBundles, Slots, learner_gpus, own_phase, ray_free, rollout_keys,
+)
 from safer_dist.config import Config, ModelSection, RolloutSection
 from safer_dist.data.chat import Prompt
 from safer_dist.train.sft_data import encode_context, encode_prompt
@@ -35,7 +37,8 @@ class RolloutWorker:
     # safer_dist/cluster/tp_rollout.py).
     tensor_parallel = 1
 
-    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto"):
+    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
+                 share_gpu: bool = False):
         from safer_dist.train.engine import resolve_device, resolve_dtype
         from safer_dist.train.models import load_model, load_tokenizer
 
@@ -54,6 +57,13 @@ class RolloutWorker:
         self.path = path
         self.version = 0
         self.sync_group = None
+        # Colocated with a learner on one GPU: the KV cache and scoring buffers go back to the GPU
+        # after every call (torch's allocator would keep them cached), so the learner can train.
+        self.share_gpu = share_gpu and self.device == "cuda"
+
+    def _release(self) -> None:
+        if self.share_gpu:
+            torch.cuda.empty_cache()
 
     def weights_version(self) -> int:
         """Version of the weights held: 0 as loaded from ``path``, then what the last sync sent."""
@@ -96,6 +106,7 @@ class RolloutWorker:
                     "num_tokens": len(new),
                     "latency_s": latency,
                 }
+        self._release()
         return out  # type: ignore[return-value]
 
 
@@ -108,10 +119,12 @@ class RolloutWorker:
         from safer_dist.erpo.sampling import sample_candidates
 
         contexts = [encode_context(self.tokenizer, p, x) for p, x in items]
-        return sample_candidates(
+        out = sample_candidates(
             self.model, self.tokenizer, contexts, n, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
             temperature=temperature, top_p=top_p, seed=seed, batch_rows=self.cfg.batch_size,
         )
+        self._release()
+        return out
 
     def logprobs(self, items: list[tuple[Prompt, str, str, bool]], share_prefix: bool = True) -> list[tuple[float, int]]:
         """log p(continuation | prompt, prefix) under the weights held, for (prompt, prefix,
@@ -121,27 +134,30 @@ class RolloutWorker:
         from safer_dist.erpo.sampling import continuation_logprobs
 
         pairs = [step_sequence(self.tokenizer, p, x, c, eos) for p, x, c, eos in items]
-        return continuation_logprobs(self.model, pairs, share_prefix=share_prefix)
+        out = continuation_logprobs(self.model, pairs, share_prefix=share_prefix)
+        self._release()
+        return out
 
     def node_ip(self) -> str:
         import ray
 
         return ray.util.get_node_ip_address()
 
-    def init_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
-        """Join the weight-sync group as member ``rank``, leaving any group joined before (the
-        group is rebuilt when a worker restarts). The weights held, and their version, stay."""
-        from safer_dist.erpo.weight_sync import close_group, make_group
+    def init_sync(self, host: str, port: int, member) -> None:
+        """Open this worker's end of the weight sync (``weight_sync.Member``), leaving any opened
+        before (the channel is rebuilt when a worker restarts). The weights held, and their
+        version, stay."""
+        from safer_dist.erpo.weight_sync import Channel, close_channel
 
-        close_group(self.sync_group)
+        close_channel(self.sync_group)
         self.sync_group = None
         backend = "nccl" if self.device == "cuda" else "gloo"
-        self.sync_group = make_group(host, port, rank, world_size, backend, local_ip=self.node_ip())
+        self.sync_group = Channel(host, port, member, backend, local_ip=self.node_ip())
 
     def receive_weights(self, version: int) -> int:
         from safer_dist.erpo.weight_sync import receive_weights
 
-        receive_weights(self.model, self.sync_group)
+        receive_weights(self.model, self.sync_group, version=version)
         self.version = version
         return version
 
@@ -152,9 +168,14 @@ class RolloutWorker:
 
 
 class RolloutGroup:
-    """M rollout workers as Ray actors (one GPU each on CUDA, else ``cpus_per_worker``); with
-    ``rollout.tensor_parallel`` K > 1, each worker is K rank actors on one node
-    (:mod:`safer_dist.cluster.tp_rollout`), not restarted when one dies.
+    """M rollout workers as Ray actors, one per bundle of a placement group: the group's own
+    (``{CPU: cpus_per_worker, GPU: 1}`` per worker on GPUs) or, given ``slots``, a phase's
+    shared one (colocated with the learners: safer_dist/cluster/placement.py). The placement
+    group must be ready within ``rollout.placement_timeout_s`` and every call must answer within
+    ``rollout.call_timeout_s``; else the error names what is missing or who did not answer.
+    With ``rollout.tensor_parallel`` K > 1, each worker is K rank actors in a STRICT_PACK
+    placement group of K bundles on one node (:mod:`safer_dist.cluster.tp_rollout`), never
+    colocated, and not restarted when one dies.
 
     ``expected_version``: the weight version every worker must hold (0: the weights loaded from
     ``path``; ``LearnerGroup.push_weights`` sets it). Every call's answer is checked against it.
@@ -168,26 +189,39 @@ class RolloutGroup:
     """
 
     @classmethod
-    def for_run(cls, cfg: Config, path: str | Path) -> RolloutGroup:
-        """Workers holding the model at ``path``, placed as the run's config says: one GPU
-        each where the learners get GPUs, else ``rollout.cpus_per_worker`` CPUs."""
-        return cls(cfg.model, cfg.rollout, path=str(path), device=cfg.launch.device, use_gpu=gpus_per_learner(cfg) > 0)
+    def for_run(cls, cfg: Config, path: str | Path, slots: Slots | None = None, name: str = "policy rollout") -> RolloutGroup:
+        """Workers holding the model at ``path``, placed as the run's config says: in ``slots``,
+        or on a GPU each where the learners get GPUs, else ``rollout.cpus_per_worker`` CPUs."""
+        return cls(cfg.model, cfg.rollout, path=str(path), device=cfg.launch.device,
+                   use_gpu=learner_gpus(cfg, Cluster.from_ray()) > 0, slots=slots, name=name)
 
-    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto", use_gpu: bool = False):
+    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
+                 use_gpu: bool = False, slots: Slots | None = None, name: str = "rollout"):
         import ray
 
+        self.own_bundles = None
+        if slots is None:
+            phase = own_phase("rollout", name, rollout.num_workers, float(rollout.cpus_per_worker), use_gpu,
+                              rollout_keys(rollout), rollout.tensor_parallel)
+            self.own_bundles = PhaseBundles(phase, rollout.placement_timeout_s, "rollout.placement_timeout_s")
+            slots = self.own_bundles.slots("rollout")
         self.cfg = rollout
         self.tp_workers = None
         if rollout.tensor_parallel > 1:  # each worker is K rank actors; its rank 0 stands for it here
             from safer_dist.cluster.tp_rollout import TensorParallelWorkers
 
-            self.tp_workers = TensorParallelWorkers(model, rollout, path=path, device=device, use_gpu=use_gpu)
+            try:
+                self.tp_workers = TensorParallelWorkers(model, rollout, slots, path=path, device=device)
+            except BaseException:
+                if self.own_bundles is not None:
+                    self.own_bundles.remove()
+                raise
             self.workers = list(self.tp_workers.leaders)
         else:
-            remote = ray.remote(
-                num_cpus=rollout.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=rollout.max_restarts,
-            )(RolloutWorker)
-            self.workers = [remote.remote(model, rollout, path=path, device=device) for _ in range(rollout.num_workers)]
+            remote = ray.remote(max_restarts=rollout.max_restarts)(RolloutWorker)
+            self.workers = [remote.options(**slots.options(i)).remote(model, rollout, path=path, device=device,
+                                                                       share_gpu=0 < slots.gpus < 1)
+                            for i in range(rollout.num_workers)]
         self.expected_version = 0
         self.resync: Callable[[], None] | None = None
         self.num_retries = 0  # shards re-run after a worker died or came back restarted (for logs and tests)
@@ -219,14 +253,24 @@ class RolloutGroup:
             ref = call(w, shards[i])
             # Queued right behind the call on the same actor, so it runs in the process that ran
             # the call (or in a later one, if that died): the version the call's answer came from.
-            running[ref] = (i, w.weights_version.remote())
+            running[ref] = (i, w.weights_version.remote(), time.monotonic() + self.cfg.call_timeout_s)
 
         for i in shards:
             submit(i)
         out: list = [None] * len(items)
         while running:
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            i, version_ref = running.pop(ref)
+            first_deadline = min(d for _, _, d in running.values())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, first_deadline - time.monotonic()))
+            if not ready:
+                late = sorted(i for i, _, d in running.values() if d <= time.monotonic())
+                if not late:  # ray.wait returned a moment before the deadline
+                    continue
+                raise RolloutFailure(
+                    f"rollout worker(s) {late} did not answer {what} within rollout.call_timeout_s="
+                    f"{self.cfg.call_timeout_s:g} s (Ray has {ray_free()} free)"
+                )
+            ref = ready[0]
+            i, version_ref, _ = running.pop(ref)
             try:
                 res = ray.get(ref)
                 version = ray.get(version_ref)
@@ -275,7 +319,10 @@ class RolloutGroup:
                 "(LearnerGroup.connect_weight_sync); its results would be stale"
             )
         if busy:
-            ray.wait(busy, num_returns=len(busy))
+            _, late = ray.wait(busy, num_returns=len(busy), timeout=self.cfg.call_timeout_s)
+            if late:
+                raise RolloutFailure(f"{stale}, and {len(late)} other rollout call(s) did not finish within "
+                                     f"rollout.call_timeout_s={self.cfg.call_timeout_s:g} s")
         t0 = time.perf_counter()
         try:
             self.resync()
@@ -318,8 +365,14 @@ class RolloutGroup:
         return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard, share_prefix), items)
 
     # -- weight sync (driven by LearnerGroup.connect_weight_sync / push_weights) ------------
-    def init_sync_refs(self, host: str, port: int, *, first_rank: int, world_size: int) -> list:
-        return [w.init_sync.remote(host, port, first_rank + i, world_size) for i, w in enumerate(self.workers)]
+    def init_sync_refs(self, host: str, port: int, members: list) -> list:
+        """Worker i opens its end of the weight sync as ``members[i]`` (``weight_sync.Member``)."""
+        return [w.init_sync.remote(host, port, m) for w, m in zip(self.workers, members)]
+
+    def device_key_refs(self) -> list:
+        from safer_dist.erpo.weight_sync import member_device_key
+
+        return [w.__ray_call__.remote(member_device_key) for w in self.workers]
 
     def receive_weights_refs(self, version: int) -> list:
         return [w.receive_weights.remote(version) for w in self.workers]
@@ -331,3 +384,5 @@ class RolloutGroup:
             ray.kill(w, no_restart=True)
         if self.tp_workers is not None:
             self.tp_workers.shutdown()
+        if self.own_bundles is not None:
+            self.own_bundles.remove()

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Mapping
 
 from safer_dist.cluster.host_memory import host_memory
+from safer_dist.cluster.placement import Cluster, Placement, placement
 from safer_dist.config import Config, ConfigError, load_config
 from safer_dist.runtime.io import atomic_write_text
 from safer_dist.runtime.resources import shipped_root
@@ -121,64 +122,28 @@ def driver_command(venv: Path, stage: str, config_path: Path, overrides: list[st
             "launch.ray_address=auto"]
 
 
+def stage_placement(cfg: Config, opts: SubmitOptions) -> Placement:
+    """Where the stage's Ray actors go on the allocation (safer_dist/cluster/placement.py), with
+    the CPUs per node it asks for (:func:`cpus_per_node`)."""
+    return placement(cfg, opts.stage, Cluster.uniform(opts.nodes, opts.gpus_per_node, cpus_per_node(cfg, opts)))
+
+
 def check_fits(cfg: Config, opts: SubmitOptions) -> None:
-    """ConfigError when the stage's Ray actors cannot be placed on the allocation (they would
-    otherwise wait learner.placement_timeout_s in the job and then fail)."""
-    lr, ro = cfg.learner, cfg.rollout
-    ask = f"--nodes {opts.nodes} --gpus-per-node {opts.gpus_per_node}"
-    gpu_learners = opts.gpus_per_node > 0 and cfg.launch.device != "cpu" and lr.gpus_per_learner != "0"
-    # ERPO holds learners and rollout workers at once; SFT only learners. A worker is
-    # rollout.tensor_parallel processes (a GPU each), all on one node.
-    workers = ro.num_workers if opts.stage in ("run", "erpo") else 0
-    tp = f" x rollout.tensor_parallel={ro.tensor_parallel}" if ro.tensor_parallel > 1 else ""
-    if gpu_learners:
-        need = lr.num_learners + workers * ro.tensor_parallel
-        have = opts.nodes * opts.gpus_per_node
-        if need > have:
-            raise ConfigError(
-                f"learner.num_learners={lr.num_learners}"
-                + (f" + rollout.num_workers={workers}{tp}" if workers else "")
-                + f" need {need} GPUs; {ask} give {have}"
-            )
-        if workers and ro.tensor_parallel > opts.gpus_per_node:
-            raise ConfigError(f"rollout.tensor_parallel={ro.tensor_parallel} puts each rollout worker on that many "
-                              f"GPUs of one node; --gpus-per-node {opts.gpus_per_node} is too few")
-    elif lr.gpus_per_learner == "1":
-        raise ConfigError(f"learner.gpus_per_learner=1 needs GPUs; {ask} gives none")
-    if lr.placement == "STRICT_SPREAD" and lr.num_learners > opts.nodes:
-        raise ConfigError(
-            f"learner.placement=STRICT_SPREAD puts each of the {lr.num_learners} learners on its own node; "
-            f"--nodes {opts.nodes} is too few"
-        )
-    if lr.placement == "STRICT_PACK" and gpu_learners and lr.num_learners > opts.gpus_per_node:
-        raise ConfigError(
-            f"learner.placement=STRICT_PACK puts all {lr.num_learners} learners on one node; "
-            f"--gpus-per-node {opts.gpus_per_node} is too few"
-        )
-    cpus = cpus_per_node(cfg, opts)
-    need_cpus = lr.num_learners * lr.cpus_per_learner + workers * ro.tensor_parallel * ro.cpus_per_worker
-    if need_cpus > opts.nodes * cpus:
-        raise ConfigError(
-            f"the {opts.stage} stage's Ray actors need {need_cpus} CPUs (learner.cpus_per_learner, "
-            f"rollout.cpus_per_worker{tp}); --nodes {opts.nodes} --cpus-per-node {cpus} give {opts.nodes * cpus}"
-        )
-    if lr.placement == "STRICT_PACK" and lr.num_learners * lr.cpus_per_learner > cpus:
-        raise ConfigError(
-            f"learner.placement=STRICT_PACK needs {lr.num_learners * lr.cpus_per_learner} CPUs on one node; "
-            f"--cpus-per-node {cpus} is too few"
-        )
+    """PlacementError when the stage's Ray actors cannot be placed on the allocation (they would
+    otherwise wait in the job and then fail): the same rule as `safer plan`."""
+    stage_placement(cfg, opts).check()
 
 
 def cpus_per_node(cfg: Config, opts: SubmitOptions) -> int:
-    """--cpus-per-node, or by default what the stage's actors need, spread evenly over the nodes."""
+    """--cpus-per-node, or by default the fewest CPUs per node (at least what the stage's actors
+    need, spread evenly over the nodes) on which the stage's actors can be placed."""
     if opts.cpus_per_node is not None:
         return opts.cpus_per_node
-    lr, ro = cfg.learner, cfg.rollout
-    workers = ro.num_workers * ro.tensor_parallel if opts.stage in ("run", "erpo") else 0  # processes
-    need = lr.num_learners * lr.cpus_per_learner + workers * ro.cpus_per_worker
-    if lr.placement == "STRICT_PACK":
-        return need
-    return max(1, math.ceil(need / opts.nodes))
+    need = math.ceil(placement(cfg, opts.stage, Cluster.uniform(opts.nodes, opts.gpus_per_node)).max_cpus())
+    for cpus in range(max(1, math.ceil(need / opts.nodes)), need + 1):
+        if placement(cfg, opts.stage, Cluster.uniform(opts.nodes, opts.gpus_per_node, cpus)).fits:
+            return cpus
+    return max(1, math.ceil(need / opts.nodes))  # it does not fit for another reason (GPUs): check_fits names it
 
 
 def job_memory(cfg: Config, opts: SubmitOptions, model_dir: Path) -> tuple[str, str]:

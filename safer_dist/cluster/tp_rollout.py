@@ -2,7 +2,8 @@
 
 With ``rollout.tensor_parallel: K`` > 1 each rollout worker is K Ray actors
 (:class:`TensorParallelRank`) in a STRICT_PACK placement group of K bundles (one GPU each where
-the learners get GPUs, ``rollout.cpus_per_worker`` CPUs each), which form a torch.distributed
+the learners get GPUs, ``rollout.cpus_per_worker`` CPUs each; the placement rule,
+safer_dist/cluster/placement.py, never colocates them with learners), which form a torch.distributed
 default group of their own (NCCL on CUDA, gloo on CPU). Each rank loads its shard of the model by
 the model's own TP plan (transformers ``tp_plan="auto"``, :func:`safer_dist.train.models.load_model`):
 a model that does not fit one device samples on K.
@@ -26,9 +27,11 @@ run unchanged. The oneDNN packed linear layers (:mod:`safer_dist.erpo.packed_lin
 would replace the forward that the TP plan installs (the collectives around the local matmul),
 so they skip sharded layers and a tensor-parallel worker samples through ``nn.Linear``.
 
-Weights (:func:`receive_sharded_weights`): only the leader is a member of the weight-sync group,
-which is thus as large as with 1-rank workers. For each bucket the leader receives the full
-tensors from learner rank 0 and broadcasts the bucket over the TP group, and every rank copies
+Weights (:func:`receive_sharded_weights`): only the leader is a member of the weight sync
+(erpo/weight_sync.py: one member per worker, as with 1-rank workers), always by broadcast: it is
+never on learner rank 0's GPU, and refuses the CUDA-IPC hand-over if the layout offered it. The
+leader checks the sync's version, dtype and element count like a 1-rank worker, receives each
+bucket's full tensors from learner rank 0 and broadcasts the bucket over the TP group, and every rank copies
 its own slice of each tensor (the slice its DTensor placement names: rows for colwise, columns
 for rowwise, the whole tensor where replicated). Cost: each bucket crosses the node's links once
 more (to K-1 followers: NVLink on a GPU node), and each rank holds one full bucket
@@ -52,7 +55,7 @@ import torch.distributed as dist
 
 from safer_dist.cluster.rollout import RolloutFailure, RolloutWorker
 from safer_dist.config import ModelSection, RolloutSection
-from safer_dist.erpo.weight_sync import buckets
+from safer_dist.erpo.weight_sync import buckets, check_meta
 from safer_dist.runtime.log import get_logger
 
 log = get_logger("tp_rollout")
@@ -107,11 +110,22 @@ class TensorParallelRank(RolloutWorker):
         """Receive a push of ``version`` (the leader from the learners, then every rank over the
         TP group), each rank keeping its own shards."""
         def receive() -> int:
-            receive_sharded_weights(self.model, self.sync_group if self.rank == 0 else None)
+            receive_sharded_weights(self.model, self.sync_group if self.rank == 0 else None, version=version)
             self.version = version
             return version
 
         return self._lockstep("receive_weights", receive, (), {}, follower_args=(version,))
+
+    def init_sync(self, host: str, port: int, member) -> None:
+        """Rank 0 opens the worker's end of the weight sync; a broadcast member only (a
+        tensor-parallel worker is never on learner rank 0's GPU: it is placed apart)."""
+        if member.group_rank is None:
+            raise RuntimeError(
+                "a tensor-parallel rollout worker shares learner rank 0's GPU, so the weight sync offered it the "
+                "CUDA-IPC hand-over, which cannot fill sharded weights; tensor-parallel workers must be placed apart "
+                "from the learners (rollout.placement=separate)"
+            )
+        super().init_sync(host, port, member)
 
     def _lockstep(self, name: str, run, args: tuple, kwargs: dict, *, compare: bool = True,
                   follower_args: tuple | None = None):
@@ -220,20 +234,32 @@ def check_weight_layout(model: torch.nn.Module, *, trust_remote_code: bool = Fal
         )
 
 
-def receive_sharded_weights(module: torch.nn.Module, sync_group, *, bucket_mb: float = 256.0) -> None:
-    """Receive a ``send_weights`` push into a tensor-parallel ``module``: collective over its
-    ranks (the default process group). Rank 0 takes part in ``sync_group`` (the weight-sync
-    group; None on the other ranks) and passes each bucket on over the default group; every rank
-    copies its own part of each tensor (:func:`shard_of`).
+def receive_sharded_weights(module: torch.nn.Module, channel, *, version: int, bucket_mb: float = 256.0) -> None:
+    """Receive a ``send_weights`` push of ``version`` into a tensor-parallel ``module``:
+    collective over its ranks (the default process group). Rank 0 holds ``channel`` (its
+    ``weight_sync.Channel``, a broadcast member; None on the other ranks), checks the sync's
+    version, dtype and size (ValueError, raised on every rank, when they differ), and passes
+    each bucket on over the default group; every rank copies its own part of each tensor
+    (:func:`shard_of`).
 
     The buckets are those of :func:`safer_dist.erpo.weight_sync.buckets` over the parameters'
     full shapes (a DTensor's ``numel`` is the whole tensor's), so they match the sender's."""
+    params_all = list(module.named_parameters())
+    error = [None]
+    if channel is not None:
+        try:
+            check_meta(params_all, channel, version)
+        except ValueError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)  # the ranks stop together, before any bucket
+    if error[0] is not None:
+        raise ValueError(error[0])
     with torch.no_grad():
-        for bucket in buckets(list(module.named_parameters()), bucket_mb):
+        for bucket in buckets(params_all, bucket_mb):
             params = [p for _, p in bucket]
             flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=_local(params[0]).device)
-            if sync_group is not None:
-                sync_group.broadcast(flat, 0).wait()
+            if channel is not None:
+                channel.group.broadcast(flat, 0).wait()
             dist.broadcast(flat, src=0)
             offset = 0
             for p in params:
@@ -254,40 +280,27 @@ def _free_address() -> tuple[str, int]:
 
 class TensorParallelWorkers:
     """``rollout.num_workers`` tensor-parallel workers of ``rollout.tensor_parallel`` ranks each,
-    every worker in a STRICT_PACK placement group of its own. ``leaders[i]`` is worker i as the
-    group sees it (rank 0); :meth:`shutdown` ends all ranks and frees the placement groups.
-    RolloutFailure when the workers cannot be placed or started within ``timeout_s``."""
+    in ``slots`` (ready placement groups, one STRICT_PACK group of K bundles per worker, from
+    safer_dist/cluster/placement.py; their owner removes them). ``leaders[i]`` is worker i as
+    the group sees it (rank 0); :meth:`shutdown` ends all ranks. RolloutFailure when the ranks
+    do not start within ``timeout_s``."""
 
-    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None, device: str,
-                 use_gpu: bool, timeout_s: float = TIMEOUT_S):
+    def __init__(self, model: ModelSection, rollout: RolloutSection, slots, *, path: str | None, device: str,
+                 timeout_s: float = TIMEOUT_S):
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         k, m = rollout.tensor_parallel, rollout.num_workers
-        bundle = {"CPU": rollout.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        assert len(slots.worker_pgs) == m and len(slots.bundles) == k, "slots of another placement"
         self.ranks: list[list] = []
-        self.pgs = [placement_group([dict(bundle) for _ in range(k)], strategy="STRICT_PACK") for _ in range(m)]
-        ready, _ = ray.wait([pg.ready() for pg in self.pgs], num_returns=m, timeout=timeout_s)
-        if len(ready) < m:
-            self.shutdown()
-            raise RolloutFailure(
-                f"{m - len(ready)} of {m} tensor-parallel rollout worker(s) could not be placed within {timeout_s:.0f} s: "
-                f"each needs {k} x {bundle} on one node (rollout.tensor_parallel={k}, "
-                f"rollout.cpus_per_worker={rollout.cpus_per_worker}); lower rollout.tensor_parallel or "
-                "rollout.num_workers, or give the cluster more resources"
-            )
-        remote = ray.remote(num_cpus=rollout.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=0)(
-            TensorParallelRank)
-        address = ray.remote(num_cpus=0)(_free_address)
-        for pg in self.pgs:
-            def on(i: int, pg=pg) -> dict:
-                return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
-
-            addr, port = ray.get(address.options(**on(0)).remote(), timeout=timeout_s)
+        remote = ray.remote(max_restarts=0)(TensorParallelRank)
+        address = ray.remote(_free_address)
+        for w in range(m):
+            addr, port = ray.get(address.options(**{**slots.options(w, 0), "num_cpus": 0, "num_gpus": 0}).remote(),
+                                 timeout=timeout_s)
             args = dict(path=path, device=device, addr=addr, port=port, timeout_s=timeout_s)
-            followers = [remote.options(**on(r)).remote(model, rollout, rank=r, **args) for r in range(1, k)]
-            leader = remote.options(**on(0)).remote(model, rollout, rank=0, followers=followers, **args)
+            followers = [remote.options(**slots.options(w, r)).remote(model, rollout, rank=r, **args)
+                         for r in range(1, k)]
+            leader = remote.options(**slots.options(w, 0)).remote(model, rollout, rank=0, followers=followers, **args)
             self.ranks.append([leader, *followers])
         self.leaders = [ranks[0] for ranks in self.ranks]
         started = [r.weights_version.remote() for ranks in self.ranks for r in ranks]
@@ -305,11 +318,8 @@ class TensorParallelWorkers:
 
     def shutdown(self) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         for ranks in self.ranks:
             for r in ranks:
                 ray.kill(r, no_restart=True)
-        for pg in self.pgs:
-            remove_placement_group(pg)
-        self.ranks, self.pgs = [], []
+        self.ranks = []

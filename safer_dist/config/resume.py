@@ -22,7 +22,7 @@ RESUME_KEYS = {
     ),
     "erpo": (
         "run.seed", "erpo.init_from", "data.erpo_prompts", "data.rulebook", "judge", "rollout.temperature",
-        "rollout.top_p", "eval.max_new_tokens", "erpo.prompts_per_iteration", "erpo.chunk_size", "erpo.steps",
+        "rollout.top_p", "erpo.max_new_tokens", "erpo.prompts_per_iteration", "erpo.chunk_size", "erpo.steps",
         "erpo.num_candidates", "erpo.num_completions", "erpo.step_max_new_tokens", "erpo.answer_max_new_tokens",
         "erpo.completion_temperature", "erpo.reference", "erpo.safety_pair_repeats", "erpo.epochs",
         "erpo.ranking", "erpo.loss", "erpo.optim", "learner.zero_stage",
@@ -39,6 +39,9 @@ def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") ->
     # Runs saved before load_config made paths absolute hold them relative to the current
     # directory they were started from (so does a Config built in code).
     before = _absolute_leaves(_leaves(_migrate(saved, "checkpoint config", warn=False)))
+    # ERPO sampled up to eval.max_new_tokens before erpo.max_new_tokens existed.
+    if "eval.max_new_tokens" in before:
+        before.setdefault("erpo.max_new_tokens", before["eval.max_new_tokens"])
     now = _absolute_leaves(_leaves(current.to_dict()))
     out = []
     for key in RESUME_KEYS[stage]:

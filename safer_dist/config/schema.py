@@ -206,10 +206,24 @@ class RolloutSection:
     # weight sync and gets the current weights again, and its shard of the work is retried on
     # it (results are keyed by position: nothing lost or duplicated).
     max_restarts: int = 3
+    # Where rollout workers go (safer_dist/cluster/placement.py): colocate = in the learners'
+    # placement-group bundles, sharing their GPUs (fractional GPU resources), so every GPU samples
+    # and trains; separate = bundles (GPUs) of their own. auto: colocate where learners get GPUs,
+    # separate on CPU (the CPU demo's placement).
+    placement: str = "auto"
+    # Seconds the rollout workers' placement group may take to be ready before the job fails
+    # naming what is missing.
+    placement_timeout_s: float = 300.0
+    # Seconds one rollout call (a worker's shard of generate, sample or logprobs) may take
+    # before the job is declared hung. Generous: a shard of real sampling takes minutes.
+    call_timeout_s: float = 3600.0
+    # Seconds the weight-sync group's set-up (learner rank 0 and every worker) may take.
+    sync_timeout_s: float = 300.0
     # Ranks (devices) one worker spans: K > 1 shards the model over K devices of one node with
     # transformers' tensor parallelism (the model's own TP plan), for models that do not fit one
     # device. Each worker then takes K GPUs (on CPU, K x cpus_per_worker CPUs), placed together
-    # (STRICT_PACK), and is not restarted when a rank dies (safer_dist/cluster/tp_rollout.py).
+    # (STRICT_PACK) apart from the learners (never colocated: rollout.placement=colocate is refused,
+    # auto means separate), and is not restarted when a rank dies (safer_dist/cluster/tp_rollout.py).
     tensor_parallel: int = 1
 
 
@@ -235,6 +249,9 @@ class ErpoSection:
     num_completions: int = 1
     step_max_new_tokens: int = 96
     answer_max_new_tokens: int = 128
+    # A whole response: the trajectory whose step prefixes are sampled from, and each completion
+    # after a candidate step that the judge scores.
+    max_new_tokens: int = 256
     # Temperature of the completions that judge a candidate's outcome (0: greedy, the
     # policy's most likely continuation, as in evaluation).
     completion_temperature: float = 0.0
@@ -328,7 +345,8 @@ class SynthSection:
     """``safer synth``: Ex-Ante traces from a teacher model (safer_dist/synth/pipeline.py, docs/data.md)."""
 
     # Prompts (JSONL / Parquet / save_to_disk): prompt, optional id, category, harmful, reference.
-    prompts: str = "data/demo/erpo_prompts.jsonl"
+    # None: data.erpo_prompts (the ERPO prompt pool; the demo's, data/demo/, with configs/tiny.yaml).
+    prompts: str | None = None
     # accepted.jsonl, rejects.jsonl and summary.json go here; None: <run dir>/synth.
     out_dir: str | None = None
     max_prompts: int = 0  # 0: all
@@ -455,6 +473,8 @@ class Config:
         _check(e.chunk_size >= 1, "erpo.chunk_size must be >= 1")
         _check(e.safety_pair_repeats >= 1, "erpo.safety_pair_repeats must be >= 1")
         _check(e.epochs >= 1, "erpo.epochs must be >= 1")
+        _check(min(e.max_new_tokens, e.step_max_new_tokens, e.answer_max_new_tokens) >= 1,
+               "erpo.max_new_tokens, erpo.step_max_new_tokens and erpo.answer_max_new_tokens must be >= 1")
         bad = [x for x in e.steps.split(",") if x.strip() not in ("assessment", "rules", "calibration", "answer")]
         _check(not bad and bool(e.steps.strip()), f"erpo.steps: unknown step(s) {bad}; use assessment,rules,calibration,answer")
         e.optim.validate("erpo.optim", lr.num_learners)
@@ -471,6 +491,15 @@ class Config:
             f"rollout.tensor_parallel must be >= 1 (got {self.rollout.tensor_parallel}): the devices one rollout "
             "worker spans; each worker needs that many GPUs of one node (on CPU, that many times "
             "rollout.cpus_per_worker CPUs)",
+        )
+        _one_of("rollout.placement", self.rollout.placement, ("auto", "colocate", "separate"))
+        for key in ("placement_timeout_s", "call_timeout_s", "sync_timeout_s"):
+            _check(getattr(self.rollout, key) > 0, f"rollout.{key} must be > 0")
+        _check(
+            self.rollout.tensor_parallel == 1 or self.rollout.placement != "colocate",
+            f"rollout.placement=colocate cannot place tensor-parallel rollout workers (rollout.tensor_parallel="
+            f"{self.rollout.tensor_parallel}): each is placed apart from the learners on that many GPUs of one node; "
+            "set rollout.placement=separate (or auto), or rollout.tensor_parallel=1",
         )
         _check(0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
         _check(self.launch.stop_grace_s > 0, "launch.stop_grace_s must be > 0")

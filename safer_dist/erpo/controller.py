@@ -38,6 +38,7 @@ from safer_dist.runtime.faults import die_if
 from safer_dist.runtime.io import atomic_write_jsonl
 from safer_dist.runtime.log import get_logger
 from safer_dist.runtime.metrics import MetricsWriter, Progress
+from safer_dist.runtime.phases import phase
 from safer_dist.train.throughput import Throughput, progress_fields
 
 log = get_logger("erpo")
@@ -54,12 +55,13 @@ class Sampler:
     def _sample(self, items, n, stop_strings, max_new_tokens, seed, temperature=None):
         r = self.cfg.rollout
         t = r.temperature if temperature is None else temperature
-        return self.rollout.sample(items, n=n, stop_strings=stop_strings, max_new_tokens=max_new_tokens,
-                                   temperature=t, top_p=r.top_p, seed=seed)
+        with phase("erpo_sample"):
+            return self.rollout.sample(items, n=n, stop_strings=stop_strings, max_new_tokens=max_new_tokens,
+                                       temperature=t, top_p=r.top_p, seed=seed)
 
     def chunk(self, records: list[dict], ranking: Ranking, seed: int, iteration: int) -> list[dict]:
         e = self.cfg.erpo
-        trajectories = self._sample([(r["prompt"], "") for r in records], 1, None, self.cfg.eval.max_new_tokens, seed)
+        trajectories = self._sample([(r["prompt"], "") for r in records], 1, None, e.max_new_tokens, seed)
         jobs: dict[str, list[tuple[int, str]]] = {s: [] for s in self.steps}
         for i, traj in enumerate(trajectories):
             text = traj[0]["text"]
@@ -92,7 +94,7 @@ class Sampler:
         is completed once, whatever ``num_completions`` says: identical candidates are common
         (most rule-verification steps are), and completions are most of the sampling time."""
         e = self.cfg.erpo
-        max_new = self.cfg.eval.max_new_tokens
+        max_new = e.max_new_tokens
         if e.completion_temperature > 0:
             comp = self._sample(items, e.num_completions, None, max_new, seed, e.completion_temperature)
             return [[x["text"] for x in cs] for cs in comp]
@@ -111,7 +113,8 @@ class Sampler:
         first: dict[tuple, int] = {}
         for n, key in enumerate(keys):
             first.setdefault(key, n)
-        judged = dict(zip(first, self.judge.score_many([items[n] for n in first.values()])))
+        with phase("erpo_judge"):
+            judged = dict(zip(first, self.judge.score_many([items[n] for n in first.values()])))
         scores = [judged[key] for key in keys]
         result, pos = [], 0
         for (j, c), comps in zip(flat, completions):
@@ -143,7 +146,8 @@ class Sampler:
                 ref_items += [(rec["prompt"], prefix, group[c]["text"], eos), (rec["prompt"], prefix, group[r]["text"], eos)]
             rows.append(row)
         if ref_items:
-            refs = self.reference.logprobs(ref_items, share_prefix=self.cfg.erpo.loss.share_prefix)
+            with phase("erpo_ref_logprobs"):
+                refs = self.reference.logprobs(ref_items, share_prefix=self.cfg.erpo.loss.share_prefix)
             it = iter(refs)
             for row in rows:
                 if row["chosen"] is not None:
@@ -227,9 +231,11 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
     restored = ckpt.restore(learners, state, cfg)
     metrics.truncate_after("erpo", state.step)
     metrics.truncate_after("erpo_iter", state.extra["iteration"])
-    learners.connect_weight_sync(rollout)
+    with phase("weight_sync_setup"):
+        learners.connect_weight_sync(rollout)
     if restored is not None:
-        learners.push_weights(rollout, state.extra["iteration"])
+        with phase("weight_sync"):
+            learners.push_weights(rollout, state.extra["iteration"])
     pool = list(load_records(cfg.data.erpo_prompts, "prompts"))
     sampler = Sampler(cfg, rollout, judge, reference)
     throughput = Throughput(learners.infos)
@@ -241,7 +247,8 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
         rows = read_jsonl(pairs_path)
         stats = iteration_stats(rows)
         sample_s = time.perf_counter() - t0
-        n_pairs = learners.load_pairs(str(pairs_path), hash_seed(cfg.run.seed, t), e.safety_pair_repeats) if stats["pairs"] else 0
+        with phase("erpo_load_pairs"):
+            n_pairs = learners.load_pairs(str(pairs_path), hash_seed(cfg.run.seed, t), e.safety_pair_repeats) if stats["pairs"] else 0
         steps = max(1, math.ceil(e.epochs * n_pairs / e.optim.global_batch_size)) if n_pairs else 0
         log.info("iteration %d: %d prefixes, %d pairs %s, %d with repeats -> %d DPO steps", t, stats["prefixes"], stats["pairs"],
                  stats["pairs_by_reason"], n_pairs, steps)
@@ -249,7 +256,8 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
         progress = Progress(steps, initial=state.extra["iter_step"], desc=f"erpo train iter {t}")
         while state.extra["iter_step"] < steps:
             s0 = time.perf_counter()
-            m = learners.dpo_step(state.extra["iter_step"])
+            with phase("erpo_dpo"):
+                m = learners.dpo_step(state.extra["iter_step"])
             dt = time.perf_counter() - s0
             state.step += 1
             state.extra["iter_step"] += 1
@@ -269,7 +277,8 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
         progress.close()
         state.extra["iteration"] = t + 1
         state.extra["iter_step"] = 0
-        learners.push_weights(rollout, t + 1)
+        with phase("weight_sync"):
+            learners.push_weights(rollout, t + 1)
         ckpt.save(learners, state, cfg)
         metrics.write({
             "stage": "erpo_iter", "step": t + 1, "iteration": t, **stats, "sample_time_s": round(sample_s, 2),

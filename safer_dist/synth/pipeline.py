@@ -244,6 +244,11 @@ def synth_round(records: list[dict], teacher, classifier, template: str, ruleboo
     return accepted, rejected, failed
 
 
+def prompts_path(cfg: Config) -> str:
+    """The prompts ``safer synth`` reads: ``synth.prompts``, else ``data.erpo_prompts``."""
+    return cfg.synth.prompts or cfg.data.erpo_prompts
+
+
 def _preflight(cfg: Config):
     """(rulebook, teacher template, classifier template or None, prompt records); raises
     ``ValueError`` naming the file before anything is written."""
@@ -252,14 +257,18 @@ def _preflight(cfg: Config):
     template = load_template(s.prompt_template, TEACHER_FIELDS, "synth.prompt_template")
     classify_template = load_template(s.classifier_template, CLASSIFY_FIELDS, "synth.classifier_template") \
         if s.classifier == "model" else None
-    records = load_records(s.prompts, "prompts").to_list()
+    prompts = prompts_path(cfg)
+    if not Path(prompts).exists():
+        unset = "" if s.prompts else " (synth.prompts is unset, so data.erpo_prompts: `make demo` writes the demo's)"
+        raise ValueError(f"synth.prompts: {prompts} does not exist{unset}; set synth.prompts=FILE to your prompts")
+    records = load_records(prompts, "prompts").to_list()
     if s.max_prompts:
         records = records[: s.max_prompts]
     known = set(rulebook.category_ids) | {"none"}
     for r in records:
         for key in ("category", "related_category"):
             if r.get(key) and r[key] not in known:
-                raise ValueError(f"{s.prompts}: record {r['id']!r}: field {key!r}: {r[key]!r} is not a category of "
+                raise ValueError(f"{prompts}: record {r['id']!r}: field {key!r}: {r[key]!r} is not a category of "
                                  f"{rulebook.source} (known: {', '.join(sorted(known))})")
     models = ([s.teacher_path or cfg.model.path] if s.teacher == "ray" else []) + \
              ([s.classifier_path] if s.classifier == "model" and s.classifier_path else [])
@@ -270,7 +279,7 @@ def _preflight(cfg: Config):
 
 
 def synth_job(cfg: Config, *, keep_ray: bool = False) -> dict:
-    """Run synthesis over ``synth.prompts``; returns the summary (also in ``summary.json``).
+    """Run synthesis over ``synth.prompts`` (unset: ``data.erpo_prompts``); returns the summary (also in ``summary.json``).
     Validates the templates, prompts and model directories before anything is written."""
     s = cfg.synth
     rulebook, template, classify_template, records = _preflight(cfg)

@@ -340,8 +340,7 @@ class Learner:
             dev = {key: b[key].to(self.device, non_blocking=True)
                    for key in ("input_ids", "position_ids", "labels", "seq_ids")}
             with record_function(FORWARD_LOSS):
-                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)
-                logp = logp.double()
+                logp, _ = sum_by_sequence(*self.head.token_logprobs(self.engine, dev), dev["seq_ids"], 2 * k)  # fp64
                 chosen, rejected = logp[0::2], logp[1::2]
                 loss, stats = step_dpo_loss(
                     chosen, rejected, b["ref_chosen"].to(logp), b["ref_rejected"].to(logp), beta=erpo.beta,
@@ -366,32 +365,36 @@ class Learner:
         }
 
     # -- weight sync to rollout workers -----------------------------------------------------
-    def init_sync(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the weight-sync group as member 0 (other ranks have nothing to join),
-        leaving the group it joined before, if any (the group is rebuilt when a rollout worker
-        restarts)."""
+    def init_sync(self, host: str, port: int, member) -> None:
+        """Rank 0 opens its end of the weight sync as member 0 (``weight_sync.Member``; other
+        ranks have nothing to open), leaving the one it opened before, if any (the channel is
+        rebuilt when a rollout worker restarts)."""
         if self.rank == 0:
-            from safer_dist.erpo.weight_sync import close_group, make_group
+            from safer_dist.erpo.weight_sync import Channel, close_channel
 
             import ray
 
-            close_group(getattr(self, "sync_group", None))
+            close_channel(getattr(self, "sync_group", None))
             self.sync_group = None
             backend = "nccl" if self.device == "cuda" else "gloo"
-            self.sync_group = make_group(host, port, 0, world_size, backend, local_ip=ray.util.get_node_ip_address())
+            self.sync_group = Channel(host, port, member, backend, local_ip=ray.util.get_node_ip_address())
 
     def send_weights(self, version: int) -> int:
-        """Broadcast the current weights to the rollout workers. Collective under ZeRO-3."""
+        """Send the current weights to the rollout workers as ``version``. Collective under ZeRO-3."""
         from safer_dist.erpo.weight_sync import send_weights
 
         return send_weights(self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
-                            zero3=self.cfg.zero_stage == 3)
+                            zero3=self.cfg.zero_stage == 3, version=version)
 
     # -- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
-        """Write this rank's shards and RNG state into ``root/tag``. Collective."""
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:
+        """Write this rank's shards and RNG state into ``root/tag``; return the size (and sha256)
+        of the files this rank wrote, fsynced (``checkpoint.rank_digests``). Collective."""
+        from safer_dist.checkpointing.checkpoint import rank_digests
+
         self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), Path(root) / tag / f"rng_rank{self.rank}.pt")
+        return rank_digests(Path(root) / tag, self.rank, hash_files)
 
     def load_checkpoint(self, root: str, tag: str, *, load_optimizer: bool = True, universal: bool = False) -> dict:
         """Restore shards, scheduler and this rank's RNG from ``root/tag``. Collective."""

@@ -115,7 +115,8 @@ def sequence_logprobs(
     """Per-sequence summed log-prob and labelled-token count in a packed batch.
 
     logits [1, T, V], labels [1, T], seq_ids [1, T] (the index of the sequence each token
-    belongs to, 0..num_seqs-1). Returns (logp_sum [num_seqs], num_tokens [num_seqs]).
+    belongs to, 0..num_seqs-1). Returns (logp_sum [num_seqs], num_tokens [num_seqs]), fp64
+    (:func:`sum_by_sequence`).
     """
     logp, mask = token_logprobs(logits, labels)
     return sum_by_sequence(logp, mask, seq_ids, num_seqs)
@@ -127,12 +128,20 @@ def sum_by_sequence(
     """:func:`sequence_logprobs` from token log-probs already computed.
 
     logp, mask [1, T-1] as :func:`token_logprobs` (or :func:`chunked_token_logprobs`) returns
-    them; seq_ids [1, T]. Returns (logp_sum [num_seqs], num_tokens [num_seqs]).
+    them; seq_ids [1, T]. Returns (logp_sum [num_seqs], num_tokens [num_seqs]), both fp64.
+
+    The sums accumulate in fp64: an fp32 running sum of ~800 token log-probs drifts by 1e-4
+    to 5e-4 from the exact sum, which moves DPO margins and the step-DPO gradients. The
+    learner's policy log-probs and the rollout workers' reference log-probs
+    (:func:`safer_dist.erpo.sampling.continuation_logprobs`) both come from here, so the two
+    sides of a DPO margin are summed alike. Gradients flow back to ``logp`` in its own dtype.
     """
     ids = seq_ids[:, 1:].reshape(-1)
-    sums = torch.zeros(num_seqs, dtype=logp.dtype, device=logp.device).index_add_(0, ids, logp.reshape(-1))
-    counts = torch.zeros(num_seqs, dtype=logp.dtype, device=logp.device).index_add_(
-        0, ids, mask.reshape(-1).to(logp.dtype)
+    sums = torch.zeros(num_seqs, dtype=torch.float64, device=logp.device).index_add_(
+        0, ids, logp.reshape(-1).double()
+    )
+    counts = torch.zeros(num_seqs, dtype=torch.float64, device=logp.device).index_add_(
+        0, ids, mask.reshape(-1).double()
     )
     return sums, counts
 

@@ -8,7 +8,9 @@ tests/ray/test_checkpoint_faults.py)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from safer_dist.config import load_config, save_config
 class ShardWriter:
     world_size = 2
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> None:
         d = Path(root) / tag
         d.mkdir(parents=True, exist_ok=True)
         for r in range(2):
@@ -46,7 +48,7 @@ def existing_run(tmp_path, tiny_model_dir, demo_data_dir):
     save_config(cfg, run / "config.yaml")
     (run / "metrics.jsonl").write_text('{"stage": "sft", "step": 1, "loss": 5.0}\n{"stage": "sft", "step": 2, "loss": 4.0}\n')
     ckpt = Checkpointer(cfg.checkpoint, run / "checkpoints" / "sft").save(ShardWriter(), TrainerState(step=2), cfg)
-    return {"args": args, "run": run, "data": data, "ckpt": ckpt}
+    return {"args": args, "run": run, "data": data, "ckpt": ckpt, "model": tiny_model_dir}
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -77,7 +79,21 @@ def _empty(f: Path) -> list[str]:
     return []
 
 
-# name: (damage(existing_run) -> extra CLI args, expected message with {data} / {ckpt})
+def _without_chat_template(model: Path, out: Path) -> Path:
+    """A copy of ``model`` whose tokenizer has no chat template (as a base model's)."""
+    shutil.copytree(model, out)
+    (out / "chat_template.jinja").unlink()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def _base_model(r) -> list[str]:
+    return [f"model.path={_without_chat_template(r['model'], r['run'].parent.parent / 'base')}"]
+
+
+# name: (damage(existing_run) -> extra CLI args, expected message with {data} / {ckpt} / {base})
 CASES = {
     "malformed_jsonl_line": (lambda r: _replace_line(r["data"], 2, '{"prompt": "How do I bake bread?",'),
                              "{data}:2: invalid JSON"),
@@ -98,6 +114,7 @@ CASES = {
     "resume_path_missing": (lambda r: ["resume=/nonexistent/step_9"],
                             "resume=/nonexistent/step_9: no such checkpoint directory"),
     "semantic_config_change": (lambda r: ["train.lr=0.01"], "the config differs in ways that change the run"),
+    "model_without_chat_template": (_base_model, "model.path={base}: the tokenizer has no chat template"),
 }
 
 
@@ -108,7 +125,19 @@ def test_bad_input_fails_cleanly_and_leaves_the_run_untouched(case, existing_run
     before = digest(existing_run["run"])
     rc = main(["sft", "configs/tiny.yaml", *existing_run["args"], *extra])
     assert rc == 2
-    message = expected.format(data=existing_run["data"], ckpt=existing_run["ckpt"])
+    message = expected.format(data=existing_run["data"], ckpt=existing_run["ckpt"],
+                              base=existing_run["run"].parent.parent / "base")
     assert any(message in m for m in logs), (message, logs[-3:])
     assert not any("started Ray" in m for m in logs)
     assert digest(existing_run["run"]) == before, "the run directory must be byte-for-byte untouched"
+
+
+@pytest.mark.parametrize("command", ["erpo", "eval"])
+def test_model_without_chat_template_is_refused_before_ray(command, existing_run, logs, tmp_path):
+    base = _without_chat_template(existing_run["model"], tmp_path / "base-erpo")
+    chosen = f"erpo.init_from={base}" if command == "erpo" else f"model.path={base}"
+    rc = main([command, "configs/tiny.yaml", *existing_run["args"], chosen])
+    assert rc == 2
+    named = f"erpo.init_from={base}" if command == "erpo" else f"model {base}"
+    assert any(f"{named}: the tokenizer has no chat template" in m and "chat_template.jinja" in m for m in logs), logs[-3:]
+    assert not any("started Ray" in m for m in logs)

@@ -35,8 +35,10 @@ def test_benchmark_smoke(script, tmp_path):
     lines = run_smoke(script, tmp_path)
     if script == "rollout.py":  # no bandwidth on CPU without --hbm-gbps: no bound, no fractions
         assert any(line.startswith("decode bound: n/a = ") for line in lines)
-        assert sum(line.endswith(": n/a of the decode bound") for line in lines) == 3  # safer, on nn.Linear, HF
-        assert sum(line.startswith("time per window (") and " + decode " in line for line in lines) == 3
+        # safer and HF on the reordered weights, and both on nn.Linear
+        assert sum(line.endswith(": n/a of the decode bound") for line in lines) == 4
+        assert sum(line.startswith("time per window (") and " + decode " in line for line in lines) == 4
+        assert any(line.startswith("on nn.Linear: ") for line in lines)
 
 
 def test_rollout_smoke_decode_bound(tmp_path):
@@ -56,7 +58,7 @@ def test_rollout_smoke_decode_bound(tmp_path):
     assert report["mean_context_tokens"] == pytest.approx(context)
     bound = 4 * 1e9 / (1064192 + 4 * 512 * context)  # rows x 1 GB/s / bytes per step
     assert report["hbm_gbps"] == 1.0 and report["bound_tokens_per_s"] == pytest.approx(bound)
-    assert len(report["rows"]) == 3  # safer, safer on nn.Linear (CPU only), HF
+    assert len(report["rows"]) == 4  # safer, HF (same weights path); both on nn.Linear (CPU only)
     for r in report["rows"]:
         assert r["tokens_per_s"] > 0 and r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / bound)
     # Work per window: 8 rows (4 prefixes x 2) in two rounds of 4 rows; each row's first token comes
@@ -67,8 +69,8 @@ def test_rollout_smoke_decode_bound(tmp_path):
     hf_prefill = sum(2 * 2 * max(lens[i : i + 2]) for i in (0, 2))
     work = report["forward_time_per_window"]
     assert report["positions_per_window"] == {"safer": sum(lens) + 24, "nn_linear": sum(lens) + 24,
-                                              "hf": hf_prefill + 24}
-    for key in ("safer", "nn_linear", "hf"):
+                                              "hf": hf_prefill + 24, "hf_linear": hf_prefill + 24}
+    for key in ("safer", "nn_linear", "hf", "hf_linear"):
         assert work[key]["prefill_calls"] == 2 and work[key]["decode_calls"] == 6
         assert 0 < work[key]["prefill_s"] + work[key]["decode_s"] < work[key]["window_s"]
     # Work per window: HF encodes each prefix once per candidate (2 x the prefix tokens, padding

@@ -33,9 +33,11 @@ def _args(root):
 
 
 ERPO = [
-    "erpo.iterations=2", "erpo.prompts_per_iteration=8", "erpo.chunk_size=4", "eval.max_new_tokens=160",
+    "erpo.iterations=2", "erpo.prompts_per_iteration=8", "erpo.chunk_size=4", "erpo.max_new_tokens=160",
     "erpo.step_max_new_tokens=64", "erpo.answer_max_new_tokens=64", "erpo.optim.global_batch_size=4",
     "erpo.optim.micro_batch_size=2", "checkpoint.every_steps=1",
+    # 10x the tiny config's rate: a few steps must move the rewards far above rounding noise.
+    "erpo.optim.lr=2.5e-4",
 ]
 
 
@@ -83,7 +85,33 @@ def test_erpo_two_iterations_write_pairs_and_metrics(sft_run):
     # pair's two sequences) summed over ~60-token steps (tests/ray/test_erpo_ray.py checks
     # this at 1e-6 on short steps).
     assert abs(steps[0]["reward_chosen"]) < 1e-4 and abs(steps[0]["reward_rejected"]) < 1e-4
-    assert (run / "hf_erpo" / "model.safetensors").is_file()
+    assert_training_moved_and_weights_pushed(steps, sft_run / "r" / "hf", run / "hf_erpo")
+
+
+def assert_training_moved_and_weights_pushed(steps: list[dict], start: Path, exported: Path) -> None:
+    """Fails when ERPO trains nothing (``erpo.optim.lr=1e-12``; the config rejects 0) or when the
+    weight push leaves the rollout workers on the old weights. Checked by breaking both once:
+    at lr=1e-12 every step's |reward_chosen| + |reward_rejected| stayed under 8e-5; with this
+    test's lr they reach 0.02 to 4 within iteration 0; with a push that received but copied
+    nothing, iteration 1's first step had 1.48.
+
+    Rewards are beta * (policy - reference) log-probs. Within an iteration the reference is
+    fixed, so training moves the rewards of later steps away from 0. Each iteration's first
+    step sees the policy before its first update and reference log-probs that the rollout
+    workers computed on the pushed weights: the two are the same model, so the rewards are 0
+    (up to the packing rounding above) — unless the push failed and iteration 1's reference is
+    still iteration 0's model, which the learners have trained away from."""
+    moved = lambda m: abs(m["reward_chosen"]) + abs(m["reward_rejected"])  # noqa: E731
+    for t in (0, 1):
+        it = [m for m in steps if m["iteration"] == t]
+        assert len(it) >= 2, it
+        assert moved(it[0]) < 2e-4, f"iteration {t} starts with a reference that is not the policy: {it[0]}"
+        assert max(moved(m) for m in it[1:]) > 1e-2, f"iteration {t}: rewards did not move: {it}"
+    from safetensors.torch import load_file
+
+    before, after = load_file(start / "model.safetensors"), load_file(exported / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not (before[k] == after[k]).all() for k in before), "hf_erpo holds the weights ERPO started from"
 
 
 def test_erpo_killed_during_sampling_and_training_resumes(sft_run):

@@ -17,7 +17,8 @@ from safer_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny.yaml"
-RECIPES = ["configs/llama3-8b-8xh100.yaml", "configs/qwen2.5-7b-8xh100.yaml", "configs/llama3-70b-4x8xh100.yaml"]
+RECIPES = ["configs/llama3-8b-8xh100.yaml", "configs/qwen2.5-7b-8xh100.yaml", "configs/llama3-70b-4x8xh100.yaml",
+           "configs/llama3-8b-1xh100.yaml"]
 
 
 def _sft(tmp_path, *overrides) -> int:
@@ -99,9 +100,18 @@ def test_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("gpu_mem_gb, code", [(80, 0), (4, 3)])
 def test_plan_exit_code_says_whether_anything_fits(gpu_mem_gb, code, capsys):
     rc = main(["plan", RECIPES[2], "--gpus-per-node", "8", "--nodes", "4", "--gpu-mem-gb", str(gpu_mem_gb),
-               "--shape", "llama3-70b"])
+               "--shape", "llama3-70b", "--stage", "sft"])
     assert rc == code
     assert ("recommendation: nothing fits" in capsys.readouterr().out) == (code == 3)
+
+
+def test_plan_exits_3_when_the_learners_fit_but_a_rollout_worker_does_not(capsys):
+    # the 70B recipe's SFT fits; `safer run` also needs a whole bf16 copy on one GPU (157 GiB)
+    rc = main(["plan", RECIPES[2], "--gpus-per-node", "8", "--nodes", "4", "--gpu-mem-gb", "80",
+               "--shape", "llama3-70b"])
+    out = capsys.readouterr().out
+    assert rc == 3 and "recommendation: ZeRO-3 + ckpt, mb 2" in out
+    assert out.rstrip().endswith("DOES NOT FIT: a rollout worker does not fit on one GPU")
 
 
 def test_an_error_caused_by_an_override_names_the_override_not_the_file(tmp_path, logs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,11 +30,20 @@ def _free_port() -> int:
 def served(tiny_model_dir, tmp_path_factory):
     """(base_url, model name) of `transformers serve` on loopback; stopped after the module."""
     tmp = tmp_path_factory.mktemp("serve")
+    # synth's system prompt (the rulebook) is ~1,230 tokens in the test tokenizer, more than the
+    # test model's 1,024 positions; transformers serve (5.25 on) refuses prompt + answer beyond
+    # max_position_embeddings with HTTP 400. The model is RoPE-based (no position table), so a
+    # copy that declares 4,096 positions serves the same weights.
+    model_dir = tmp / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 4096
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp / "hub"), TRANSFORMERS_VERBOSITY="error")
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-c", SERVE, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
          "--device", "cpu", "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     deadline = time.monotonic() + 180
@@ -52,7 +62,7 @@ def served(tiny_model_dir, tmp_path_factory):
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"transformers serve not ready after 180 s:\n{(tmp / 'serve.log').read_text()[-3000:]}")
-        yield f"http://127.0.0.1:{port}/v1", str(tiny_model_dir)
+        yield f"http://127.0.0.1:{port}/v1", str(model_dir)
     finally:
         proc.terminate()
         try:

@@ -62,6 +62,21 @@ def test_weight_sync_rollout_logits_equal_learner(ray_local, tiny_model_dir, dem
         learners.shutdown()
 
 
+def test_weight_sync_refuses_weights_of_another_dtype(ray_local, tiny_model_dir, demo_data_dir, tmp_path):
+    cfg = cfg_for(tiny_model_dir, demo_data_dir, tmp_path, "rollout.num_workers=1")
+    learners = LearnerGroup(cfg)  # fp32 on CPU
+    bf16 = load_config(None, [f"model.path={tiny_model_dir}", "model.dtype=bfloat16", "rollout.num_workers=1"])
+    rollout = RolloutGroup(bf16.model, bf16.rollout, path=str(tiny_model_dir), device="cpu")
+    try:
+        learners.connect_weight_sync(rollout)
+        with pytest.raises(ValueError, match=r"weight sync version 3: the learners send dtype:elements torch.float32:"
+                                             r"\d+, this rollout worker holds torch.bfloat16:\d+"):
+            learners.push_weights(rollout, version=3)
+    finally:
+        rollout.shutdown()
+        learners.shutdown()
+
+
 def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_dir, demo_data_dir, tmp_path):
     cfg = cfg_for(tiny_model_dir, demo_data_dir, tmp_path, "learner.zero_stage=2", "erpo.optim.global_batch_size=4",
                   "erpo.optim.micro_batch_size=2", "erpo.loss.beta=0.5")

@@ -2,9 +2,10 @@
 group, the tiny model sharded by its TP plan) answers as a 1-rank worker: the same greedy
 candidates and evaluation text, reference log-probs within 1e-5; and after a weight push of
 perturbed weights (over the real weight-sync code, this process as learner rank 0) it holds
-those weights: logits equal to the 1-rank worker's and to the perturbed model's own. A rank
-that dies fails the worker's next call at once, naming the rank; a worker that cannot be placed
-fails within its deadline, naming what it needs."""
+those weights: logits equal to the 1-rank worker's and to the perturbed model's own. Its rank 0
+refuses the CUDA-IPC hand-over (it only receives by broadcast). A rank that dies fails the
+worker's next call at once, naming the rank; a worker that cannot be placed fails within
+rollout.placement_timeout_s, naming what it needs."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import time
 import pytest
 import torch
 
+from safer_dist.cluster.placement import PlacementError
 from safer_dist.cluster.rollout import RolloutFailure, RolloutGroup
-from safer_dist.cluster.tp_rollout import TensorParallelWorkers
 from safer_dist.config import Config
-from safer_dist.erpo.weight_sync import close_group, make_group, send_weights
+from safer_dist.erpo.weight_sync import Channel, Member, close_channel, layout, send_weights
 from safer_dist.train.models import load_model
 
 ITEMS = [
@@ -62,7 +63,7 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
     one = dataclasses.replace(cfg.rollout, num_workers=1, cpus_per_worker=1, batch_size=4)
     plain = RolloutGroup(cfg.model, one, path=str(tiny_model_dir), device="cpu")
     tp = RolloutGroup(cfg.model, dataclasses.replace(one, tensor_parallel=2), path=str(tiny_model_dir), device="cpu")
-    group = None
+    channel = None
     try:
         assert len(tp.workers) == 1 and len(tp.tp_workers.ranks[0]) == 2
         # The ranks really hold halves: q_proj's 64 output rows are 32 per rank.
@@ -82,12 +83,16 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
             for p in perturbed.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
         ip, port = ray_local.util.get_node_ip_address(), _free_port()
-        joins = plain.init_sync_refs(ip, port, first_rank=1, world_size=3)
-        joins += tp.init_sync_refs(ip, port, first_rank=2, world_size=3)
-        group = make_group(ip, port, 0, 3, "gloo", local_ip=ip, timeout_s=60)
+        # Offered the CUDA-IPC hand-over (as if on learner rank 0's GPU), rank 0 refuses before
+        # joining anything: sharded weights can only come by broadcast.
+        with pytest.raises(ray_local.exceptions.RayTaskError, match="cannot fill sharded weights"):
+            ray_local.get(tp.workers[0].init_sync.remote(ip, port, Member(1, 2, None, 1)), timeout=60)
+        members = layout([None, None, None])  # CPU: every member broadcasts over gloo
+        joins = plain.init_sync_refs(ip, port, members[1:2]) + tp.init_sync_refs(ip, port, members[2:])
+        channel = Channel(ip, port, members[0], "gloo", local_ip=ip, timeout_s=60)
         ray_local.get(joins, timeout=60)
         received = plain.receive_weights_refs(1) + tp.receive_weights_refs(1)
-        send_weights(perturbed, group, rank=0, zero3=False)
+        send_weights(perturbed, channel, rank=0, zero3=False, version=1)
         assert ray_local.get(received, timeout=60) == [1, 1]
         plain.expected_version = tp.expected_version = 1  # as LearnerGroup.push_weights records it
 
@@ -107,7 +112,7 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
         with pytest.raises(RolloutFailure, match="tensor-parallel rank 1 of this rollout worker died during sample"):
             tp.sample(ITEMS, n=2, stop_strings=None, max_new_tokens=4, temperature=0.0)
     finally:
-        close_group(group)
+        close_channel(channel)
         tp.shutdown()
         plain.shutdown()
 
@@ -115,11 +120,12 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
 def test_a_worker_that_cannot_be_placed_fails_within_its_deadline(ray_local, tiny_model_dir):
     # Ray has 4 CPUs: two ranks of 3 CPUs each on one node cannot be placed.
     cfg = Config()
-    rollout = dataclasses.replace(cfg.rollout, num_workers=1, cpus_per_worker=3, tensor_parallel=2)
+    rollout = dataclasses.replace(cfg.rollout, num_workers=1, cpus_per_worker=3, tensor_parallel=2,
+                                  placement_timeout_s=2)
     t0 = time.monotonic()
-    with pytest.raises(RolloutFailure, match=r"1 of 1 tensor-parallel rollout worker\(s\) could not be placed within "
-                                             r"2 s: each needs 2 x \{'CPU': 3\} on one node \(rollout\.tensor_parallel=2"):
-        TensorParallelWorkers(cfg.model, rollout, path=str(tiny_model_dir), device="cpu", use_gpu=False, timeout_s=2)
+    with pytest.raises(PlacementError, match=r"the rollout worker 0 placement group needs \{CPU=3\} x 2 \(STRICT_PACK\) "
+                                             r"and was not ready within rollout.placement_timeout_s=2 s"):
+        RolloutGroup(cfg.model, rollout, path=str(tiny_model_dir), device="cpu")
     assert time.monotonic() - t0 < 30
     states = {pg["state"] for pg in ray_local.util.placement_group_table().values()}
     assert states <= {"REMOVED"}, "the placement group that waited was removed"

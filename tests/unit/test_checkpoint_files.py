@@ -18,7 +18,8 @@ import torch
 
 from safer_dist.runtime import stop
 from safer_dist.checkpointing.checkpoint import (
-    COMPLETE, CheckpointError, Checkpointer, TrainerState, read_manifest, verify_manifest,
+    COMPLETE, CheckpointError, Checkpointer, TrainerState, file_owner, rank_digests, read_manifest, verify_manifest,
+    write_manifest,
 )
 from safer_dist.checkpointing.export import consolidated_state_dict
 from safer_dist.checkpointing.safe_load import weights_only_torch_load
@@ -36,7 +37,7 @@ class ShardWriter:
         assert (Path(root) / tag).is_dir()
         return {}
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> None:
         d = Path(root) / tag
         d.mkdir(parents=True, exist_ok=True)
         for r in range(self.world_size):
@@ -99,6 +100,48 @@ def test_manifest_records_every_file_and_world_size(tmp_path):
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest["files"].values())
     assert json.loads((path / "trainer_state.json").read_text())["world_size"] == 2
     verify_manifest(path)
+
+
+def test_file_owner():
+    assert file_owner("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    assert file_owner("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12
+    assert file_owner("rng_rank5.pt") == 5
+    # shared files: DeepSpeed's model states (mp rank, not data-parallel rank), ours
+    assert file_owner("mp_rank_00_model_states.pt") == 0 and file_owner("trainer_state.json") == 0
+
+
+def test_rank_digests_combine_into_the_driver_manifest(tmp_path):
+    """What the ranks hash in parallel (each its own files) plus what the driver hashes gives the
+    manifest the driver alone would write, and every file is hashed exactly once."""
+    a, b = tmp_path / "a" / "step_1", tmp_path / "b"
+    ShardWriter(world_size=3).save_checkpoint(str(tmp_path / "a"), "step_1", {})
+    (a / "trainer_state.json").write_text("{}")
+    shutil.copytree(a, b)
+    per_rank = [rank_digests(a, r, True) for r in range(3)]
+    assert set(per_rank[1]) == {"zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank1.pt"}
+    assert "mp_rank_00_model_states.pt" in per_rank[0] and "trainer_state.json" in per_rank[0]
+    merged = {k: v for d in per_rank for k, v in d.items()}
+    assert sum(len(d) for d in per_rank) == len(merged)  # disjoint
+    combined = write_manifest(a, step=1, world_size=3, hash_files=True, digests=merged)["files"]
+    alone = write_manifest(b, step=1, world_size=3, hash_files=True)["files"]
+    assert combined == alone and len(alone) == 3 * 2 + 2
+    verify_manifest(a)
+    # a flipped byte is caught as before
+    f = a / "zero_pp_rank_2_mp_rank_00_optim_states.pt"
+    f.write_bytes(bytes([f.read_bytes()[0] ^ 1]) + f.read_bytes()[1:])
+    os.utime(a / COMPLETE)  # a new verdict, not the cached one
+    with pytest.raises(CheckpointError, match="zero_pp_rank_2.*corrupted"):
+        verify_manifest(a)
+
+
+def test_a_file_changed_after_its_rank_reported_it_is_refused(tmp_path):
+    ShardWriter().save_checkpoint(str(tmp_path), "step_1", {})
+    path = tmp_path / "step_1"
+    digests = rank_digests(path, 1, True)
+    (path / "rng_rank1.pt").write_bytes(b"shorter")
+    with pytest.raises(CheckpointError, match="rng_rank1.pt: changed after its rank reported it"):
+        write_manifest(path, step=1, world_size=2, hash_files=True, digests=digests)
+    assert not (path / COMPLETE).exists()
 
 
 @pytest.mark.parametrize("damage, message", [

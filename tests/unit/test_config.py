@@ -159,6 +159,16 @@ def test_erpo_resume_checks_every_optimisation_setting_and_reads_old_checkpoints
     # how pairs are packed is not what is trained: a resume may switch prefix sharing
     assert semantic_diff(a.to_dict(), load_config(None, ["erpo.loss.share_prefix=false"]), "erpo") == []
     assert semantic_diff(old, b, "erpo")[1:] == ["erpo.loss.beta: 0.1 -> 0.2", "erpo.optim.lr: 0.0001 -> 1e-05"]
+    # ERPO's sampling length is its own; a checkpoint from before erpo.max_new_tokens sampled up
+    # to eval.max_new_tokens, which stands in for it.
+    assert semantic_diff(a.to_dict(), load_config(None, ["eval.max_new_tokens=100"]), "erpo") == []
+    assert semantic_diff(a.to_dict(), load_config(None, ["erpo.max_new_tokens=100"]), "erpo") == [
+        "erpo.max_new_tokens: 256 -> 100"]
+    before_field = a.to_dict()
+    del before_field["erpo"]["max_new_tokens"]
+    before_field["eval"]["max_new_tokens"] = 100
+    assert semantic_diff(before_field, load_config(None, ["erpo.max_new_tokens=100"]), "erpo") == []
+    assert semantic_diff(before_field, a, "erpo") == ["erpo.max_new_tokens: 100 -> 256"]
 
 
 def test_validation_loss_settings_are_checked():

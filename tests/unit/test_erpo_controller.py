@@ -46,7 +46,7 @@ class FakeLearners:
         self.calls.append(("dpo_step", step))
         return {"loss": 0.5, "reward_margin": 0.1, "preference_accuracy": 1.0, "num_tokens": 100}
 
-    def save_checkpoint(self, root, tag, client_state):
+    def save_checkpoint(self, root, tag, client_state, hash_files=True):
         for rank in range(self.world_size):
             path = f"{root}/{tag}/rank{rank}.bin"
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -29,7 +29,8 @@ class ScriptedRollout:
         self.complete_t, self.calls = complete_t, []
 
     def sample(self, items, *, n, stop_strings, max_new_tokens, temperature, top_p, seed):
-        self.calls.append({"items": list(items), "n": n, "stop": stop_strings, "temperature": temperature})
+        self.calls.append({"items": list(items), "n": n, "stop": stop_strings, "temperature": temperature,
+                           "max_new_tokens": max_new_tokens})
         out = []
         for _, prefix in items:
             if stop_strings == ["</assessment>"]:
@@ -89,3 +90,21 @@ def test_sampled_completions_keep_one_completion_per_candidate_and_draw():
     Sampler(cfg, rollout, CountingJudge()).chunk([HARMFUL], cfg.erpo.ranking.at_iteration(0), seed=0, iteration=0)
     completions = [c for c in rollout.calls if c["stop"] is None and c["temperature"] == 0.7]
     assert [(len(c["items"]), c["n"]) for c in completions] == [(4, 2), (4, 2), (4, 2)]
+
+
+def test_token_limits_are_erpo_s_own():
+    cfg = Config()
+    cfg.eval.max_new_tokens = 7  # evaluation's limit: ERPO never reads it
+    cfg.erpo.max_new_tokens, cfg.erpo.step_max_new_tokens, cfg.erpo.answer_max_new_tokens = 300, 50, 60
+    for t in (0.0, 0.7):  # greedy and sampled completions
+        cfg.erpo.completion_temperature = t
+        rollout = ScriptedRollout(t)
+        Sampler(cfg, rollout, CountingJudge()).chunk([HARMFUL], cfg.erpo.ranking.at_iteration(0), seed=0, iteration=0)
+        trajectory, *rest = rollout.calls
+        assert trajectory["items"] == [(HARMFUL["prompt"], "")] and trajectory["max_new_tokens"] == 300
+        completions = [c for c in rest if c["stop"] is None and c["temperature"] == t]
+        steps = [c for c in rest if c["stop"] is not None]
+        answer = [c for c in rest if c["stop"] is None and c["temperature"] != t]
+        assert completions and all(c["max_new_tokens"] == 300 for c in completions)
+        assert len(steps) == 3 and all(c["max_new_tokens"] == 50 for c in steps)
+        assert len(answer) == 1 and answer[0]["max_new_tokens"] == 60

@@ -44,10 +44,12 @@ def test_cpu_sft_one_learner_per_node(tmp_path):
     assert m.per_node == 3.5 * GIB + LEARNER_TENSORS and m.slurm_mem() == "4G"
 
 
-def test_rollout_workers_fill_what_the_learners_leave(tmp_path):
+def test_the_fullest_node_of_any_phase_is_asked_for(tmp_path):
     cfg = _cfg(tmp_path)  # PACK: both learners on one node if it has room
     full = host_memory(cfg, nodes=2, gpus_per_node=0, cpus_per_node=2, stage="run")
-    assert (full.learners, full.workers) == (2, 0)
+    # sft: 2 learners on node 0; eval: 2 workers on node 0; erpo: 2 learners on node 0, 2 workers
+    # on node 1. A worker (1.5 GiB + 102.3 MiB) outweighs a learner (1.5 GiB + 18.8 MiB).
+    assert (full.learners, full.workers) == (0, 2)
     roomy = host_memory(cfg, nodes=2, gpus_per_node=0, cpus_per_node=4, stage="run")
     assert (roomy.learners, roomy.workers) == (2, 2)
     assert roomy.worker_bytes == 1.5 * GIB + WORKER_TENSORS
@@ -56,20 +58,26 @@ def test_rollout_workers_fill_what_the_learners_leave(tmp_path):
     # the judge's rollout group doubles the workers
     judged = host_memory(_cfg(tmp_path, "judge.kind=model", "judge.model_path=/x"), nodes=2, gpus_per_node=0,
                          cpus_per_node=8, stage="erpo")
-    assert judged.workers == 4
+    assert (judged.learners, judged.workers) == (2, 4)
+    # and so does the SFT reference (rollout.placement=colocate: the same processes, shared bundles)
+    both = host_memory(_cfg(tmp_path, "judge.kind=model", "judge.model_path=/x", "erpo.reference=sft",
+                            "rollout.placement=colocate"), nodes=2, gpus_per_node=0, cpus_per_node=8, stage="erpo")
+    assert (both.learners, both.workers) == (2, 6)
 
 
 def test_tensor_parallel_workers_are_k_processes_with_a_kth_each(tmp_path):
-    # rollout.tensor_parallel=2: 2 workers are 4 processes; 2 fit beside the 2 learners on 4 CPUs.
+    # rollout.tensor_parallel=2: 2 workers are 4 processes. On 2 nodes of 4 CPUs the evaluation
+    # puts both workers' 2 ranks on node 0 (STRICT_PACK each, PACK fills node 0 first): 4 rank
+    # processes, heavier than ERPO's node 0 (2 learners + worker 0's 2 ranks).
     # Each holds, fp32 (2 x bf16): weights 2P / 2 = 146,240; KV 4,194,304 / 2 = 2,097,152;
     # scoring logits 49,152,000 (whole on every rank) -> 2 x 51,395,392 = 102,790,784
     m = host_memory(_cfg(tmp_path, "rollout.tensor_parallel=2"), nodes=2, gpus_per_node=0, cpus_per_node=4,
                     stage="run")
-    assert (m.learners, m.workers) == (2, 2)
+    assert (m.learners, m.workers) == (0, 4)
     assert m.worker_bytes == 1.5 * GIB + 102_790_784
     wide = host_memory(_cfg(tmp_path, "rollout.tensor_parallel=2"), nodes=2, gpus_per_node=0, cpus_per_node=8,
                        stage="run")
-    assert wide.workers == 4
+    assert (wide.learners, wide.workers) == (2, 4)  # ERPO: everything on node 0
 
 
 def test_describe_says_how_it_adds_up():

@@ -2,7 +2,14 @@ import math
 
 import torch
 
-from safer_dist.train.losses import IGNORE_INDEX, sequence_logprobs, sft_loss, step_dpo_loss, token_logprobs
+from safer_dist.train.losses import (
+    IGNORE_INDEX,
+    sequence_logprobs,
+    sft_loss,
+    step_dpo_loss,
+    sum_by_sequence,
+    token_logprobs,
+)
 
 
 def test_sft_loss_hand_computed():
@@ -44,7 +51,7 @@ def test_sequence_logprobs_per_packed_sequence():
     seq_ids = torch.tensor([[0, 0, 0, 1, 1, 1]])
     sums, counts = sequence_logprobs(logits, labels, seq_ids, 2)
     lp = torch.log_softmax(logits, -1)[0]
-    assert torch.allclose(sums, torch.stack([lp[0, 1] + lp[1, 2], lp[4, 3]]))
+    assert torch.allclose(sums, torch.stack([lp[0, 1] + lp[1, 2], lp[4, 3]]).double())
     assert counts.tolist() == [2.0, 1.0]
 
 
@@ -78,3 +85,30 @@ def test_step_dpo_length_smoothing_and_nll_terms():
                                 nll_weight=0.5, chosen_nll_sum=torch.tensor([2.0, 4.0]), num_chosen_tokens_global=3)
     assert math.isclose(base.item(), math.log(1 + math.exp(-1)), rel_tol=1e-6)
     assert math.isclose(with_nll.item() - base.item(), 1.0, rel_tol=1e-6)
+
+
+def test_sequence_sums_accumulate_in_fp64():
+    # 800 fp32 token log-probs in one sequence, 3 in another. An fp32 running sum (what
+    # index_add_ does in fp32) rounds at every one of the 800 additions; the exact sum of the
+    # same fp32 values (math.fsum) is the reference. fp64 accumulation of 800 terms is off by
+    # at most ~800 * 2^-53 relative, far below 1e-12.
+    gen = torch.Generator().manual_seed(0)
+    n = 800
+    logp = -12 * torch.rand(1, n + 3, generator=gen, dtype=torch.float32)
+    logp.requires_grad_(True)
+    mask = torch.ones(1, n + 3, dtype=torch.bool)
+    seq_ids = torch.tensor([[0] * (n + 1) + [1] * 3])  # [1, T]; logp covers positions 1..T-1
+    sums, counts = sum_by_sequence(logp, mask, seq_ids, 2)
+    values = logp.detach().reshape(-1).tolist()
+    exact = [math.fsum(values[:n]), math.fsum(values[n:])]
+    for got, want in zip(sums.tolist(), exact):
+        assert abs(got - want) <= 1e-12 * abs(want)
+    assert sums.dtype == torch.float64 and counts.tolist() == [n, 3]
+    # The case is sensitive: fp32 accumulation of the same values is off by far more than that.
+    fp32 = torch.zeros((), dtype=torch.float32)
+    for v in logp.detach()[0, :n]:
+        fp32 += v
+    assert abs(fp32.item() - exact[0]) > 1e-7 * abs(exact[0])
+    # Gradients reach the fp32 token log-probs: d sum / d logp = 1 for every token.
+    sums.sum().backward()
+    assert logp.grad.dtype == torch.float32 and torch.equal(logp.grad, torch.ones_like(logp))

@@ -54,3 +54,39 @@ def test_every_package_and_shipped_directory_is_listed():
     assert set(setuptools["packages"]) == on_disk | shipped
     assert setuptools["package-dir"] == {"safer_dist._shipped.configs": "configs", "safer_dist._shipped.slurm": "slurm"}
     assert set(setuptools["package-data"]) == shipped
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt: canonical package name -> pinned version."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not NAME==VERSION"
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_constraints_pin_every_requirement_inside_its_range():
+    """`make` installs with ``-c constraints.txt``: every requirement of pyproject.toml (the
+    flash-attn GPU extra aside, which `make` never installs) is pinned there, and the pin is
+    inside the range pyproject.toml gives users. A range changed without `make lock` fails here."""
+    from packaging.utils import canonicalize_name
+
+    pins = _pins()
+    for req in _requirements():
+        if req.name == "flash-attn":
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in constraints.txt: run `make lock`"
+        assert req.specifier.contains(pins[name]), f"constraints.txt pins {req.name}=={pins[name]}, outside {req}"
+
+
+def test_makefile_installs_with_the_constraints():
+    (spec,) = re.findall(r"^TORCH_SPEC \?= (\S+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert _pins()["torch"] == spec.removeprefix("torch==")
+    installs = [line for line in (ROOT / "Makefile").read_text().splitlines() if "$(PY) -m pip install" in line
+                and "--upgrade pip" not in line]
+    assert installs and all("-c $(CONSTRAINTS)" in line for line in installs), installs

@@ -35,10 +35,11 @@ from safer_dist.cluster.plan import (
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = {
-    # recipe: (gpus per node, nodes, shape)
-    "configs/llama3-8b-8xh100.yaml": (8, 1, "llama3-8b"),
-    "configs/qwen2.5-7b-8xh100.yaml": (8, 1, "qwen2.5-7b"),
-    "configs/llama3-70b-4x8xh100.yaml": (8, 4, "llama3-70b"),
+    # recipe: (gpus per node, nodes, shape, stage)
+    "configs/llama3-8b-8xh100.yaml": (8, 1, "llama3-8b", "run"),
+    "configs/llama3-8b-1xh100.yaml": (1, 1, "llama3-8b", "run"),
+    "configs/qwen2.5-7b-8xh100.yaml": (8, 1, "qwen2.5-7b", "run"),
+    "configs/llama3-70b-4x8xh100.yaml": (8, 4, "llama3-70b", "sft"),  # its rollout workers do not fit one GPU
 }
 
 
@@ -205,7 +206,9 @@ def test_checkpointing_and_logits_by_hand():
 
 def _cfg(**over):
     items = {"learner.num_learners": 8, "data.max_seq_len": 4096, "train.micro_batch_size": 2,
-             "train.global_batch_size": 64, "erpo.optim.micro_batch_size": 1, "erpo.optim.global_batch_size": 64, **over}
+             "train.global_batch_size": 64, "erpo.optim.micro_batch_size": 1, "erpo.optim.global_batch_size": 64,
+             # the learners' memory alone; colocated rollout workers are tested below
+             "rollout.placement": "separate", **over}
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
 
@@ -252,9 +255,12 @@ def test_load_note_says_how_the_learners_load():
     assert "host RAM" in note and "zero_stage=3" not in note
 
 
-def test_plan_rejects_more_learners_than_gpus():
-    with pytest.raises(ValueError, match="needs 8 GPUs"):
-        plan_config(_cfg(), gpus_per_node=4, nodes=1, gpu_mem_gb=80, shape="llama3-8b")
+def test_plan_refuses_more_learners_than_gpus():
+    plan = plan_config(_cfg(), gpus_per_node=4, nodes=1, gpu_mem_gb=80, shape="llama3-8b")
+    assert not plan.ok
+    assert plan.problems[0] == ("sft: the learner placement group (learner.num_learners=8, learner.cpus_per_learner=1) "
+                                "needs {GPU=1, CPU=1} x 8 (PACK); the cluster has GPU=4 free")
+    assert "DOES NOT FIT: sft: the learner placement group" in format_plan(plan, "x.yaml")
 
 
 def test_estimate_totals_add_up():
@@ -266,7 +272,7 @@ def test_cli_plan(capsys):
     recipe = "configs/llama3-8b-8xh100.yaml"
     assert main(["plan", str(REPO / recipe), "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--shape", "llama3-8b"]) == 0
     out = capsys.readouterr().out
-    assert "recommendation: ZeRO-2, mb 2" in out
+    assert "recommendation: ZeRO-3, mb 2" in out
     # no --shape and no weights at model.path: a usage error naming the fix
     assert main(["plan", str(REPO / recipe), "--gpus-per-node", "8", "--gpu-mem-gb", "80"]) == 2
     assert "--shape" in capsys.readouterr().err
@@ -277,12 +283,12 @@ def test_cli_plan(capsys):
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipes_load_and_carry_their_plan(recipe):
-    gpus_per_node, nodes, shape = RECIPES[recipe]
+    gpus_per_node, nodes, shape, stage = RECIPES[recipe]
     path = REPO / recipe
     cfg = load_config(path)
     assert cfg.learner.num_learners <= gpus_per_node * nodes
-    plan = plan_config(cfg, gpus_per_node=gpus_per_node, nodes=nodes, gpu_mem_gb=80, shape=shape)
-    assert plan.recommended is not None and plan.recommended[0] == plan.configured, "the recipe should fit as is"
+    plan = plan_config(cfg, gpus_per_node=gpus_per_node, nodes=nodes, gpu_mem_gb=80, shape=shape, stage=stage)
+    assert plan.ok and plan.recommended[0] == plan.configured, "the recipe should fit as is"
     # the comment block holds what `safer plan` prints today
     printed = [line for line in format_plan(plan, recipe).splitlines() if line]
     comment = [line[4:] for line in path.read_text().splitlines() if line.startswith("#   ")]
@@ -294,14 +300,26 @@ def test_rollout_tensor_parallel_shards_the_copy_over_gpus_of_a_node():
     # Llama-3-70B (70.55e9 parameters, 80 layers, 8 KV heads x 128), rollout.tensor_parallel=4,
     # 32 rows x 2048 tokens, per GPU: weights 2 B x 70.55e9 / 4 = 32.9 GiB; KV cache
     # 2 (K, V) x 2 B x 80 x 1024 x 32 x 2048 / 4 = 5.0 GiB; scoring logits 8192 x 128256 x (2 + 4) B
-    # = 5.9 GiB, gathered whole on every GPU. 2 workers of 4 GPUs beside 32 learners: 40 GPUs.
+    # = 5.9 GiB, gathered whole on every GPU. 2 workers of 4 GPUs beside 32 learners (never
+    # colocated: rollout.placement=auto means separate): 40 GPUs, and the cluster's 32 are all
+    # the learners', so worker 0's 4 bundles find no node.
     over = {"learner.num_learners": 32, "learner.zero_stage": 3, "data.max_seq_len": 2048,
             "rollout.tensor_parallel": 4, "rollout.num_workers": 2}
     plan = plan_config(_cfg(**over), gpus_per_node=8, nodes=4, gpu_mem_gb=80, shape="llama3-70b")
-    assert ("rollout worker (4 GPUs of a node, bf16 copy sharded by tensor parallelism; per GPU): weights 32.9 + "
+    assert ("rollout worker (bf16 copy sharded over 4 GPUs of a node by tensor parallelism; per GPU): weights 32.9 + "
             "KV cache 5.0 (32 rows x 2048 tokens) + scoring logits 5.9 = 43.7 GiB: fits") in plan.lines
-    assert any(line.startswith("ERPO places 32 learners + 1 x 2 rollout workers of 4 GPUs = 40 GPUs; the cluster "
-                               "has 32") for line in plan.lines)
+    assert ("placement erpo: 32 learner actor(s) x GPU=1, CPU=1 + 2 policy rollout actor(s) of 4 tensor-parallel "
+            "ranks on one node x GPU=1, CPU=1 (separate bundles) = 40 GPU(s), 40 CPU(s): DOES NOT FIT — the policy "
+            "rollout worker 0 placement group (policy rollout: rollout.num_workers=2, rollout.cpus_per_worker=1, "
+            "rollout.tensor_parallel=4) needs {GPU=1, CPU=1} x 4 (STRICT_PACK); the cluster has GPU=0 on 4 nodes "
+            "(GPU=0; GPU=0; GPU=0; GPU=0) free") in plan.lines
+    assert not plan.ok
+    # 24 learners + 2 workers x 4 GPUs = 32: node 3 holds both workers' ranks.
+    fits = plan_config(_cfg(**{**over, "learner.num_learners": 24, "train.global_batch_size": 48,
+                               "erpo.optim.global_batch_size": 24}),
+                       gpus_per_node=8, nodes=4, gpu_mem_gb=80, shape="llama3-70b")
+    erpo = fits.placement.phase("erpo")
+    assert erpo.problem is None and erpo.nodes[3] == {"rollout": 8} and erpo.num_gpus == 32
     # One GPU: the whole copy does not fit, and the line names the setting that shards it.
     plan = plan_config(_cfg(**{**over, "rollout.tensor_parallel": 1}), gpus_per_node=8, nodes=4, gpu_mem_gb=80,
                        shape="llama3-70b")
@@ -310,4 +328,4 @@ def test_rollout_tensor_parallel_shards_the_copy_over_gpus_of_a_node():
     # More ranks than a node has GPUs cannot be placed (STRICT_PACK on one node).
     plan = plan_config(_cfg(**{**over, "rollout.tensor_parallel": 16}), gpus_per_node=8, nodes=4, gpu_mem_gb=80,
                        shape="llama3-70b")
-    assert "rollout.tensor_parallel=16 needs 16 GPUs on one node; a node has 8" in plan.lines
+    assert any("needs {GPU=1, CPU=1} x 16 (STRICT_PACK)" in p for p in plan.problems)

@@ -90,21 +90,28 @@ def test_relative_paths_are_made_absolute(tmp_path):
 @pytest.mark.parametrize("overrides, opts, match", [
     (["train.max_stepz=3"], {}, "unknown key 'train.max_stepz'"),
     (["learner.num_learners=4", "train.global_batch_size=32"], {"gpus_per_node": 1},
-     "learner.num_learners=4 need 4 GPUs; --nodes 2 --gpus-per-node 1 give 2"),
+     r"sft: the learner placement group \(learner.num_learners=4, learner.cpus_per_learner=1\) needs "
+     r"\{GPU=1, CPU=1\} x 4 \(PACK\); the cluster has GPU=2, CPU=4 on 2 nodes \(GPU=1, CPU=2; GPU=1, CPU=2\) free"),
     (["learner.placement=STRICT_SPREAD", "learner.num_learners=4", "train.global_batch_size=32"],
-     {"cpus_per_node": 8}, "STRICT_SPREAD puts each of the 4 learners on its own node; --nodes 2"),
+     {"cpus_per_node": 8}, r"needs \{CPU=1\} x 4 \(STRICT_SPREAD\); the cluster has GPU=0, CPU=16 on 2 nodes"),
     (["learner.num_learners=8", "train.global_batch_size=64"], {"cpus_per_node": 2},
-     "need 8 CPUs .* --cpus-per-node 2 give 4"),
-    (["learner.num_learners=16", "train.global_batch_size=128"], {"gpus_per_node": 8, "stage": "run"},
-     r"learner.num_learners=16 \+ rollout.num_workers=2 need 18 GPUs; --nodes 2 --gpus-per-node 8 give 16"),
-    (["learner.gpus_per_learner=1"], {}, "needs GPUs"),
+     r"needs \{CPU=1\} x 8 \(PACK\); the cluster has GPU=0, CPU=4 on 2 nodes"),
+    (["learner.num_learners=16", "train.global_batch_size=128", "rollout.placement=separate"],
+     {"gpus_per_node": 8, "stage": "run"},
+     r"erpo: the policy rollout placement group \(policy rollout: rollout.num_workers=2, rollout.cpus_per_worker=1\) "
+     r"needs \{GPU=1, CPU=1\} x 2 \(PACK\); the cluster has GPU=0, CPU=2 on 2 nodes .* "
+     r"Use rollout.placement=colocate"),
+    (["learner.gpus_per_learner=1"], {}, "learner.gpus_per_learner=1 needs GPUs and the cluster has none"),
+    # tensor-parallel workers: K GPUs of one node each, never colocated (the placement rule)
     (["learner.num_learners=8", "train.global_batch_size=64", "rollout.tensor_parallel=5"],
      {"gpus_per_node": 8, "stage": "run"},
-     r"learner.num_learners=8 \+ rollout.num_workers=2 x rollout.tensor_parallel=5 need 18 GPUs; --nodes 2 "
-     r"--gpus-per-node 8 give 16"),
+     r"erpo: the policy rollout worker 1 placement group \(policy rollout: rollout.num_workers=2, "
+     r"rollout.cpus_per_worker=1, rollout.tensor_parallel=5\) needs \{GPU=1, CPU=1\} x 5 \(STRICT_PACK\); "
+     r"the cluster has GPU=3, .* rollout.tensor_parallel=5 places each rollout worker on that many GPUs of one node"),
     (["learner.num_learners=1", "rollout.num_workers=1", "rollout.tensor_parallel=9"],
-     {"gpus_per_node": 8, "stage": "run"},
-     "rollout.tensor_parallel=9 puts each rollout worker on that many GPUs of one node; --gpus-per-node 8 is too few"),
+     {"gpus_per_node": 8, "stage": "run"}, r"needs \{GPU=1, CPU=1\} x 9 \(STRICT_PACK\)"),
+    (["rollout.tensor_parallel=2", "rollout.placement=colocate"], {},
+     "rollout.placement=colocate cannot place tensor-parallel rollout workers"),
 ])
 def test_prepare_rejects_before_submitting(tmp_path, overrides, opts, match):
     with pytest.raises(ConfigError, match=match):
@@ -218,19 +225,25 @@ def test_mem_comes_from_the_host_memory_estimate(tmp_path):
     base = [f"run.output_dir={tmp_path}", f"model.path={model}", "model.init_preset=null", "erpo.optim.micro_batch_size=1"]
     # Llama-3-8B: P = 32 x (2 x 4096 x 4096 + 2 x 4096 x 1024 + 3 x 4096 x 14336 + 2 x 4096)
     #                 + 2 x 128256 x 4096 + 4096 = 8,030,261,248; bf16 weights 2P = 14.957 GiB.
-    # 14 learners on 2 nodes x 8 GPUs, PACK: the fullest node holds 8.
-    # GPU learner: 3 GiB process + 2P = 17.957 GiB -> 2 + 8 x 17.957 = 145.66 GiB -> 146G
+    # 14 learners on 2 nodes x 8 GPUs, PACK, the default 7 CPUs per node (14 CPUs over 2 nodes):
+    # each node holds 7. GPU learner: 3 GiB process + 2P = 17.957 GiB -> 2 + 7 x 17.957 = 127.70 GiB -> 128G
     job = prepare(TINY, [*base, "learner.num_learners=14", "train.global_batch_size=112",
                          "erpo.optim.global_batch_size=112"], _opts(gpus_per_node=8), cwd=REPO)
+    assert "#SBATCH --cpus-per-task=7" in _sbatch_lines(job.script)
+    assert _mem_line(job.script) == "#SBATCH --mem=128G"
+    assert "# --mem: estimated: Ray + driver 2.0 + 7 learner(s) x 18.0 = 127.7 GiB per node" in job.script
+    # with 8 CPUs per node PACK fills the first node: 2 + 8 x 17.957 = 145.66 GiB -> 146G
+    job = prepare(TINY, [*base, "learner.num_learners=14", "train.global_batch_size=112",
+                         "erpo.optim.global_batch_size=112"], _opts(gpus_per_node=8, cpus_per_node=8), cwd=REPO)
     assert _mem_line(job.script) == "#SBATCH --mem=146G"
-    assert "# --mem: estimated: Ray + driver 2.0 + 8 learner(s) x 18.0 = 145.7 GiB per node" in job.script
     # + offload_optimizer (ZeRO-2): fp32 grads 4P/14 + master weights and Adam 12P/14 on the host,
     # 16P/14 = 8.547 GiB per learner -> 2 + 8 x (17.957 + 8.547) = 214.04 GiB -> 215G
     job = prepare(TINY, [*base, "learner.num_learners=14", "train.global_batch_size=112",
                          "erpo.optim.global_batch_size=112", "learner.offload_optimizer=true"],
-                  _opts(gpus_per_node=8), cwd=REPO)
+                  _opts(gpus_per_node=8, cpus_per_node=8), cwd=REPO)
     assert _mem_line(job.script) == "#SBATCH --mem=215G"
-    # `run` on one node: 6 learners + 2 rollout workers (3 GiB + 2P each): 2 + 8 x 17.957 -> 146G
+    # `run` on one node: 6 learners + 2 rollout workers colocated with 2 of them (3 GiB + 2P each,
+    # processes of their own): 2 + 8 x 17.957 -> 146G
     job = prepare(TINY, [*base, "learner.num_learners=6", "train.global_batch_size=48",
                          "erpo.optim.global_batch_size=48"], _opts(nodes=1, gpus_per_node=8, stage="run"), cwd=REPO)
     assert _mem_line(job.script) == "#SBATCH --mem=146G"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +15,8 @@ from safer_dist.config import ConfigError, load_config
 from safer_dist.data.records import load_records
 from safer_dist.reasoning.rules import Rulebook
 from safer_dist.synth.pipeline import (
-    TEACHER_FIELDS, AppendLog, assign_labels, check_trace, load_template, normalize_output, render_teacher_prompt,
-    synth_job,
+    TEACHER_FIELDS, AppendLog, assign_labels, check_trace, load_template, normalize_output, prompts_path,
+    render_teacher_prompt, synth_job,
 )
 from safer_dist.synth.teachers import Completion, TeacherUnavailable
 from tests.stub_openai import StubServer
@@ -206,3 +207,20 @@ def test_unknown_category_label_fails_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"p.jsonl: record 'x1': field 'category': 'C99' is not a category of"):
         synth_job(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_default_prompts_are_the_erpo_pool_the_demo_writes(tmp_path):
+    # configs/tiny.yaml leaves synth.prompts unset: synth reads data.erpo_prompts, the file
+    # `make demo` writes (<checkout>/data/demo/erpo_prompts.jsonl), not a path under configs/.
+    cfg = load_config("configs/tiny.yaml", [])
+    assert cfg.synth.prompts is None
+    assert prompts_path(cfg) == cfg.data.erpo_prompts == str(Path("data/demo/erpo_prompts.jsonl").resolve())
+    given = load_config("configs/tiny.yaml", [f"synth.prompts={tmp_path / 'p.jsonl'}"])
+    assert prompts_path(given) == str(tmp_path / "p.jsonl")
+    # Missing: a usage error naming the field and what writes the default, before any teacher starts.
+    missing = load_config("configs/tiny.yaml", [f"data.erpo_prompts={tmp_path / 'none.jsonl'}", "synth.teacher=http",
+                                                 "synth.base_url=http://127.0.0.1:9/v1", "synth.model_name=x"])
+    with pytest.raises(ValueError, match=r"synth.prompts: .*none.jsonl does not exist .*data.erpo_prompts.*make demo"):
+        synth_job(missing)
+    with pytest.raises(ValueError, match=r"synth.prompts: .*p.jsonl does not exist; set synth.prompts=FILE"):
+        synth_job(given)
