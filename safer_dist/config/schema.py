@@ -209,7 +209,7 @@ class RolloutSection:
     # Where rollout workers go (safer_dist/cluster/placement.py): colocate = in the learners'
     # placement-group bundles, sharing their GPUs (fractional GPU resources), so every GPU samples
     # and trains; separate = bundles (GPUs) of their own. auto: colocate where learners get GPUs,
-    # separate on CPU (the CPU demo's placement).
+    # separate on CPU (the CPU demo's placement) or with tensor_parallel > 1 (never colocated).
     placement: str = "auto"
     # Seconds the rollout workers' placement group may take to be ready before the job fails
     # naming what is missing.
