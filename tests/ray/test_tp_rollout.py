@@ -3,7 +3,7 @@ group, the tiny model sharded by its TP plan) answers as a 1-rank worker: the sa
 candidates and evaluation text, reference log-probs within 1e-5; and after a weight push of
 perturbed weights (over the real weight-sync code, this process as learner rank 0) it holds
 those weights: logits equal to the 1-rank worker's and to the perturbed model's own. Its rank 0
-refuses the CUDA-IPC hand-over (it only receives by broadcast). A rank that dies fails the
+refuses the CUDA-IPC hand-over (it only receives by broadcast) and a sync of another dtype. A rank that dies fails the
 worker's next call at once, naming the rank; a worker that cannot be placed fails within
 rollout.placement_timeout_s, naming what it needs."""
 
@@ -91,6 +91,12 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
         joins = plain.init_sync_refs(ip, port, members[1:2]) + tp.init_sync_refs(ip, port, members[2:])
         channel = Channel(ip, port, members[0], "gloo", local_ip=ip, timeout_s=60)
         ray_local.get(joins, timeout=60)
+        # A sync of another dtype (as learner rank 0 would announce it): rank 0 refuses it before
+        # any bucket and both ranks stop together, so the worker is free for the next call.
+        channel.store.set("v5/meta", "torch.bfloat16:123")
+        with pytest.raises(ray_local.exceptions.RayTaskError, match="the learners send dtype:elements "
+                                                                     "torch.bfloat16:123, this rollout worker holds"):
+            ray_local.get(tp.receive_weights_refs(5), timeout=60)
         received = plain.receive_weights_refs(1) + tp.receive_weights_refs(1)
         send_weights(perturbed, channel, rank=0, zero3=False, version=1)
         assert ray_local.get(received, timeout=60) == [1, 1]
