@@ -5,11 +5,13 @@ perturbed weights (over the real weight-sync code, this process as learner rank 
 those weights: logits equal to the 1-rank worker's and to the perturbed model's own. Its rank 0
 refuses the CUDA-IPC hand-over (it only receives by broadcast) and a sync of another dtype. A rank that dies fails the
 worker's next call at once, naming the rank; a worker that cannot be placed fails within
-rollout.placement_timeout_s, naming what it needs."""
+rollout.placement_timeout_s, naming what it needs. An ERPO job with 2-rank workers (placed,
+connected and pushed to by the job's own code) gives the 1-rank run's pairs."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import time
 
@@ -135,3 +137,43 @@ def test_a_worker_that_cannot_be_placed_fails_within_its_deadline(ray_local, tin
     assert time.monotonic() - t0 < 30
     states = {pg["state"] for pg in ray_local.util.placement_group_table().values()}
     assert states <= {"REMOVED"}, "the placement group that waited was removed"
+
+
+def test_an_erpo_job_with_tensor_parallel_workers_matches_one_rank_workers(ray_local, tiny_model_dir, demo_data_dir,
+                                                                           tmp_path, monkeypatch):
+    # The job's own path: placement() gives the 2-rank worker a STRICT_PACK group of 2 CPU bundles
+    # beside the learner's, LearnerGroup.connect_weight_sync makes its rank 0 a broadcast member,
+    # and the weights pushed after iteration 0 reach both ranks: iteration 1 samples the 1-rank
+    # run's candidates and pairs, and the reference log-probs (from the workers) and step-DPO
+    # losses agree to 1e-5.
+    from safer_dist import jobs
+    from safer_dist.cluster.placement import Cluster, placement
+    from safer_dist.jobs import erpo_job
+    from safer_dist.runtime.metrics import read_metrics
+    from tests.ray.test_placement_ray import LengthParityJudge, _erpo_cfg
+
+    monkeypatch.setattr(jobs, "RuleJudge", LengthParityJudge)
+    runs = {}
+    for name, k in (("one", 1), ("tp2", 2)):
+        cfg = _erpo_cfg(tiny_model_dir, demo_data_dir, tmp_path, name, f"rollout.tensor_parallel={k}")
+        groups = placement(cfg, "erpo", Cluster.from_ray()).phase("erpo").groups
+        assert [(len(g.bundles), g.strategy) for g in groups] == [(1, "PACK"), (k, "STRICT_PACK" if k > 1 else "PACK")]
+        erpo_job(cfg, keep_ray=True)
+        run = tmp_path / name
+        pairs = [(run / "erpo" / f"iter_{t}" / "pairs.jsonl").read_text() for t in (0, 1)]
+        runs[name] = pairs, [(m["step"], m["loss"]) for m in read_metrics(run / "metrics.jsonl", "erpo")]
+    pairs, losses = runs["one"]
+    assert any(json.loads(r)["chosen"] is not None for r in pairs[1].splitlines()), "no pairs: nothing was compared"
+    assert losses, "no step-DPO steps: nothing was compared"
+    # the same candidates and pairs; the reference log-probs (sums over the continuation's tokens)
+    # come from reductions in another order on the 2 ranks, so they agree to 1e-5
+    for got, want in zip(runs["tp2"][0], pairs, strict=True):
+        got, want = ([json.loads(r) for r in text.splitlines()] for text in (got, want))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            refs = [k for k in w if k.startswith("ref_") and w[k] is not None]
+            assert {k: v for k, v in g.items() if k not in refs} == {k: v for k, v in w.items() if k not in refs}
+            assert all(abs(g[k] - w[k]) <= 1e-5 for k in refs), [(g[k], w[k]) for k in refs]
+    assert [s for s, _ in runs["tp2"][1]] == [s for s, _ in losses]
+    for (_, got), (_, want) in zip(runs["tp2"][1], losses):
+        assert abs(got - want) <= 1e-5, (got, want)
