@@ -19,11 +19,14 @@ per process. For the fullest node (``l`` learners, ``w`` rollout workers)::
                   bucket's pages are touched only as far as the gradients fill it)
     GPU rollout worker: 2P (the bf16 weights pass through the host)
     CPU rollout worker: plan.rollout_bytes in fp32 (weights, KV cache, scoring logits)
+    With rollout.tensor_parallel = K each worker is K processes, each holding a K-th of the
+    weights and KV cache (transformers reads each rank's slice of the checkpoint, safetensors
+    get_slice): 2P/K on a GPU host, plan.rollout_bytes(tensor_parallel=K) on CPU.
 
 How many learners and rollout workers (of every rollout group) each node holds comes from the
 placement rule (safer_dist/cluster/placement.py), phase by phase; the fullest node of any phase
 is the one asked for. A colocated worker is a process of its own like a separate one, so it
-counts the same. It errs on the large side: a job killed for memory loses more than one that
+counts the same, and so does each rank of a tensor-parallel worker. It errs on the large side: a job killed for memory loses more than one that
 asks too much.
 """
 
@@ -77,6 +80,7 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
     p = float(shape.num_params())
     where = placement(cfg, stage, Cluster.uniform(nodes, gpus_per_node, cpus_per_node))
     gpu = where.gpu
+    k = ro.tensor_parallel  # a rollout worker is k processes, each holding a k-th of the model
     seq = cfg.data.max_seq_len
     if gpu:
         mixed = cfg.model.dtype in ("auto", "bfloat16", "float16")
@@ -85,18 +89,19 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
         est = estimate(shape, setup, world_size=lr.num_learners, gpus_per_node=1, max_seq_len=seq,
                        mixed_precision=mixed, loss_chunk_tokens=lr.loss_chunk_tokens)
         learner = CUDA_PROCESS_HOST_BYTES + (2 if mixed else 4) * p + est.cpu_per_node
-        worker = CUDA_PROCESS_HOST_BYTES + 2 * p
+        worker = CUDA_PROCESS_HOST_BYTES + 2 * p / k
     else:
         setup = Setup(lr.zero_stage, False, False, cfg.model.gradient_checkpointing, cfg.train.micro_batch_size)
         est = estimate(shape, setup, world_size=lr.num_learners, gpus_per_node=1, max_seq_len=seq,
                        mixed_precision=False, loss_chunk_tokens=lr.loss_chunk_tokens)
         learner = (PROCESS_HOST_BYTES + 4 * p + est.grads + est.optimizer + est.activations + est.logits
                    + min(est.buffers, 4 * p))
-        worker = PROCESS_HOST_BYTES + 2 * rollout_bytes(shape, rows=ro.batch_size, tokens_per_row=seq)["total"]
+        worker = PROCESS_HOST_BYTES + 2 * rollout_bytes(shape, rows=ro.batch_size, tokens_per_row=seq,
+                                                        tensor_parallel=k)["total"]
     counts = [(0, 0)]
     for phase in where.phases:
         if phase.nodes is None:  # does not fit (check_fits says why): as if spread evenly
-            per_role = {a.role: math.ceil(a.count / nodes) for a in phase.actors.values()}
+            per_role = {a.role: math.ceil(a.processes / nodes) for a in phase.actors.values()}
             loads = [per_role]
         else:
             loads = phase.nodes

@@ -26,6 +26,16 @@ learners get GPUs (:func:`learner_gpus`), one GPU each. Each rollout group:
 - ``auto``: colocate where learners get GPUs, separate on CPU (as before this option existed:
   the CPU demo and its tests place rollout workers apart from the learners).
 
+``rollout.tensor_parallel`` K > 1 (safer_dist/cluster/tp_rollout.py): every rollout worker (of
+every rollout group: policy, model judge, SFT reference) is K rank actors on K devices of one
+node. Each such worker gets a placement group of its own, K bundles ``{CPU: c, GPU: 1}`` (GPU
+where learners get GPUs) with strategy STRICT_PACK, so its ranks are on one node whatever the
+learners' strategy. Tensor-parallel workers are always placed separately: ``auto`` resolves to
+``separate``, and ``rollout.placement=colocate`` with K > 1 is refused when the config is
+checked (a shared bundle holds one actor of each kind, and Ray cannot keep K chosen bundles of
+one shared placement group on one node). So ERPO with K > 1 needs ``learner.num_learners +
+groups x rollout.num_workers x K`` GPUs, and K free GPUs on one node for each worker.
+
 Whether a phase fits is decided by placing its placement groups, in order, on the cluster's
 nodes the way Ray's strategies do (:func:`_place`); the first that does not fit is named with
 what it needs and what is free. Every caller asks :func:`placement` and nothing else.
@@ -85,6 +95,13 @@ class Actors:
     gpus: float
     group: int
     bundles: tuple[int, ...]
+    # Ranks per actor (rollout.tensor_parallel): with K > 1, actor i is K processes, rank r in
+    # bundle ``bundles[r]`` of placement group ``group + i`` (one STRICT_PACK group per worker).
+    tensor_parallel: int = 1
+
+    @property
+    def processes(self) -> int:
+        return self.count * self.tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -124,7 +141,9 @@ class Phase:
         return sum(b.get("CPU", 0) for g in self.groups for b in g.bundles)
 
     def describe(self) -> str:
-        parts = [f"{a.count} {ROLES[a.role]} actor(s) x {_res(a.gpus, a.cpus)}" for a in self.actors.values()]
+        parts = [f"{a.count} {ROLES[a.role]} actor(s)" + (f" of {a.tensor_parallel} tensor-parallel ranks on one node"
+                                                          if a.tensor_parallel > 1 else "")
+                 + f" x {_res(a.gpus, a.cpus)}" for a in self.actors.values()]
         how = ("colocated in shared bundles" if self.colocated else
                "separate bundles" if len(self.actors) > 1 else "a bundle each")
         return f"{self.name}: {' + '.join(parts)} ({how}) = {self.num_gpus} GPU(s), {self.num_cpus:g} CPU(s)"
@@ -137,6 +156,7 @@ class Placement:
     gpu: bool  # learners (and rollout workers) get GPUs
     mode: str  # colocate | separate
     phases: list[Phase] = field(default_factory=list)
+    tensor_parallel: int = 1  # rollout.tensor_parallel
 
     @property
     def fits(self) -> bool:
@@ -169,9 +189,13 @@ def learner_gpus(cfg: Config, cluster: Cluster) -> int:
 
 
 def resolve_mode(cfg: Config, gpu: bool) -> str:
-    """rollout.placement with ``auto`` resolved: colocate on GPUs, separate on CPU."""
+    """rollout.placement with ``auto`` resolved: colocate on GPUs, separate on CPU or with
+    tensor-parallel rollout workers (rollout.tensor_parallel > 1, which the config check does
+    not let be colocated)."""
     mode = cfg.rollout.placement
-    return ("colocate" if gpu else "separate") if mode == "auto" else mode
+    if mode != "auto":
+        return mode
+    return "colocate" if gpu and cfg.rollout.tensor_parallel == 1 else "separate"
 
 
 def stage_phases(cfg: Config, stage: str) -> list[str]:
@@ -198,7 +222,7 @@ def phase_roles(cfg: Config, phase: str) -> list[str]:
 def placement(cfg: Config, stage: str, cluster: Cluster) -> Placement:
     """What every phase of ``stage`` places on ``cluster``, and whether it fits."""
     gpu = bool(learner_gpus(cfg, cluster))
-    out = Placement(stage, cluster, gpu, resolve_mode(cfg, gpu))
+    out = Placement(stage, cluster, gpu, resolve_mode(cfg, gpu), tensor_parallel=cfg.rollout.tensor_parallel)
     for name in stage_phases(cfg, stage):
         ph = _phase(cfg, name, gpu, out.mode == "colocate")
         ph.nodes, ph.problem = _place(ph.groups, cluster)
@@ -229,17 +253,35 @@ def _phase(cfg: Config, name: str, gpu: bool, colocate: bool) -> Phase:
         return Phase(name, actors, groups, True)
     groups, actors = [], {}
     for r in roles:
+        if r != "learner" and ro.tensor_parallel > 1:
+            grps, actors[r] = _tensor_parallel(r, ROLES[r], counts[r], cpus[r], gpu, ro.tensor_parallel,
+                                               _keys(cfg, r), len(groups))
+            groups += grps
+            continue
         strategy = lr.placement if r == "learner" else "PACK"
         grp, actors[r] = _own(r, ROLES[r], counts[r], cpus[r], gpu, strategy, _keys(cfg, r), len(groups))
         groups.append(grp)
     return Phase(name, actors, groups, False)
 
 
-def own_phase(role: str, name: str, count: int, cpus: float, gpu: bool, keys: str) -> Phase:
-    """One group alone in a placement group of its own (PACK): a rollout group made outside a
-    job's phase (tests, synthesis)."""
+def own_phase(role: str, name: str, count: int, cpus: float, gpu: bool, keys: str, tensor_parallel: int = 1) -> Phase:
+    """One group alone in placement groups of its own (PACK; STRICT_PACK per worker of
+    ``tensor_parallel`` > 1 ranks): a rollout group made outside a job's phase (tests, synthesis)."""
+    if tensor_parallel > 1:
+        groups, actors = _tensor_parallel(role, name, count, cpus, gpu, tensor_parallel, keys, 0)
+        return Phase(name, {role: actors}, groups, False)
     grp, actors = _own(role, name, count, cpus, gpu, "PACK", keys, 0)
     return Phase(name, {role: actors}, [grp], False)
+
+
+def _tensor_parallel(role: str, name: str, count: int, cpus: float, gpu: bool, k: int, keys: str,
+                     index: int) -> tuple[list[BundleGroup], Actors]:
+    """``count`` tensor-parallel workers: a STRICT_PACK placement group of ``k`` bundles each
+    (one per rank, ``cpus`` CPUs and one GPU), so a worker's ranks share a node."""
+    bundle = {"CPU": cpus, **({"GPU": 1.0} if gpu else {})}
+    groups = [BundleGroup(f"{name} worker {w}", (bundle,) * k, "STRICT_PACK", ((role,),) * k, keys)
+              for w in range(count)]
+    return groups, Actors(role, count, cpus, 1.0 if gpu else 0.0, index, tuple(range(k)), k)
 
 
 def _own(role: str, name: str, count: int, cpus: float, gpu: bool, strategy: str, keys: str,
@@ -259,7 +301,8 @@ def _keys(cfg: Config, role: str) -> str:
 
 def rollout_keys(ro: RolloutSection) -> str:
     """The config fields that size a rollout group, as messages name them."""
-    return f"rollout.num_workers={ro.num_workers}, rollout.cpus_per_worker={ro.cpus_per_worker}"
+    tp = f", rollout.tensor_parallel={ro.tensor_parallel}" if ro.tensor_parallel > 1 else ""
+    return f"rollout.num_workers={ro.num_workers}, rollout.cpus_per_worker={ro.cpus_per_worker}{tp}"
 
 
 def _place(groups: list[BundleGroup], cluster: Cluster) -> tuple[list[dict[str, int]] | None, str | None]:
@@ -324,19 +367,22 @@ def _res(gpus: float, cpus: float) -> str:
 class Slots:
     """Where one group's actors go at run time: bundle ``bundles[i]`` of the ready placement
     group ``pg`` for actor i, which asks for ``cpus`` CPUs and ``gpus`` GPUs (a fraction when
-    the bundle is shared)."""
+    the bundle is shared). Tensor-parallel workers (``worker_pgs``: one placement group per
+    worker): rank r of worker i goes to bundle ``bundles[r]`` of ``worker_pgs[i]``."""
 
     pg: Any
     bundles: tuple[int, ...]
     cpus: float
     gpus: float
+    worker_pgs: tuple[Any, ...] = ()
 
-    def options(self, i: int) -> dict:
-        """``.options(...)`` of a Ray actor class for actor ``i``."""
+    def options(self, i: int, rank: int = 0) -> dict:
+        """``.options(...)`` of a Ray actor class for actor ``i`` (its rank ``rank`` when tensor-parallel)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        pg, index = (self.worker_pgs[i], self.bundles[rank]) if self.worker_pgs else (self.pg, self.bundles[i])
         return {"num_cpus": self.cpus, "num_gpus": self.gpus, "scheduling_strategy":
-                PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.bundles[i])}
+                PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
 
 
 class PhaseBundles:
@@ -364,7 +410,8 @@ class PhaseBundles:
 
     def slots(self, role: str) -> Slots:
         a = self.phase.actors[role]
-        return Slots(self.pgs[a.group], a.bundles, a.cpus, a.gpus)
+        workers = tuple(self.pgs[a.group : a.group + a.count]) if a.tensor_parallel > 1 else ()
+        return Slots(self.pgs[a.group], a.bundles, a.cpus, a.gpus, workers)
 
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -385,6 +432,10 @@ def ray_free() -> str:
 def advice(p: Placement) -> str:
     if p.gpu and p.cluster.num_gpus == 0:
         return "learner.gpus_per_learner=1 needs GPUs and the cluster has none: set learner.gpus_per_learner=auto or 0"
+    if p.gpu and p.tensor_parallel > 1:
+        return (f"rollout.tensor_parallel={p.tensor_parallel} places each rollout worker on that many GPUs of one "
+                "node, apart from the learners (tensor-parallel workers are never colocated): lower "
+                "learner.num_learners, rollout.num_workers or rollout.tensor_parallel, or ask for more GPUs")
     if p.gpu and p.mode == "separate":
         return ("Use rollout.placement=colocate (rollout workers share the learners' GPUs), or lower "
                 "learner.num_learners or rollout.num_workers, or ask for more GPUs")

@@ -282,12 +282,15 @@ CANDIDATES = (
 )
 
 
-def rollout_bytes(shape: ModelShape, *, rows: int, tokens_per_row: int, score_tokens: int = 8192) -> dict[str, float]:
-    """One rollout worker (a bf16 inference copy on one GPU): weights, the KV cache of ``rows``
-    sequences of ``tokens_per_row``, and the logits of one packed scoring pass
-    (``sampling.continuation_logprobs``: ``score_tokens`` tokens, bf16 logits + fp32 log-softmax)."""
-    weights = 2.0 * shape.num_params()
-    kv_cache = 2.0 * 2 * shape.num_layers * shape.kv_dim * rows * tokens_per_row
+def rollout_bytes(shape: ModelShape, *, rows: int, tokens_per_row: int, score_tokens: int = 8192,
+                  tensor_parallel: int = 1) -> dict[str, float]:
+    """One GPU of a rollout worker (a bf16 inference copy, sharded over ``tensor_parallel`` GPUs):
+    weights, the KV cache of ``rows`` sequences of ``tokens_per_row``, and the logits of one
+    packed scoring pass (``sampling.continuation_logprobs``: ``score_tokens`` tokens, bf16
+    logits + fp32 log-softmax). The TP plan shards the weights and the attention heads (so the KV
+    cache) over the GPUs; the logits are gathered whole on every GPU."""
+    weights = 2.0 * shape.num_params() / tensor_parallel
+    kv_cache = 2.0 * 2 * shape.num_layers * shape.kv_dim * rows * tokens_per_row / tensor_parallel
     logits = float(score_tokens * shape.vocab_size * (2 + 4))
     return {"weights": weights, "kv_cache": kv_cache, "logits": logits, "total": weights + kv_cache + logits}
 
@@ -385,7 +388,8 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
                        t.micro_batch_size)
     kw = dict(world_size=world, gpus_per_node=min(gpus_per_node, world), max_seq_len=seq, mixed_precision=mixed,
               loss_chunk_tokens=cfg.learner.loss_chunk_tokens)
-    rollout = rollout_bytes(model_shape, rows=cfg.rollout.batch_size, tokens_per_row=seq)
+    tp = cfg.rollout.tensor_parallel
+    rollout = rollout_bytes(model_shape, rows=cfg.rollout.batch_size, tokens_per_row=seq, tensor_parallel=tp)
     copies = len(erpo.actors) - 1 if erpo is not None and erpo.colocated else 0
     plan = Plan(model_shape, source, world, gpus_per_node, nodes, gpu_mem_gb * GIB, seq, mixed, configured, [], None,
                 rollout, [], where, copies)
@@ -439,13 +443,16 @@ def _rollout_lines(plan: Plan, cfg: Config, phases: dict) -> None:
     if ev is not None or "erpo" in phases:
         fits = plan.fits(per_gpu * r["total"])
         copies = f"; {per_gpu} rollout groups share each GPU (judge model counted as the policy's size)" if per_gpu > 1 else ""
+        tp = cfg.rollout.tensor_parallel
+        what = ("bf16 copy, no tensor parallelism" if tp == 1 else
+                f"bf16 copy sharded over {tp} GPUs of a node by tensor parallelism; per GPU")
         plan.lines.append(
-            f"rollout worker (bf16 copy, no tensor parallelism): {one}{copies}: "
-            + ("fits" if fits else "DOES NOT FIT — `safer eval`/`erpo`/`run` cannot place this model on one GPU; "
-               "use `safer sft`")
+            f"rollout worker ({what}): {one}{copies}: "
+            + ("fits" if fits else f"DOES NOT FIT — `safer eval`/`erpo`/`run` cannot place this model on {tp} GPU(s); "
+               "raise rollout.tensor_parallel (shards it over that many GPUs of a node) or use `safer sft`")
         )
         if not fits:
-            plan.problems.append("a rollout worker does not fit on one GPU")
+            plan.problems.append(f"a rollout worker does not fit on {tp} GPU(s) (rollout.tensor_parallel={tp})")
     if not plan.colocated_copies or plan.recommended is None:
         return
     setup, est = plan.recommended

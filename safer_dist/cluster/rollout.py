@@ -33,6 +33,10 @@ class RolloutFailure(RuntimeError):
 
 
 class RolloutWorker:
+    # Ranks the model is sharded over (a rank of a tensor-parallel worker sets its own,
+    # safer_dist/cluster/tp_rollout.py).
+    tensor_parallel = 1
+
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
                  share_gpu: bool = False):
         from safer_dist.train.engine import resolve_device, resolve_dtype
@@ -47,7 +51,7 @@ class RolloutWorker:
         self.tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code)
         self.model = load_model(
             path, dtype=resolve_dtype(model.dtype, self.device), attn_implementation=model.attn_implementation,
-            device=self.device, trust_remote_code=model.trust_remote_code,
+            device=self.device, trust_remote_code=model.trust_remote_code, tensor_parallel=self.tensor_parallel,
         )
         self.model.eval()
         self.path = path
@@ -177,6 +181,9 @@ class RolloutGroup:
     shared one (colocated with the learners: safer_dist/cluster/placement.py). The placement
     group must be ready within ``rollout.placement_timeout_s`` and every call must answer within
     ``rollout.call_timeout_s``; else the error names what is missing or who did not answer.
+    With ``rollout.tensor_parallel`` K > 1, each worker is K rank actors in a STRICT_PACK
+    placement group of K bundles on one node (:mod:`safer_dist.cluster.tp_rollout`), never
+    colocated, and not restarted when one dies.
 
     ``expected_version``: the weight version every worker must hold (0: the weights loaded from
     ``path``; ``LearnerGroup.push_weights`` sets it). Every call's answer is checked against it.
@@ -203,14 +210,26 @@ class RolloutGroup:
         self.own_bundles = None
         if slots is None:
             phase = own_phase("rollout", name, rollout.num_workers, float(rollout.cpus_per_worker), use_gpu,
-                              rollout_keys(rollout))
+                              rollout_keys(rollout), rollout.tensor_parallel)
             self.own_bundles = PhaseBundles(phase, rollout.placement_timeout_s, "rollout.placement_timeout_s")
             slots = self.own_bundles.slots("rollout")
-        remote = ray.remote(max_restarts=rollout.max_restarts)(RolloutWorker)
         self.cfg = rollout
-        self.workers = [remote.options(**slots.options(i)).remote(model, rollout, path=path, device=device,
-                                                                   share_gpu=0 < slots.gpus < 1)
-                        for i in range(rollout.num_workers)]
+        self.tp_workers = None
+        if rollout.tensor_parallel > 1:  # each worker is K rank actors; its rank 0 stands for it here
+            from safer_dist.cluster.tp_rollout import TensorParallelWorkers
+
+            try:
+                self.tp_workers = TensorParallelWorkers(model, rollout, slots, path=path, device=device)
+            except BaseException:
+                if self.own_bundles is not None:
+                    self.own_bundles.remove()
+                raise
+            self.workers = list(self.tp_workers.leaders)
+        else:
+            remote = ray.remote(max_restarts=rollout.max_restarts)(RolloutWorker)
+            self.workers = [remote.options(**slots.options(i)).remote(model, rollout, path=path, device=device,
+                                                                       share_gpu=0 < slots.gpus < 1)
+                            for i in range(rollout.num_workers)]
         self.expected_version = 0
         self.resync: Callable[[], None] | None = None
         self.num_retries = 0  # shards re-run after a worker died or came back restarted (for logs and tests)
@@ -371,5 +390,7 @@ class RolloutGroup:
 
         for w in self.workers:
             ray.kill(w, no_restart=True)
+        if self.tp_workers is not None:
+            self.tp_workers.shutdown()
         if self.own_bundles is not None:
             self.own_bundles.remove()

@@ -241,7 +241,7 @@ class RolloutSection:
     # Where rollout workers go (safer_dist/cluster/placement.py): colocate = in the learners'
     # placement-group bundles, sharing their GPUs (fractional GPU resources), so every GPU samples
     # and trains; separate = bundles (GPUs) of their own. auto: colocate where learners get GPUs,
-    # separate on CPU (the CPU demo's placement).
+    # separate on CPU (the CPU demo's placement) or with tensor_parallel > 1 (never colocated).
     placement: str = "auto"
     # Seconds the rollout workers' placement group may take to be ready before the job fails
     # naming what is missing.
@@ -251,6 +251,12 @@ class RolloutSection:
     call_timeout_s: float = 3600.0
     # Seconds the weight-sync group's set-up (learner rank 0 and every worker) may take.
     sync_timeout_s: float = 300.0
+    # Ranks (devices) one worker spans: K > 1 shards the model over K devices of one node with
+    # transformers' tensor parallelism (the model's own TP plan), for models that do not fit one
+    # device. Each worker then takes K GPUs (on CPU, K x cpus_per_worker CPUs), placed together
+    # (STRICT_PACK) apart from the learners (never colocated: rollout.placement=colocate is refused,
+    # auto means separate), and is not restarted when a rank dies (safer_dist/cluster/tp_rollout.py).
+    tensor_parallel: int = 1
 
 
 @dataclass
@@ -490,6 +496,10 @@ class Config:
         )
         _one_of("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
         self.model.lora.validate("model.lora")
+        _check(not self.model.lora.enabled or self.rollout.tensor_parallel == 1,
+               f"model.lora.rank={self.model.lora.rank}: rollout workers merge the adapters each ERPO iteration sends "
+               f"into whole models, which tensor-parallel ones do not hold (rollout.tensor_parallel="
+               f"{self.rollout.tensor_parallel}); set rollout.tensor_parallel=1 or model.lora.rank=0")
         _one_of("model.quantization", self.model.quantization, ("none", "4bit"))
         _check(self.model.quantization == "none" or self.model.lora.enabled,
                "model.quantization=4bit quantizes the frozen base weights of LoRA training: set model.lora.rank "
@@ -520,9 +530,21 @@ class Config:
         _check(self.checkpoint.every_seconds >= 0, "checkpoint.every_seconds must be >= 0 (0 disables it)")
         _check(self.rollout.max_restarts >= 0, "rollout.max_restarts must be >= 0")
         _check(self.rollout.num_workers >= 1, "rollout.num_workers must be >= 1")
+        _check(
+            self.rollout.tensor_parallel >= 1,
+            f"rollout.tensor_parallel must be >= 1 (got {self.rollout.tensor_parallel}): the devices one rollout "
+            "worker spans; each worker needs that many GPUs of one node (on CPU, that many times "
+            "rollout.cpus_per_worker CPUs)",
+        )
         _one_of("rollout.placement", self.rollout.placement, ("auto", "colocate", "separate"))
         for key in ("placement_timeout_s", "call_timeout_s", "sync_timeout_s"):
             _check(getattr(self.rollout, key) > 0, f"rollout.{key} must be > 0")
+        _check(
+            self.rollout.tensor_parallel == 1 or self.rollout.placement != "colocate",
+            f"rollout.placement=colocate cannot place tensor-parallel rollout workers (rollout.tensor_parallel="
+            f"{self.rollout.tensor_parallel}): each is placed apart from the learners on that many GPUs of one node; "
+            "set rollout.placement=separate (or auto), or rollout.tensor_parallel=1",
+        )
         _check(0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
         _check(self.launch.stop_grace_s > 0, "launch.stop_grace_s must be > 0")
         _check(bool(self.run.name) and "/" not in self.run.name, "run.name must be a non-empty name without '/'")

@@ -14,7 +14,8 @@ float32 rounding (about 1e-6 relative), not bit for bit.
 
 Only for inference (the packed forward has no backward); the weights must not change inside
 the context (each call reorders them afresh, so a weight sync between calls is seen). Exact
-``nn.Linear`` modules only: subclasses (quantized or sharded layers) keep their own forward.
+``nn.Linear`` modules only: subclasses (quantized or sharded layers) keep their own forward, and so
+do the layers of a tensor-parallel model (:func:`_sharded`).
 Where the ops are missing or a weight cannot be reordered, the layers keep ``nn.Linear``'s
 forward and a warning says so once.
 
@@ -36,7 +37,22 @@ _WARNED: set[str] = set()
 
 def _packable(module: torch.nn.Module) -> bool:
     w = getattr(module, "weight", None)
-    return type(module) is torch.nn.Linear and w is not None and w.dtype == torch.float32 and w.device.type == "cpu"
+    return (type(module) is torch.nn.Linear and w is not None and w.dtype == torch.float32 and w.device.type == "cpu"
+            and not _sharded(module, w))
+
+
+def _sharded(module: torch.nn.Module, weight: torch.Tensor) -> bool:
+    """A layer of a tensor-parallel model, which keeps ``nn.Linear``'s forward: transformers'
+    TP plan installs its own forward on the instance (the input/output collectives around the
+    local matmul) and holds the weight as a DTensor. A packed forward would skip those
+    collectives, and restoring it would delete the TP forward for good."""
+    if "forward" in module.__dict__:
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
 
 
 def _reorder(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:

@@ -168,16 +168,23 @@ def _hand_over(channel: Channel, flat: torch.Tensor, key: str) -> None:
     channel.store.delete_key(key)
 
 
+def check_meta(params: list[tuple[str, torch.nn.Parameter]], channel: Channel, version: int) -> None:
+    """Wait for the sender's ``version`` and check its dtype and element count against
+    ``params`` (a receiver's ``named_parameters()``; a sharded parameter counts whole):
+    ValueError naming both when they differ."""
+    mine = f"{params[0][1].dtype}:{sum(p.numel() for _, p in params)}"
+    theirs = channel.store.get(f"v{version}/meta").decode()  # waits for the sender's version
+    if theirs != mine:
+        raise ValueError(f"weight sync version {version}: the learners send dtype:elements {theirs}, this rollout "
+                         f"worker holds {mine}; model.dtype must give learners and rollout workers one dtype")
+
+
 def receive_weights(module: torch.nn.Module, channel: Channel, *, version: int, bucket_mb: float = 256.0) -> None:
     """Receive ``version`` from :func:`send_weights` into ``module`` (same architecture and order),
     by broadcast or by the CUDA-IPC hand-over, as the channel's member says. ValueError when the
     sender's dtype or parameter count differ from this module's."""
     params_all = list(module.named_parameters())
-    mine = f"{params_all[0][1].dtype}:{sum(p.numel() for _, p in params_all)}"
-    theirs = channel.store.get(f"v{version}/meta").decode()  # waits for the sender's version
-    if theirs != mine:
-        raise ValueError(f"weight sync version {version}: the learners send dtype:elements {theirs}, this rollout "
-                         f"worker holds {mine}; model.dtype must give learners and rollout workers one dtype")
+    check_meta(params_all, channel, version)
     with torch.no_grad():
         for i, bucket in enumerate(buckets(params_all, bucket_mb)):
             params = [p for _, p in bucket]

@@ -221,6 +221,7 @@ def load_model(
     attn_implementation: str = "auto",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    tensor_parallel: int = 1,
 ) -> PreTrainedModel:
     """Load a causal LM from the local directory ``path`` onto ``device``.
 
@@ -228,11 +229,19 @@ def load_model(
     ``config.use_cache`` is set to False because packed training batches are only correct
     without a KV cache (``generate`` still uses one: it passes ``use_cache`` explicitly).
     A peft LoRA adapter directory loads as its base model with the adapters merged in.
+
+    ``tensor_parallel`` > 1: this process is one of that many ranks of the default process
+    group (already initialised), and holds its shard of the model by the model's own TP plan
+    (transformers' ``tp_plan="auto"``; sharded parameters are DTensors). transformers places the
+    shard on this process's device (``LOCAL_RANK``; CPU on a CPU host).
     """
     from safer_dist.train.lora import adapter_base, merge_adapter_dir
 
     base = adapter_base(path)
     if base is not None:
+        if tensor_parallel > 1:
+            raise ValueError(f"{path} is a LoRA adapter directory, which tensor-parallel rollout workers do not "
+                             "load; give them the merged export (the directory above adapter/)")
         model = load_model(base, dtype=dtype, attn_implementation=attn_implementation, device=device,
                            trust_remote_code=trust_remote_code)
         return merge_adapter_dir(model, path)
@@ -246,9 +255,25 @@ def load_model(
         dtype=dtype,
         attn_implementation=attn,
         trust_remote_code=trust_remote_code,
+        **(_tensor_parallel_kwargs(tensor_parallel) if tensor_parallel > 1 else {}),
     )
     model.config.use_cache = False
-    return model.to(device)
+    return model if tensor_parallel > 1 else model.to(device)
+
+
+def _tensor_parallel_kwargs(tp_size: int) -> dict:
+    """``from_pretrained`` arguments for the model's own TP plan over ``tp_size`` ranks: a
+    ``DistributedConfig`` where transformers' has ``tp_size`` (5.17 on; an older class of that
+    name has no TP fields), else the older ``tp_plan="auto"`` arguments."""
+    import dataclasses
+
+    try:
+        from transformers import DistributedConfig
+    except ImportError:
+        DistributedConfig = None
+    if DistributedConfig is not None and "tp_size" in {f.name for f in dataclasses.fields(DistributedConfig)}:
+        return {"distributed_config": DistributedConfig(tp_size=tp_size)}  # the model's own plan
+    return {"tp_plan": "auto", "tp_size": tp_size}
 
 
 def count_params(model: torch.nn.Module) -> int:

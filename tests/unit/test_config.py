@@ -48,6 +48,10 @@ def test_inconsistent_values_say_what_to_change(tmp_path):
         load_config(None, ["learner.offload_params=true"])
     with pytest.raises(ConfigError, match="erpo.safety_pair_repeats must be >= 1"):
         load_config(None, ["erpo.safety_pair_repeats=0"])
+    with pytest.raises(ConfigError, match=r"rollout\.tensor_parallel must be >= 1 \(got 0\): .* each worker needs "
+                                          r"that many GPUs of one node \(on CPU, that many times rollout\.cpus_per_worker"):
+        load_config(None, ["rollout.tensor_parallel=0"])
+    assert load_config(None, ["rollout.tensor_parallel=4"]).rollout.tensor_parallel == 4
 
 
 def test_overrides_are_typed():

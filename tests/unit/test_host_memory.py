@@ -65,6 +65,21 @@ def test_the_fullest_node_of_any_phase_is_asked_for(tmp_path):
     assert (both.learners, both.workers) == (2, 6)
 
 
+def test_tensor_parallel_workers_are_k_processes_with_a_kth_each(tmp_path):
+    # rollout.tensor_parallel=2: 2 workers are 4 processes. On 2 nodes of 4 CPUs the evaluation
+    # puts both workers' 2 ranks on node 0 (STRICT_PACK each, PACK fills node 0 first): 4 rank
+    # processes, heavier than ERPO's node 0 (2 learners + worker 0's 2 ranks).
+    # Each holds, fp32 (2 x bf16): weights 2P / 2 = 146,240; KV 4,194,304 / 2 = 2,097,152;
+    # scoring logits 49,152,000 (whole on every rank) -> 2 x 51,395,392 = 102,790,784
+    m = host_memory(_cfg(tmp_path, "rollout.tensor_parallel=2"), nodes=2, gpus_per_node=0, cpus_per_node=4,
+                    stage="run")
+    assert (m.learners, m.workers) == (0, 4)
+    assert m.worker_bytes == 1.5 * GIB + 102_790_784
+    wide = host_memory(_cfg(tmp_path, "rollout.tensor_parallel=2"), nodes=2, gpus_per_node=0, cpus_per_node=8,
+                       stage="run")
+    assert (wide.learners, wide.workers) == (2, 4)  # ERPO: everything on node 0
+
+
 def test_describe_says_how_it_adds_up():
     m = HostMemory(learners=8, workers=0, learner_bytes=18 * GIB, worker_bytes=0)
     assert m.describe() == "Ray + driver 2.0 + 8 learner(s) x 18.0 = 146.0 GiB per node"

@@ -29,6 +29,7 @@ def test_lora_keys_are_typed_and_off_by_default():
     (["model.quantization=4bit"], "set model.lora.rank"),
     (["model.quantization=4bit", "model.lora.rank=8", "learner.zero_stage=3"], "learner.zero_stage 0, 1 or 2"),
     (["model.lora_r=16"], "unknown key 'model.lora_r'"),
+    (["model.lora.rank=8", "rollout.tensor_parallel=2", "rollout.placement=separate"], "set rollout.tensor_parallel=1"),
 ])
 def test_lora_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

@@ -82,3 +82,26 @@ def test_falls_back_to_nn_linear_with_one_warning(monkeypatch):
             assert _own_forwards(model) == []
             assert torch.equal(model[0](x), F.linear(x, model[0].weight, model[0].bias))
     assert len(warnings) == 1 and "no oneDNN here" in warnings[0] and "nn.Linear" in warnings[0]
+
+
+@needs_onednn
+def test_a_forward_installed_on_the_instance_is_left_alone():
+    # transformers' tensor parallelism installs its forward (collectives around the local
+    # matmul) on each sharded nn.Linear instance: packing would skip it, restoring would delete it.
+    model = _model()
+    first = model[0]
+    calls = []
+
+    def installed(x, _forward=first.forward):
+        calls.append(x.shape)
+        return _forward(x)
+
+    first.forward = installed
+    x = torch.randn(3, 48)
+    with packed_linears(model):
+        assert first.forward is installed
+        assert "forward" in model[1].__dict__, "the other plain layers are still packed"
+        first(x)
+    assert first.forward is installed and model[1].__dict__.get("forward") is None
+    first(x)
+    assert calls == [(3, 48), (3, 48)]

@@ -143,3 +143,63 @@ def test_slurm_dry_run_exits_2_naming_the_resource(tmp_path, caplog):
     rc = main(["slurm", "submit", str(TINY), *over, "--nodes", "1", "--gpus-per-node", "8", "--mem", "8G", "--dry-run"])
     assert rc == 2
     assert "SFT-reference rollout placement group" in caplog.text and "the cluster has GPU=0, CPU=2 free" in caplog.text
+
+
+# ---------------------------------------------------------------- tensor-parallel rollout workers
+
+TP_GRID = list(itertools.product(
+    (("rule", "iteration"), ("model", "sft")),   # judge.kind, erpo.reference
+    ("auto", "separate", "colocate"),            # rollout.placement
+    (2, 4, 8),                                   # GPUs per node (one node)
+    ((1, 1), (2, 2), (4, 1)),                    # learners, workers per group
+    (2, 4),                                      # rollout.tensor_parallel
+))
+
+
+@pytest.mark.parametrize("judged, mode, gpus, sizes, tp", TP_GRID)
+def test_plan_and_slurm_agree_on_tensor_parallel_workers(tmp_path, capsys, judged, mode, gpus, sizes, tp):
+    over = [*_grid_overrides(tmp_path, *judged, mode, *sizes), f"rollout.tensor_parallel={tp}"]
+    planned = main(["plan", str(TINY), *over, "--gpus-per-node", str(gpus), "--gpu-mem-gb", "80", "--shape", "test"])
+    submitted = main(["slurm", "submit", str(TINY), *over, "--nodes", "1", "--gpus-per-node", str(gpus),
+                      "--mem", "8G", "--dry-run"])
+    out = capsys.readouterr()
+    if mode == "colocate":  # refused as a config mistake by both, naming the fields
+        assert planned == submitted == 2
+        assert "rollout.placement=colocate cannot place tensor-parallel rollout workers" in out.out + out.err
+        return
+    assert planned in (0, 3) and submitted in (0, 2)
+    assert (planned == 0) == (submitted == 0), out
+    # always separate: learners + groups x workers x K GPUs in ERPO, (1 + judge) x workers x K in
+    # the evaluation; on one node that is all there is to it
+    groups = 1 + (judged[0] == "model") + (judged[1] == "sft")
+    learners, workers = sizes
+    need = max(learners + groups * workers * tp, (1 + (judged[0] == "model")) * workers * tp)
+    assert (planned == 0) == (need <= gpus)
+
+
+def test_a_tensor_parallel_worker_needs_its_k_gpus_on_one_node(tmp_path, capsys):
+    # 2 nodes x 4 GPUs: 2 learners + 2 workers x 3 ranks = 8 GPUs, but after the learners (node 0)
+    # node 0 has 2 GPUs and node 1 4: worker 0 takes 3 of node 1, worker 1 finds 3 nowhere.
+    cfg = _cfg("learner.num_learners=2", "rollout.num_workers=2", "rollout.tensor_parallel=3")
+    p = placement(cfg, "erpo", Cluster.uniform(2, 4))
+    assert p.mode == "separate" and not p.fits
+    erpo = p.phase("erpo")
+    assert [g.strategy for g in erpo.groups] == ["PACK", "STRICT_PACK", "STRICT_PACK"]
+    assert erpo.groups[1].bundles == ({"CPU": 1.0, "GPU": 1.0},) * 3
+    assert erpo.problem == ("the policy rollout worker 1 placement group (policy rollout: rollout.num_workers=2, "
+                            "rollout.cpus_per_worker=1, rollout.tensor_parallel=3) needs {GPU=1, CPU=1} x 3 "
+                            "(STRICT_PACK); the cluster has GPU=3 on 2 nodes (GPU=2; GPU=1) free")
+    with pytest.raises(PlacementError, match="rollout.tensor_parallel=3 places each rollout worker on that many GPUs"):
+        p.check()
+    # with K=2 the second worker takes node 0's last 2 GPUs: it fits, each worker on one node
+    two = placement(_cfg("learner.num_learners=2", "rollout.num_workers=2", "rollout.tensor_parallel=2"), "erpo",
+                    Cluster.uniform(2, 4)).phase("erpo")
+    assert two.problem is None and two.nodes == [{"learner": 2, "rollout": 2}, {"rollout": 2}]
+    # and `safer slurm submit --dry-run` says the same as `safer plan` for both
+    for k, rc_plan, rc_slurm in ((3, 3, 2), (2, 0, 0)):
+        over = [*BATCHES, f"run.output_dir={tmp_path}", "learner.num_learners=2", "rollout.num_workers=2",
+                f"rollout.tensor_parallel={k}"]
+        assert main(["plan", str(TINY), *over, "--nodes", "2", "--gpus-per-node", "4", "--gpu-mem-gb", "80",
+                     "--shape", "test", "--stage", "erpo"]) == rc_plan
+        assert main(["slurm", "submit", str(TINY), *over, "--stage", "erpo", "--nodes", "2", "--gpus-per-node", "4",
+                     "--mem", "8G", "--dry-run"]) == rc_slurm

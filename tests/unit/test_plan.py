@@ -294,3 +294,38 @@ def test_recipes_load_and_carry_their_plan(recipe):
     comment = [line[4:] for line in path.read_text().splitlines() if line.startswith("#   ")]
     start = comment.index(printed[0])
     assert comment[start : start + len(printed)] == printed, f"refresh the plan in {recipe}'s comment"
+
+
+def test_rollout_tensor_parallel_shards_the_copy_over_gpus_of_a_node():
+    # Llama-3-70B (70.55e9 parameters, 80 layers, 8 KV heads x 128), rollout.tensor_parallel=4,
+    # 32 rows x 2048 tokens, per GPU: weights 2 B x 70.55e9 / 4 = 32.9 GiB; KV cache
+    # 2 (K, V) x 2 B x 80 x 1024 x 32 x 2048 / 4 = 5.0 GiB; scoring logits 8192 x 128256 x (2 + 4) B
+    # = 5.9 GiB, gathered whole on every GPU. 2 workers of 4 GPUs beside 32 learners (never
+    # colocated: rollout.placement=auto means separate): 40 GPUs, and the cluster's 32 are all
+    # the learners', so worker 0's 4 bundles find no node.
+    over = {"learner.num_learners": 32, "learner.zero_stage": 3, "data.max_seq_len": 2048,
+            "rollout.tensor_parallel": 4, "rollout.num_workers": 2}
+    plan = plan_config(_cfg(**over), gpus_per_node=8, nodes=4, gpu_mem_gb=80, shape="llama3-70b")
+    assert ("rollout worker (bf16 copy sharded over 4 GPUs of a node by tensor parallelism; per GPU): weights 32.9 + "
+            "KV cache 5.0 (32 rows x 2048 tokens) + scoring logits 5.9 = 43.7 GiB: fits") in plan.lines
+    assert ("placement erpo: 32 learner actor(s) x GPU=1, CPU=1 + 2 policy rollout actor(s) of 4 tensor-parallel "
+            "ranks on one node x GPU=1, CPU=1 (separate bundles) = 40 GPU(s), 40 CPU(s): DOES NOT FIT — the policy "
+            "rollout worker 0 placement group (policy rollout: rollout.num_workers=2, rollout.cpus_per_worker=1, "
+            "rollout.tensor_parallel=4) needs {GPU=1, CPU=1} x 4 (STRICT_PACK); the cluster has GPU=0 on 4 nodes "
+            "(GPU=0; GPU=0; GPU=0; GPU=0) free") in plan.lines
+    assert not plan.ok
+    # 24 learners + 2 workers x 4 GPUs = 32: node 3 holds both workers' ranks.
+    fits = plan_config(_cfg(**{**over, "learner.num_learners": 24, "train.global_batch_size": 48,
+                               "erpo.optim.global_batch_size": 24}),
+                       gpus_per_node=8, nodes=4, gpu_mem_gb=80, shape="llama3-70b")
+    erpo = fits.placement.phase("erpo")
+    assert erpo.problem is None and erpo.nodes[3] == {"rollout": 8} and erpo.num_gpus == 32
+    # One GPU: the whole copy does not fit, and the line names the setting that shards it.
+    plan = plan_config(_cfg(**{**over, "rollout.tensor_parallel": 1}), gpus_per_node=8, nodes=4, gpu_mem_gb=80,
+                       shape="llama3-70b")
+    (line,) = [x for x in plan.lines if x.startswith("rollout worker")]
+    assert "157.3 GiB: DOES NOT FIT" in line and "raise rollout.tensor_parallel" in line
+    # More ranks than a node has GPUs cannot be placed (STRICT_PACK on one node).
+    plan = plan_config(_cfg(**{**over, "rollout.tensor_parallel": 16}), gpus_per_node=8, nodes=4, gpu_mem_gb=80,
+                       shape="llama3-70b")
+    assert any("needs {GPU=1, CPU=1} x 16 (STRICT_PACK)" in p for p in plan.problems)

@@ -102,6 +102,16 @@ def test_relative_paths_are_made_absolute(tmp_path):
      r"needs \{GPU=1, CPU=1\} x 2 \(PACK\); the cluster has GPU=0, CPU=2 on 2 nodes .* "
      r"Use rollout.placement=colocate"),
     (["learner.gpus_per_learner=1"], {}, "learner.gpus_per_learner=1 needs GPUs and the cluster has none"),
+    # tensor-parallel workers: K GPUs of one node each, never colocated (the placement rule)
+    (["learner.num_learners=8", "train.global_batch_size=64", "rollout.tensor_parallel=5"],
+     {"gpus_per_node": 8, "stage": "run"},
+     r"erpo: the policy rollout worker 1 placement group \(policy rollout: rollout.num_workers=2, "
+     r"rollout.cpus_per_worker=1, rollout.tensor_parallel=5\) needs \{GPU=1, CPU=1\} x 5 \(STRICT_PACK\); "
+     r"the cluster has GPU=3, .* rollout.tensor_parallel=5 places each rollout worker on that many GPUs of one node"),
+    (["learner.num_learners=1", "rollout.num_workers=1", "rollout.tensor_parallel=9"],
+     {"gpus_per_node": 8, "stage": "run"}, r"needs \{GPU=1, CPU=1\} x 9 \(STRICT_PACK\)"),
+    (["rollout.tensor_parallel=2", "rollout.placement=colocate"], {},
+     "rollout.placement=colocate cannot place tensor-parallel rollout workers"),
 ])
 def test_prepare_rejects_before_submitting(tmp_path, overrides, opts, match):
     with pytest.raises(ConfigError, match=match):
