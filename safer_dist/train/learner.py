@@ -123,6 +123,10 @@ class Learner:
         model = self._load_model(ds_config)
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            # transformers checkpoints a decoder layer only in training mode, and from_pretrained
+            # returns the model in eval mode: without this, checkpointing would save no memory.
+            # (Dropout then applies in training where the model has any; eval_loss switches to eval.)
+            model.train()
         if self.model_cfg.lora.enabled:
             from safer_dist.train.lora import Adapters
 

@@ -156,7 +156,10 @@ def _export_logits_train(learner, out_root, ids, steps):
 
     out = out_root / f"stage{learner.cfg.zero_stage}"
     learner.export_hf(str(out))
+    layers = learner.engine.module.model.layers
     return {"attn": learner.attn_implementation, "num_params": count_params(learner.engine.module),
+            # what transformers checks before it checkpoints a layer
+            "checkpointing": [bool(layer.gradient_checkpointing and layer.training) for layer in layers],
             "logits": learner.logits(ids).tolist(), "losses": [learner.sft_step(s)["loss"] for s in range(steps)]}
 
 
@@ -174,6 +177,7 @@ def test_zero3_learner_load_matches_the_full_load(tiny_model_dir, demo_data_dir,
                        f"model.gradient_checkpointing={ckpt}", "train.global_batch_size=8", "train.micro_batch_size=4")
         got[stage] = run_ranks(cfg, functools.partial(_export_logits_train, out_root=tmp_path, ids=ids, steps=steps))[0]
     assert got[2]["attn"] == got[3]["attn"] == "safer_segments"
+    assert not any(got[2]["checkpointing"]) and all(got[3]["checkpointing"]) and got[3]["checkpointing"]
     original = load_file(tiny_model_dir / "model.safetensors")  # tied embeddings: stored once, counted once
     assert got[2]["num_params"] == got[3]["num_params"] == sum(t.numel() for t in original.values())
     assert got[2]["logits"] == got[3]["logits"]
