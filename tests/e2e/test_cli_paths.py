@@ -111,7 +111,7 @@ def test_plan_exits_3_when_the_learners_fit_but_a_rollout_worker_does_not(capsys
                "--shape", "llama3-70b"])
     out = capsys.readouterr().out
     assert rc == 3 and "recommendation: ZeRO-3 + ckpt, mb 2" in out
-    assert out.rstrip().endswith("DOES NOT FIT: a rollout worker does not fit on one GPU")
+    assert out.rstrip().endswith("DOES NOT FIT: a rollout worker does not fit on 1 GPU(s) (rollout.tensor_parallel=1)")
 
 
 def test_an_error_caused_by_an_override_names_the_override_not_the_file(tmp_path, logs):
