@@ -85,8 +85,9 @@ def summarize(phases: list[dict], samples: list[tuple[float, float, float]]) -> 
     ``rows``: one per phase name (``ORDER`` first): ``count``, ``wall_s`` (sum over its windows),
     ``gpu_util`` (mean utilisation of the samples inside its windows, 0-1; None without samples),
     ``peak_mem_gib`` (largest memory sample inside its windows). ``busy``: the span from the first
-    ``sft`` start to the last ``erpo_dpo`` end, its seconds and ``share`` (mean utilisation of its
-    samples, 0-1), None when a bound is missing."""
+    ``sft`` start to the last ``erpo_dpo`` end (the last ERPO phase's end when no step-DPO step ran,
+    e.g. no pairs), its seconds and ``share`` (mean utilisation of its samples, 0-1), None when
+    there is no SFT or no ERPO phase."""
     names = sorted({p["phase"] for p in phases}, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
     def inside(windows):
@@ -102,7 +103,8 @@ def summarize(phases: list[dict], samples: list[tuple[float, float, float]]) -> 
             "peak_mem_gib": round(max(s[2] for s in got) / 1024, 2) if got else None,
         })
     starts = [p["start"] for p in phases if p["phase"] == "sft"]
-    ends = [p["end"] for p in phases if p["phase"] == "erpo_dpo"]
+    ends = [p["end"] for p in phases if p["phase"] == "erpo_dpo"] or [
+        p["end"] for p in phases if p["phase"].startswith("erpo_") and p["phase"] != "erpo_setup"]
     busy = None
     if starts and ends:
         a, b = min(starts), max(ends)
@@ -122,12 +124,12 @@ def format_table(summary: dict) -> str:
                      f"{gib(r['peak_mem_gib']):>9s}")
     busy = summary["busy"]
     if busy is None:
-        lines.append("busy share: no SFT or no step-DPO phase in the run")
+        lines.append("busy share: no SFT or no ERPO phase in the run")
     else:
         share = busy["share"]
         verdict = "not measured (no GPU samples)" if share is None else (
             f"{100 * share:.1f}% ({'meets' if share >= BUSY_TARGET else 'below'} the {100 * BUSY_TARGET:.0f}% target)")
-        lines.append(f"busy share, first SFT step to last step-DPO step ({busy['seconds']:.1f} s): {verdict}")
+        lines.append(f"busy share, first SFT step to last ERPO step ({busy['seconds']:.1f} s): {verdict}")
     lines.append("n/m: not measured (no GPU samples inside the phase)")
     return "\n".join(lines)
 

@@ -50,6 +50,10 @@ def test_summary_by_hand():
 def test_summary_without_samples_or_erpo():
     s = gpu_run.summarize([_phase("sft", 0.0, 1.0)], [])
     assert s["busy"] is None and s["rows"][0]["gpu_util"] is None
-    assert "no SFT or no step-DPO phase" in gpu_run.format_table(s)
+    assert "no SFT or no ERPO phase" in gpu_run.format_table(s)
     s = gpu_run.summarize([_phase("sft", 0.0, 1.0), _phase("erpo_dpo", 1.0, 2.0)], [])
     assert s["busy"]["share"] is None and "not measured" in gpu_run.format_table(s)
+    # no step-DPO step (no pairs): the span ends with the last ERPO phase, setup excluded
+    s = gpu_run.summarize([_phase("sft", 0.0, 1.0), _phase("erpo_setup", 1.0, 2.0), _phase("erpo_sample", 2.0, 3.0),
+                           _phase("erpo_judge", 3.0, 3.5), _phase("eval_erpo", 4.0, 9.0)], [(3.2, 50, 1024)])
+    assert s["busy"]["seconds"] == 3.5 and s["busy"]["share"] == 0.5
