@@ -19,7 +19,8 @@ What it does:
 4. reads the run's ``phases.jsonl`` (safer_dist/runtime/phases.py: each phase's wall-clock start
    and end) and reports per phase: count, wall time, mean GPU utilisation, peak device memory;
    and the GPU's busy share between the start of SFT training and the end of the last step-DPO
-   step (target >= 80%). Phases with low utilisation inside that span are what the GPU waited for.
+   step, or of the last ERPO phase when no pair was made (target >= 80%). Phases with low
+   utilisation inside that span are what the GPU waited for.
 
 ``--json OUT`` writes the table, the samples' summary and the set-up. On CPU (``--smoke``) there
 is no GPU to sample: utilisation and memory are "not measured".
