@@ -15,6 +15,14 @@ model states per GPU in bytes are (the accounting of DeepSpeed's own estimators,
     + offload_params (stage 3): the 16-bit params move too (4 * largest left)
 
 fp32 training (no master copy) is 4P params + 4P grads + 8P Adam, partitioned the same way.
+
+With LoRA adapters (``model.lora.rank`` r > 0, :class:`Adapters`) the formulas above apply to the
+adapter parameters A alone (they are all that trains), and the frozen base adds its weights to
+``params``: 2P bytes in 16-bit (partitioned under ZeRO-3), or with ``model.quantization=4bit``
+0.5625 bytes per parameter of the blocks' linear layers (NF4 4-bit values + an fp32 absmax per
+block of 64) and 2 bytes for the rest (embeddings, LM head, norms stay 16-bit). For adapters on
+every linear layer of the blocks, A = r x layers x (sum over the seven projections of in + out
+features). Activations are counted as for full training (the adapters' own are r-sized).
 "Largest layer" is the largest single module's parameters (the embedding or LM head for
 Llama-shaped models), as DeepSpeed counts it.
 
@@ -165,6 +173,40 @@ def resolve_shape(model_path: str, init_preset: str | None, shape: str | None) -
 
 
 @dataclass(frozen=True)
+class Adapters:
+    """LoRA adapters (``model.lora``) and the base's quantization, as the planner counts them."""
+
+    rank: int
+    target_modules: str = "all-linear"
+    quantized_4bit: bool = False
+
+    _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def trainable(self, shape: ModelShape) -> int:
+        """Adapter parameters: r x (in + out) for each targeted projection of every block."""
+        h, q, kv, i = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
+        dims = dict(zip(self._PROJECTIONS, ((h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h))))
+        names = (self._PROJECTIONS if self.target_modules.strip() == "all-linear"
+                 else [n.strip() for n in self.target_modules.split(",") if n.strip() in dims])
+        return self.rank * shape.num_layers * sum(sum(dims[n]) for n in names)
+
+    def frozen_bytes(self, shape: ModelShape) -> float:
+        """The frozen base's weights on each GPU before ZeRO-3 partitioning."""
+        if not self.quantized_4bit:
+            return 2.0 * shape.num_params()
+        h, q, kv, i = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
+        linear = shape.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * i)
+        return 0.5625 * linear + 2.0 * (shape.num_params() - linear)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Adapters | None:
+        lora = cfg.model.lora
+        if not lora.enabled:
+            return None
+        return cls(lora.rank, lora.target_modules, cfg.model.quantization == "4bit")
+
+
+@dataclass(frozen=True)
 class Setup:
     zero_stage: int
     offload_optimizer: bool = False
@@ -261,9 +303,12 @@ def activation_bytes(
 
 
 def estimate(shape: ModelShape, setup: Setup, *, world_size: int, gpus_per_node: int, max_seq_len: int,
-             mixed_precision: bool = True, loss_chunk_tokens: int = 0) -> Estimate:
-    ms = model_states(shape.num_params(), shape.largest_layer_params(), setup, world_size=world_size,
+             mixed_precision: bool = True, loss_chunk_tokens: int = 0, adapters: Adapters | None = None) -> Estimate:
+    trained = adapters.trainable(shape) if adapters else shape.num_params()
+    ms = model_states(trained, shape.largest_layer_params(), setup, world_size=world_size,
                       mixed_precision=mixed_precision, gpus_per_node=gpus_per_node)
+    if adapters:  # the frozen base: weights only, partitioned under ZeRO-3 (module docstring)
+        ms["params"] += adapters.frozen_bytes(shape) / (world_size if setup.zero_stage == 3 else 1)
     dtype_bytes = 2 if mixed_precision else 4
     buffers = dtype_bytes * (REDUCE_BUCKET + (PREFETCH_BUCKET if setup.zero_stage == 3 else 0))
     if setup.zero_stage == 0:
@@ -316,6 +361,7 @@ class Plan:
     # sampling, when the learners hold their model states but no activations.
     colocated_copies: int = 0
     problems: list[str] = field(default_factory=list)  # what does not fit besides the learners
+    adapters: Adapters | None = None  # model.lora (and model.quantization), as counted
 
     @property
     def usable_bytes(self) -> float:
@@ -346,7 +392,10 @@ class Plan:
 def _recommend(plan: Plan, shape: ModelShape, configured: Setup, sizes: list[int], kw: dict):
     """Walk CANDIDATES (see the module docstring); appends the rows it looked at to plan.rows."""
     best = fallback = None
+    adapters = kw.get("adapters")
     for stage, off_opt, off_par, ckpt in CANDIDATES:
+        if stage == 3 and adapters is not None and adapters.quantized_4bit:
+            continue  # a 4-bit base trains under ZeRO 0-2 only (config check)
         fits = False
         for m in [configured.micro_batch_size] + [m for m in sizes if m < configured.micro_batch_size]:
             setup = Setup(stage, off_opt, off_par, ckpt, m)
@@ -387,12 +436,12 @@ def plan_config(cfg: Config, *, gpus_per_node: int, nodes: int, gpu_mem_gb: floa
     configured = Setup(ln.zero_stage, ln.offload_optimizer, ln.offload_params, cfg.model.gradient_checkpointing,
                        t.micro_batch_size)
     kw = dict(world_size=world, gpus_per_node=min(gpus_per_node, world), max_seq_len=seq, mixed_precision=mixed,
-              loss_chunk_tokens=cfg.learner.loss_chunk_tokens)
+              loss_chunk_tokens=cfg.learner.loss_chunk_tokens, adapters=Adapters.from_config(cfg))
     tp = cfg.rollout.tensor_parallel
     rollout = rollout_bytes(model_shape, rows=cfg.rollout.batch_size, tokens_per_row=seq, tensor_parallel=tp)
     copies = len(erpo.actors) - 1 if erpo is not None and erpo.colocated else 0
     plan = Plan(model_shape, source, world, gpus_per_node, nodes, gpu_mem_gb * GIB, seq, mixed, configured, [], None,
-                rollout, [], where, copies)
+                rollout, [], where, copies, adapters=kw["adapters"])
     plan.rows.append((configured, estimate(model_shape, configured, **kw)))
     # micro-batches that keep global_batch_size a multiple of micro_batch_size x learners
     sizes = [m for m in range(t.micro_batch_size, 0, -1) if t.global_batch_size % (m * world) == 0]
@@ -475,6 +524,10 @@ def format_plan(plan: Plan, config_path: str) -> str:
     s = plan.shape
     g = lambda b: f"{b / GIB:8.1f}"  # noqa: E731
     precision = "bf16 mixed precision (fp32 master weights, AdamW)" if plan.mixed_precision else "fp32, AdamW"
+    if plan.adapters:
+        a = plan.adapters
+        precision += (f"; LoRA rank {a.rank} ({a.target_modules}): {_count(a.trainable(s))} trained, the base frozen"
+                      + (" in 4-bit NF4" if a.quantized_4bit else ""))
     lines = [
         f"safer plan: {config_path}",
         f"model     {plan.shape_source}: {_count(s.num_params())} parameters (largest layer "

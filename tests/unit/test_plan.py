@@ -23,6 +23,7 @@ from safer_dist.train.attention import register_varlen_attention
 from safer_dist.cluster.plan import (
     GIB,
     SHAPES,
+    Adapters,
     ModelShape,
     Setup,
     activation_bytes,
@@ -38,6 +39,7 @@ RECIPES = {
     # recipe: (gpus per node, nodes, shape, stage)
     "configs/llama3-8b-8xh100.yaml": (8, 1, "llama3-8b", "run"),
     "configs/llama3-8b-1xh100.yaml": (1, 1, "llama3-8b", "run"),
+    "configs/llama3-8b-lora-1xh100.yaml": (1, 1, "llama3-8b", "run"),
     "configs/qwen2.5-7b-8xh100.yaml": (8, 1, "qwen2.5-7b", "run"),
     "configs/llama3-70b-4x8xh100.yaml": (8, 4, "llama3-70b", "sft"),  # its rollout workers do not fit one GPU
 }
@@ -329,3 +331,53 @@ def test_rollout_tensor_parallel_shards_the_copy_over_gpus_of_a_node():
     plan = plan_config(_cfg(**{**over, "rollout.tensor_parallel": 16}), gpus_per_node=8, nodes=4, gpu_mem_gb=80,
                        shape="llama3-70b")
     assert any("needs {GPU=1, CPU=1} x 16 (STRICT_PACK)" in p for p in plan.problems)
+
+
+# ---------------------------------------------------------------- LoRA and 4-bit bases
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
+def test_adapter_count_is_what_peft_builds(targets):
+    peft = pytest.importorskip("peft")
+    s = ModelShape(64, 3, 4, 2, 96, 100)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=96, vocab_size=100)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    lora = peft.LoraConfig(r=8, target_modules=targets if targets == "all-linear" else targets.split(","))
+    model = peft.inject_adapter_in_model(lora, model)
+    built = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert Adapters(8, targets).trainable(s) == built
+    # by hand, all-linear: 8 x 3 layers x (q 64+64, k 64+32, v 64+32, o 64+64, gate/up 64+96 twice, down 96+64)
+    if targets == "all-linear":
+        assert built == 8 * 3 * (128 + 96 + 96 + 128 + 160 + 160 + 160)
+
+
+def test_lora_model_states_by_hand():
+    shape = SHAPES["llama3-8b"]
+    p, a = shape.num_params(), Adapters(16).trainable(shape)
+    assert a == 41_943_040  # rank 16 on every projection of Llama-3-8B
+    est = estimate(shape, Setup(2, micro_batch_size=1), world_size=1, gpus_per_node=1, max_seq_len=1024,
+                   adapters=Adapters(16))
+    # adapters as full training (2 + 2 + 4 + 12 bytes each, one rank), plus the frozen bf16 base
+    assert est.params == 2 * a + 2 * p and est.grads == 6 * a and est.optimizer == 12 * a
+    z3 = estimate(shape, Setup(3, micro_batch_size=1), world_size=4, gpus_per_node=4, max_seq_len=1024,
+                  adapters=Adapters(16))
+    assert z3.params == (2 * a + 2 * p) / 4  # the frozen base is partitioned too
+    # 4-bit: 0.5625 bytes per weight of the blocks' linear layers, 2 for the rest
+    h, i, kv, layers = 4096, 14336, 1024, 32
+    linear = layers * (h * h + 2 * h * kv + h * h + 3 * h * i)
+    q4 = estimate(shape, Setup(2, micro_batch_size=1), world_size=1, gpus_per_node=1, max_seq_len=1024,
+                  adapters=Adapters(16, quantized_4bit=True))
+    assert q4.params == 2 * a + 0.5625 * linear + 2 * (p - linear)
+
+
+def test_plan_counts_adapters(capsys):
+    # Llama-3-8B with LoRA on one 80 GB GPU: no offload needed (full training needs it, see the 1xh100 recipe)
+    rc = main(["plan", "configs/llama3-8b-1xh100.yaml", "model.lora.rank=16", "learner.offload_optimizer=false",
+               "--gpus-per-node", "1", "--gpu-mem-gb", "80", "--shape", "llama3-8b"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "LoRA rank 16 (all-linear): 41.9M trained, the base frozen" in out
+    assert re.search(r"recommendation: ZeRO-2 \+ ckpt, mb \d+ ", out) or "recommendation: ZeRO-2, mb" in out
+    assert "offload optim" not in out.split("recommendation:")[1].splitlines()[0]
