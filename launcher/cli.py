@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--grace-s", type=int, default=None,
                     help="SIGUSR1 this many seconds before the time limit (default: launch.stop_grace_s + 60)")
     sb.add_argument("--stage", default="run", choices=("run", "sft", "erpo"), help="the safer command the job runs")
+    sb.add_argument("--shape", default=None, help="model shape for the --mem estimate, as `safer plan --shape` "
+                    "(default: model.path's config.json)")
     sb.add_argument("--job-name", default=None, help="default: safer-<run.name>")
     sb.add_argument("--venv", default=None, help="virtualenv or conda env on every node (default: this Python's)")
     sb.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing, write nothing")
@@ -232,7 +234,7 @@ def _slurm_submit(args) -> int:
     opts = SubmitOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node, mem=args.mem,
         partition=args.partition, time=args.time, account=args.account, exclusive=args.exclusive,
-        grace_s=args.grace_s, stage=args.stage, job_name=args.job_name, venv=args.venv,
+        grace_s=args.grace_s, stage=args.stage, job_name=args.job_name, venv=args.venv, shape=args.shape,
     )
     job = prepare(args.config, args.overrides, opts)
     if args.dry_run:

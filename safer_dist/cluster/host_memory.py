@@ -71,12 +71,13 @@ class HostMemory:
 
 
 def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: int, stage: str,
-                model_dir: str | Path | None = None) -> HostMemory:
+                model_dir: str | Path | None = None, shape: str | None = None) -> HostMemory:
     """Estimate ``cfg``'s host memory per node on ``nodes`` SLURM nodes. ``stage``: run, sft or erpo
-    (SFT places no rollout workers). ``model_dir``: where model.path is (default: as configured).
+    (SFT places no rollout workers). ``model_dir``: where model.path is (default: as configured);
+    ``shape``: a shape name or config.json as `safer plan --shape` takes, instead of the model's.
     Raises ValueError when the model's shape is unknown (no config.json, no init preset)."""
     lr, ro = cfg.learner, cfg.rollout
-    shape, _ = resolve_shape(str(model_dir or cfg.model.path), cfg.model.init_preset, None)
+    shape, _ = resolve_shape(str(model_dir or cfg.model.path), cfg.model.init_preset, shape)
     p = float(shape.num_params())
     where = placement(cfg, stage, Cluster.uniform(nodes, gpus_per_node, cpus_per_node))
     gpu = where.gpu

@@ -70,6 +70,7 @@ class SubmitOptions:
     stage: str = "run"
     job_name: str | None = None  # None: safer-<run.name>
     venv: str | None = None  # None: the environment of this Python (sys.prefix)
+    shape: str | None = None  # the --mem estimate's model shape (as `safer plan --shape`); None: model.path's
 
 
 @dataclass
@@ -146,6 +147,17 @@ def cpus_per_node(cfg: Config, opts: SubmitOptions) -> int:
     return max(1, math.ceil(need / opts.nodes))  # it does not fit for another reason (GPUs): check_fits names it
 
 
+def check_model_path(cfg: Config, cwd: Path) -> None:
+    """ConfigError when model.path holds no Hugging Face model and no init preset would create it:
+    the job would otherwise fail only once it leaves the queue. (The path must be on a filesystem
+    the nodes share; this host sees it as they will.)"""
+    path = cwd / cfg.model.path
+    if not (path / "config.json").is_file() and not cfg.model.init_preset:
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ConfigError(f"model.path={path} {what}: no Hugging Face model for the job to load; point model.path at "
+                          "a local model directory (models load only from local directories) before submitting")
+
+
 def job_memory(cfg: Config, opts: SubmitOptions, model_dir: Path) -> tuple[str, str]:
     """(``--mem`` value, where it comes from): --mem as given; 0 (all of each node's memory) with
     --exclusive; else the host-memory estimate for the fullest node."""
@@ -157,7 +169,8 @@ def job_memory(cfg: Config, opts: SubmitOptions, model_dir: Path) -> tuple[str, 
         return "0", "all of each node's memory (--exclusive)"
     try:
         mem = host_memory(cfg, nodes=opts.nodes, gpus_per_node=opts.gpus_per_node,
-                          cpus_per_node=cpus_per_node(cfg, opts), stage=opts.stage, model_dir=model_dir)
+                          cpus_per_node=cpus_per_node(cfg, opts), stage=opts.stage, model_dir=model_dir,
+                          shape=opts.shape)
     except ValueError as e:
         raise ConfigError(f"cannot estimate the job's host memory ({e}); pass --mem, e.g. --mem 64G") from None
     return mem.slurm_mem(), f"estimated: {mem.describe()}"
@@ -176,6 +189,7 @@ def prepare(config_path: str | Path, overrides: list[str], opts: SubmitOptions, 
     cwd = (cwd or Path.cwd()).resolve()
     config_path = (cwd / config_path).resolve()
     cfg = load_config(config_path, [*overrides, "launch.ray_address=auto"])
+    check_model_path(cfg, cwd)
     check_fits(cfg, opts)
     stop_grace_s = math.ceil(cfg.launch.stop_grace_s)
     grace_s = opts.grace_s if opts.grace_s is not None else stop_grace_s + _GRACE_MARGIN_S

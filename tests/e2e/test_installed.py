@@ -73,9 +73,13 @@ def test_installed_cli_runs_a_config_from_another_directory(installed, tmp_path,
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "elsewhere" / "demo" / "sft.jsonl").is_file()
 
-    # the shipped SLURM scripts, through `safer slurm submit --dry-run`
+    # the shipped SLURM scripts, through `safer slurm submit --dry-run`; a model must be at model.path
     p = safer(installed, tmp_path / "elsewhere", "slurm", "submit", str(config), "--nodes", "1",
-              "--gpus-per-node", "0", "--stage", "sft", "--mem", "4G", "--dry-run")  # no model yet to size --mem
+              "--gpus-per-node", "0", "--stage", "sft", "--mem", "4G", "--dry-run")
+    assert p.returncode == 2 and "model.path=" in p.stderr and "does not exist" in p.stderr, p.stderr
+    shutil.copytree(tiny_model_dir, tmp_path / "exp" / "models" / "m")
+    p = safer(installed, tmp_path / "elsewhere", "slurm", "submit", str(config), "--nodes", "1",
+              "--gpus-per-node", "0", "--stage", "sft", "--mem", "4G", "--dry-run")
     assert p.returncode == 0, p.stderr
     assert f'"{shipped}/slurm/ray-cluster.sh" ' in p.stdout
 
@@ -83,4 +87,4 @@ def test_installed_cli_runs_a_config_from_another_directory(installed, tmp_path,
     p = safer(installed, tmp_path / "elsewhere", "sft", str(config), f"model.path={tiny_model_dir}")
     assert p.returncode == 2
     assert f"data.train=data/sft.jsonl ({tmp_path}/exp/data/sft.jsonl): no such file" in p.stderr, p.stderr
-    assert sorted(x.name for x in (tmp_path / "exp").iterdir()) == ["config.yaml"]
+    assert sorted(x.name for x in (tmp_path / "exp").iterdir()) == ["config.yaml", "models"]  # nothing written

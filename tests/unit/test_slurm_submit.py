@@ -258,11 +258,32 @@ def test_mem_flag_exclusive_and_unknown_model(tmp_path):
     assert _mem_line(job.script) == "#SBATCH --mem=0"
     with pytest.raises(ValueError, match="--mem '12 GB'"):
         prepare(TINY, out, _opts(mem="12 GB"), cwd=REPO)
-    # no config.json and no init preset: no shape to estimate from
-    with pytest.raises(ConfigError, match="cannot estimate the job's host memory .* pass --mem"):
-        prepare(TINY, [*out, f"model.path={tmp_path / 'none'}", "model.init_preset=null"], _opts(), cwd=REPO)
-    job = prepare(TINY, [*out, f"model.path={tmp_path / 'none'}", "model.init_preset=null"], _opts(mem="8G"), cwd=REPO)
-    assert _mem_line(job.script) == "#SBATCH --mem=8G"
+    # no model at model.path and no init preset to create it: refused before sbatch, --mem or not
+    for opts in (_opts(), _opts(mem="8G")):
+        with pytest.raises(ConfigError, match=r"model\.path=.*/none does not exist: no Hugging Face model"):
+            prepare(TINY, [*out, f"model.path={tmp_path / 'none'}", "model.init_preset=null"], opts, cwd=REPO)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"model\.path=.*/empty has no config.json"):
+        prepare(TINY, [*out, f"model.path={tmp_path / 'empty'}", "model.init_preset=null"], _opts(), cwd=REPO)
+
+
+def test_shape_option_sizes_the_mem_estimate(tmp_path, capsys):
+    """--shape (as `safer plan --shape`) replaces model.path's shape in the --mem estimate: a
+    model directory of another shape with --shape llama3-8b asks what the Llama-3-8B one asks."""
+    base = [f"run.output_dir={tmp_path}", "model.init_preset=null", "erpo.optim.micro_batch_size=1",
+            "learner.num_learners=6", "train.global_batch_size=48", "erpo.optim.global_batch_size=48"]
+    opts = dict(nodes=1, gpus_per_node=8, stage="run")
+    real = prepare(TINY, [*base, f"model.path={_llama3_8b_dir(tmp_path)}"], _opts(**opts), cwd=REPO)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                   "intermediate_size": 128, "vocab_size": 100}))
+    small = prepare(TINY, [*base, f"model.path={other}"], _opts(**opts), cwd=REPO)
+    shaped = prepare(TINY, [*base, f"model.path={other}"], _opts(**opts, shape="llama3-8b"), cwd=REPO)
+    assert _mem_line(shaped.script) == _mem_line(real.script) == "#SBATCH --mem=146G" != _mem_line(small.script)
+    rc = main(["slurm", "submit", str(TINY), *base, f"model.path={other}", "--nodes", "1", "--gpus-per-node", "8",
+               "--shape", "llama3-8b", "--dry-run"])
+    assert rc == 0 and "#SBATCH --mem=146G" in capsys.readouterr().out
 
 
 def test_cli_mem_option(tmp_path, capsys):
