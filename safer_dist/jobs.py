@@ -65,9 +65,8 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def preflight(cfg: Config, *, need_train: bool = True) -> None:
-    """Fail fast, before anything is written, on a missing model, bad data, or a 4-bit base
-    that cannot load here."""
-    check_adapters(cfg.model, cfg.launch.device)  # sft_job checks it even before preparing inputs
+    """Fail fast, before anything is written, on a missing model or bad data. (Adapters and a
+    4-bit base are checked by the jobs before they prepare inputs: ``lora.check_adapters``.)"""
     check_model_dir(cfg)
     check_chat_template(cfg.model.path, _given(cfg, "model.path"), cfg.model.trust_remote_code)
     Rulebook.load(cfg.data.rulebook)
