@@ -69,7 +69,7 @@ def reference_logprobs(ws, pairs: list[dict], model=None) -> float:
     workspace's model in fp32 on CPU); returns the seconds it took."""
     from safer_dist.train.models import load_model, load_tokenizer
     from safer_dist.erpo.pairs import step_sequence
-    from safer_dist.erpo.sampling import continuation_logprobs
+    from safer_dist.rollout.sampling import continuation_logprobs
 
     tok = load_tokenizer(ws.model_dir)
     if model is None:

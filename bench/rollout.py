@@ -1,7 +1,7 @@
 """Candidate-step sampling: safer's prefix-KV reuse vs Hugging Face ``generate(num_return_sequences=N)``.
 
 ERPO samples N candidates of one step for many prefixes (prompt + the steps before it). safer
-(``safer_dist.erpo.sampling.sample_candidates``) prefills each prefix once (packed, no padding),
+(``safer_dist.rollout.sampling.sample_candidates``) prefills each prefix once (packed, no padding),
 stores its KV cache once for its N candidates (shared-prefix decode attention), and batches
 continuously (a row that ends leaves, a waiting prefix joins); the peer is what a transformers
 user writes: ``generate(..., num_return_sequences=N)`` on the same left-padded prefixes, which
@@ -14,7 +14,7 @@ number of rows (``--batch-rows`` = prefixes per batch x N), and run the same ran
 ``--device``), bf16 on CUDA. The peer runs SDPA; safer's sampler runs its own attention
 whatever the model's (``safer_segments`` for the packed prefill, shared-prefix for decode steps),
 and on CPU runs the fp32 linear layers on weights reordered once per call for oneDNN
-(``safer_dist.erpo.packed_linear``). The comparison is like for like: on CPU the peer's
+(``safer_dist.rollout.packed_linear``). The comparison is like for like: on CPU the peer's
 ``generate`` runs inside the same ``packed_linears`` context, so both contestants run the same
 weights path, and the ratio line compares those two. Two more CPU contestants, the sampler on
 ``nn.Linear`` (``packed_weights=False``) and ``generate`` on ``nn.Linear``, give the same
@@ -56,7 +56,7 @@ import time
 import torch
 
 from gpu import SHAPES, build_model_dir, hbm_gbps, synchronize, write_json
-from safer_dist.erpo.packed_linear import packed_linears
+from safer_dist.rollout.packed_linear import packed_linears
 
 
 def prefixes_for(ws, tok, step: str, num: int) -> tuple[list[list[int]], float]:
@@ -203,7 +203,7 @@ def main() -> None:
 
     from safer_dist.reasoning.exante import STEP_CLOSE
     from safer_dist.train.models import load_tokenizer
-    from safer_dist.erpo.sampling import sample_candidates
+    from safer_dist.rollout.sampling import sample_candidates
 
     ws = h.workspace(args, num_sft=max(64, args.prefixes))
     try:

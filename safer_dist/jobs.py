@@ -21,7 +21,7 @@ from safer_dist.data.chat import prompt_text
 from safer_dist.data.demo import generate_demo
 from safer_dist.data.records import load_records
 from safer_dist.erpo.controller import train_erpo
-from safer_dist.erpo.judge import ModelJudge, RuleJudge
+from safer_dist.judging.judge import ModelJudge, RuleJudge
 from safer_dist.evaluation.evaluate import evaluate, pick_sample
 from safer_dist.evaluation.report import write_report
 from safer_dist.reasoning.rules import Rulebook

@@ -281,13 +281,13 @@ class LearnerGroup:
     def connect_weight_sync(self, rollout: RolloutGroup) -> None:
         """Form the weight-sync group: learner rank 0 is member 0, rollout worker i member i+1;
         a worker on rank 0's GPU gets the CUDA-IPC hand-over instead of the broadcast
-        (erpo/weight_sync.py). Any group formed before is left first, so this also rebuilds it
+        (weights/channel.py). Any group formed before is left first, so this also rebuilds it
         (on a new port); the workers keep their weights. Gives ``rollout`` its ``resync`` hook (:meth:`resync`)."""
-        from safer_dist.erpo.weight_sync import layout, member_device_key
+        from safer_dist.weights.channel import layout, member_device_key
 
         host, port = self._get([self.actors[0].address.remote()], "address")[0]
         # Workers on learner rank 0's own GPU (colocated) take the CUDA-IPC hand-over, the rest
-        # the broadcast (erpo/weight_sync.py).
+        # the broadcast (weights/channel.py).
         keys = self._get([self.actors[0].__ray_call__.remote(member_device_key)] + rollout.device_key_refs(),
                          "device query", names=self._sync_names(rollout, 1))
         members = layout(keys)

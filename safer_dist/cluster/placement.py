@@ -26,7 +26,7 @@ learners get GPUs (:func:`learner_gpus`), one GPU each. Each rollout group:
 - ``auto``: colocate where learners get GPUs, separate on CPU (as before this option existed:
   the CPU demo and its tests place rollout workers apart from the learners).
 
-``rollout.tensor_parallel`` K > 1 (safer_dist/cluster/tp_rollout.py): every rollout worker (of
+``rollout.tensor_parallel`` K > 1 (safer_dist/rollout/tensor_parallel.py): every rollout worker (of
 every rollout group: policy, model judge, SFT reference) is K rank actors on K devices of one
 node. Each such worker gets a placement group of its own, K bundles ``{CPU: c, GPU: 1}`` (GPU
 where learners get GPUs) with strategy STRICT_PACK, so its ranks are on one node whatever the

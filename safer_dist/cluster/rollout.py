@@ -34,7 +34,7 @@ class RolloutFailure(RuntimeError):
 
 class RolloutWorker:
     # Ranks the model is sharded over (a rank of a tensor-parallel worker sets its own,
-    # safer_dist/cluster/tp_rollout.py).
+    # safer_dist/rollout/tensor_parallel.py).
     tensor_parallel = 1
 
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
@@ -58,7 +58,7 @@ class RolloutWorker:
         self.version = 0
         self.sync_group = None
         self.model_cfg = model
-        self.adapter_receiver = None  # LoRA learners: made at the first sync (safer_dist/train/lora_sync.py)
+        self.adapter_receiver = None  # LoRA learners: made at the first sync (safer_dist/weights/adapters.py)
         # Colocated with a learner on one GPU: the KV cache and scoring buffers go back to the GPU
         # after every call (torch's allocator would keep them cached), so the learner can train.
         self.share_gpu = share_gpu and self.device == "cuda"
@@ -118,7 +118,7 @@ class RolloutWorker:
         temperature: float, top_p: float = 1.0, seed: int = 0,
     ) -> list[list[dict]]:
         """``n`` continuations of each (prompt, response prefix), one prefill per prefix."""
-        from safer_dist.erpo.sampling import sample_candidates
+        from safer_dist.rollout.sampling import sample_candidates
 
         contexts = [encode_context(self.tokenizer, p, x) for p, x in items]
         out = sample_candidates(
@@ -133,7 +133,7 @@ class RolloutWorker:
         continuation, ends_with_eos) items; tokenized exactly as the learners do. Items with the
         same prompt and prefix encode it once when ``share_prefix`` and the attention allows."""
         from safer_dist.erpo.pairs import step_sequence
-        from safer_dist.erpo.sampling import continuation_logprobs
+        from safer_dist.rollout.sampling import continuation_logprobs
 
         pairs = [step_sequence(self.tokenizer, p, x, c, eos) for p, x, c, eos in items]
         out = continuation_logprobs(self.model, pairs, share_prefix=share_prefix)
@@ -149,7 +149,7 @@ class RolloutWorker:
         """Open this worker's end of the weight sync (``weight_sync.Member``), leaving any opened
         before (the channel is rebuilt when a worker restarts). The weights held, and their
         version, stay."""
-        from safer_dist.erpo.weight_sync import Channel, close_channel
+        from safer_dist.weights.channel import Channel, close_channel
 
         close_channel(self.sync_group)
         self.sync_group = None
@@ -157,8 +157,8 @@ class RolloutWorker:
         self.sync_group = Channel(host, port, member, backend, local_ip=self.node_ip())
 
     def receive_weights(self, version: int) -> int:
-        from safer_dist.erpo.weight_sync import receive_weights
-        from safer_dist.train import lora_sync
+        from safer_dist.weights.channel import receive_weights
+        from safer_dist.weights import adapters as lora_sync
 
         if self.model_cfg.lora.enabled:  # the adapters alone, merged here
             if self.adapter_receiver is None:
@@ -182,7 +182,7 @@ class RolloutGroup:
     group must be ready within ``rollout.placement_timeout_s`` and every call must answer within
     ``rollout.call_timeout_s``; else the error names what is missing or who did not answer.
     With ``rollout.tensor_parallel`` K > 1, each worker is K rank actors in a STRICT_PACK
-    placement group of K bundles on one node (:mod:`safer_dist.cluster.tp_rollout`), never
+    placement group of K bundles on one node (:mod:`safer_dist.rollout.tensor_parallel`), never
     colocated, and not restarted when one dies.
 
     ``expected_version``: the weight version every worker must hold (0: the weights loaded from
@@ -216,7 +216,7 @@ class RolloutGroup:
         self.cfg = rollout
         self.tp_workers = None
         if rollout.tensor_parallel > 1:  # each worker is K rank actors; its rank 0 stands for it here
-            from safer_dist.cluster.tp_rollout import TensorParallelWorkers
+            from safer_dist.rollout.tensor_parallel import TensorParallelWorkers
 
             try:
                 self.tp_workers = TensorParallelWorkers(model, rollout, slots, path=path, device=device)
@@ -378,7 +378,7 @@ class RolloutGroup:
         return [w.init_sync.remote(host, port, m) for w, m in zip(self.workers, members)]
 
     def device_key_refs(self) -> list:
-        from safer_dist.erpo.weight_sync import member_device_key
+        from safer_dist.weights.channel import member_device_key
 
         return [w.__ray_call__.remote(member_device_key) for w in self.workers]
 

@@ -255,7 +255,7 @@ class RolloutSection:
     # transformers' tensor parallelism (the model's own TP plan), for models that do not fit one
     # device. Each worker then takes K GPUs (on CPU, K x cpus_per_worker CPUs), placed together
     # (STRICT_PACK) apart from the learners (never colocated: rollout.placement=colocate is refused,
-    # auto means separate), and is not restarted when a rank dies (safer_dist/cluster/tp_rollout.py).
+    # auto means separate), and is not restarted when a rank dies (safer_dist/rollout/tensor_parallel.py).
     tensor_parallel: int = 1
 
 

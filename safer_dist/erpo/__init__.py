@@ -1,1 +1,1 @@
-"""ERPO: candidate-step sampling, judging, step-level preference pairs, weight sync, and the iterative controller."""
+"""ERPO, driver side: the iterative controller, ranking candidates into pairs, and the pairs as training data."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean
 
-from safer_dist.erpo.judge import is_refusal
+from safer_dist.judging.judge import is_refusal
 from safer_dist.reasoning.exante import validate
 from safer_dist.runtime.io import atomic_write_jsonl
 from safer_dist.runtime.log import get_logger

@@ -33,7 +33,7 @@ from safer_dist.cluster.group import cuda_available_in_cluster, start_ray, stop_
 from safer_dist.config import Config, save_config
 from safer_dist.data.chat import prompt_text
 from safer_dist.data.records import load_records
-from safer_dist.erpo.judge import RuleJudge, is_refusal
+from safer_dist.judging.judge import RuleJudge, is_refusal
 from safer_dist.reasoning.exante import parse, validate
 from safer_dist.reasoning.rules import Rulebook
 from safer_dist.runtime.io import atomic_write_json

@@ -449,7 +449,7 @@ class Learner:
         ranks have nothing to open), leaving the one it opened before, if any (the channel is
         rebuilt when a rollout worker restarts)."""
         if self.rank == 0:
-            from safer_dist.erpo.weight_sync import Channel, close_channel
+            from safer_dist.weights.channel import Channel, close_channel
 
             import ray
 
@@ -460,10 +460,10 @@ class Learner:
 
     def send_weights(self, version: int) -> int:
         """Send the current weights to the rollout workers as ``version``. Collective under ZeRO-3."""
-        from safer_dist.erpo.weight_sync import send_weights
+        from safer_dist.weights.channel import send_weights
 
-        if self.adapters is not None:  # LoRA: the adapters alone (safer_dist/train/lora_sync.py)
-            from safer_dist.train import lora_sync
+        if self.adapters is not None:  # LoRA: the adapters alone (safer_dist/weights/adapters.py)
+            from safer_dist.weights import adapters as lora_sync
 
             return lora_sync.send(self.adapters, self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
                                   zero3=self.cfg.zero_stage == 3, version=version, device=self.device)

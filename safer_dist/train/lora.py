@@ -14,7 +14,7 @@ the base weights' dtype (peft does not up-cast them here), which ZeRO-3 needs.
 Outside the learners models are plain: exports hold *merged* weights, ``W + (B @ A) * alpha / r``
 under the plain model's names (:func:`merge_state_dict`; :meth:`Adapters.merged_buckets` for the
 live, possibly partitioned model), and rollout workers receive the adapters alone and merge them
-the same way (:mod:`safer_dist.train.lora_sync`). ``export`` also
+the same way (:mod:`safer_dist.weights.adapters`). ``export`` also
 writes the adapters alone to ``<out>/adapter/`` (:data:`ADAPTER_DIR`), which
 ``peft.PeftModel.from_pretrained(<base model>, "<out>/adapter")`` loads; its
 ``base_model_name_or_path`` names the model the adapters were trained on (for ERPO: the SFT
@@ -200,11 +200,11 @@ class Adapters:
         return out
 
     def merged_buckets(self, model: torch.nn.Module, *, zero3: bool, rank: int, bucket_mb: float):
-        """Yield, per bucket of :func:`safer_dist.erpo.weight_sync.buckets` over
+        """Yield, per bucket of :func:`safer_dist.weights.channel.buckets` over
         :meth:`plain_parameters`, ``[(name, merged weight)]`` on rank 0 (``None`` elsewhere), a
         4-bit base dequantized. Collective under ZeRO-3: every rank gathers each bucket's base
         weights and adapters (a bucket at a time, so no rank holds the whole model)."""
-        from safer_dist.erpo.weight_sync import buckets
+        from safer_dist.weights.channel import buckets
 
         params = dict(self.plain_parameters(model))
         # A 4-bit weight counts as the bf16 weight it stands for.

@@ -133,7 +133,7 @@ def sum_by_sequence(
     The sums accumulate in fp64: an fp32 running sum of ~800 token log-probs drifts by 1e-4
     to 5e-4 from the exact sum, which moves DPO margins and the step-DPO gradients. The
     learner's policy log-probs and the rollout workers' reference log-probs
-    (:func:`safer_dist.erpo.sampling.continuation_logprobs`) both come from here, so the two
+    (:func:`safer_dist.rollout.sampling.continuation_logprobs`) both come from here, so the two
     sides of a DPO margin are summed alike. Gradients flow back to ``logp`` in its own dtype.
     """
     ids = seq_ids[:, 1:].reshape(-1)

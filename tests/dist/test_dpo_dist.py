@@ -78,7 +78,7 @@ def write_pairs(path, model_dir) -> list[dict]:
 
     from safer_dist.train.models import load_model, load_tokenizer
     from safer_dist.erpo.pairs import step_sequence
-    from safer_dist.erpo.sampling import continuation_logprobs
+    from safer_dist.rollout.sampling import continuation_logprobs
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=torch.float32, device="cpu")

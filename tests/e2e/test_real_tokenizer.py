@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from safer_dist.erpo.draw import StopCheck
+from safer_dist.rollout.draw import StopCheck
 from safer_dist.erpo.pairs import step_sequence
-from safer_dist.erpo.sampling import cut_at_stop
+from safer_dist.rollout.sampling import cut_at_stop
 from safer_dist.reasoning.exante import STEP_CLOSE, prefix_before, step_text
 from safer_dist.train.losses import IGNORE_INDEX
 from safer_dist.train.models import load_tokenizer

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safer_dist.erpo.decode import shared_prefix_attention
-from safer_dist.erpo.sampling import sample_candidates
+from safer_dist.rollout.decode import shared_prefix_attention
+from safer_dist.rollout.sampling import sample_candidates
 from safer_dist.train.attention import resolve_attn_implementation
 from safer_dist.train.models import load_model, load_tokenizer
 from safer_dist.train.sft_data import encode_prompt

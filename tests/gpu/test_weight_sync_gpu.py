@@ -1,4 +1,4 @@
-"""The CUDA-IPC weight hand-over (erpo/weight_sync.py) between two processes on ONE GPU, as
+"""The CUDA-IPC weight hand-over (weights/channel.py) between two processes on ONE GPU, as
 colocated placement puts learner rank 0 and rollout worker 0: the receiver ends up with the
 sender's weights bit for bit, bucket by bucket, and refuses another dtype. Skipped without CUDA
 (not yet run: no GPU was available when it was written)."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from safer_dist.erpo.weight_sync import Channel, layout, receive_weights, send_weights
+from safer_dist.weights.channel import Channel, layout, receive_weights, send_weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -113,7 +113,7 @@ def test_reference_logprobs_equal_learner_before_update(ray_local, tiny_model_di
 
 
 def test_model_judge_runs_on_rollout_workers(ray_local, tiny_model_dir):
-    from safer_dist.erpo.judge import ModelJudge
+    from safer_dist.judging.judge import ModelJudge
 
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "rollout.num_workers=2", "launch.device=cpu"])
     workers = RolloutGroup(cfg.model, cfg.rollout, path=str(tiny_model_dir), device="cpu")

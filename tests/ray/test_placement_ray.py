@@ -36,7 +36,7 @@ class LengthParityJudge:
         pass
 
     def score_many(self, items):
-        from safer_dist.erpo.judge import Score
+        from safer_dist.judging.judge import Score
 
         return [Score(float(n % 2 == 0), 0.0, -float(n), "length parity") for _, _, n in items]
 

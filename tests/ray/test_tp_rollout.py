@@ -21,7 +21,7 @@ import torch
 from safer_dist.cluster.placement import PlacementError
 from safer_dist.cluster.rollout import RolloutFailure, RolloutGroup
 from safer_dist.config import Config
-from safer_dist.erpo.weight_sync import Channel, Member, close_channel, layout, send_weights
+from safer_dist.weights.channel import Channel, Member, close_channel, layout, send_weights
 from safer_dist.train.models import load_model
 
 ITEMS = [

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from safer_dist.erpo.judge import ModelJudge
+from safer_dist.judging.judge import ModelJudge
 from safer_dist.evaluation.attacks import ATTACKS, expand, parse_attacks
 from safer_dist.evaluation.evaluate import evaluate, score_generation, summarize
 from safer_dist.evaluation.report import write_report

@@ -14,7 +14,7 @@ from safer_dist.checkpointing.checkpoint import CheckpointError
 from safer_dist.config import Config
 from safer_dist.data.records import write_jsonl
 from safer_dist.erpo.controller import train_erpo
-from safer_dist.erpo.judge import RuleJudge
+from safer_dist.judging.judge import RuleJudge
 
 
 class FakeLearners:

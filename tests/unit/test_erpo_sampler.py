@@ -4,7 +4,7 @@ judges (each distinct greedy completion once), and the pairs it builds."""
 from safer_dist.config import Config
 from safer_dist.erpo.controller import Sampler
 from safer_dist.reasoning.exante import Trace, render
-from safer_dist.erpo.judge import RuleJudge
+from safer_dist.judging.judge import RuleJudge
 from safer_dist.reasoning.rules import Rulebook
 
 RB = Rulebook.load("configs/rules/default.yaml")

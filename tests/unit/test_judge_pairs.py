@@ -1,7 +1,7 @@
 import pytest
 
 from safer_dist.reasoning.exante import Trace, render
-from safer_dist.erpo.judge import RuleJudge, is_refusal, parse_model_verdict
+from safer_dist.judging.judge import RuleJudge, is_refusal, parse_model_verdict
 from safer_dist.erpo.pairs import PairData, pack_pairs
 from safer_dist.erpo.ranking import Ranking
 from safer_dist.reasoning.rules import Rulebook

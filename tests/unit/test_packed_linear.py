@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import safer_dist.erpo.packed_linear as pl
-from safer_dist.erpo.packed_linear import packed_linears
+import safer_dist.rollout.packed_linear as pl
+from safer_dist.rollout.packed_linear import packed_linears
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 

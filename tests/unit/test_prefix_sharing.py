@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from safer_dist.erpo.pairs import append_continuations, pack_pairs, packed_length
-from safer_dist.erpo.sampling import continuation_logprobs
+from safer_dist.rollout.sampling import continuation_logprobs
 from safer_dist.train import attention, tree_attention
 from safer_dist.train.attention import register_varlen_attention, tree_packing_unsupported
 from safer_dist.train.lm_head import LMHead

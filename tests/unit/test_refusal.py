@@ -10,7 +10,7 @@ import pytest
 
 from safer_dist.data import demo_content
 from safer_dist.data.records import read_jsonl
-from safer_dist.erpo.judge import is_refusal
+from safer_dist.judging.judge import is_refusal
 from safer_dist.reasoning import exante
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "refusals"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from safer_dist.erpo.decode import _check_full_attention
-from safer_dist.erpo.draw import draw
-from safer_dist.erpo.sampling import continuation_logprobs, cut_at_stop, sample_candidates
+from safer_dist.rollout.decode import _check_full_attention
+from safer_dist.rollout.draw import draw
+from safer_dist.rollout.sampling import continuation_logprobs, cut_at_stop, sample_candidates
 from safer_dist.train.models import load_model, load_tokenizer
 from safer_dist.train.sft_data import encode_prompt
 

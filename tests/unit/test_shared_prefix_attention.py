@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safer_dist.erpo.decode import SHARED_PREFIX_NAME, _attention_implementation, shared_prefix_attention
-from safer_dist.erpo.sampling import sample_candidates
+from safer_dist.rollout.decode import SHARED_PREFIX_NAME, _attention_implementation, shared_prefix_attention
+from safer_dist.rollout.sampling import sample_candidates
 from safer_dist.train.models import load_tokenizer
 from safer_dist.train.sft_data import encode_prompt
 

@@ -4,7 +4,7 @@ push cannot fill: they must show the unsharded model's names, order and full sha
 import pytest
 import torch
 
-from safer_dist.cluster.tp_rollout import check_weight_layout
+from safer_dist.rollout.tensor_parallel import check_weight_layout
 from safer_dist.train.models import load_model
 
 

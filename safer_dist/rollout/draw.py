@@ -3,7 +3,7 @@
 Every row draws from its own ``random.Random`` (:func:`row_rng`), seeded from (seed, prefix
 index, continuation index), by inverse-CDF sampling over its probabilities (:func:`draw`), so
 a row's sample depends on its prefix and that seed only. :class:`StopCheck` says whether a
-row's text has just completed a stop string. The decode loop (``safer_dist.erpo.decode``)
+row's text has just completed a stop string. The decode loop (``safer_dist.rollout.decode``)
 calls both once per step for the rows in flight.
 """
 

@@ -1,5 +1,5 @@
 """Weight sync of LoRA learners to rollout workers, over the channel of
-:mod:`safer_dist.erpo.weight_sync` (broadcast, or the CUDA-IPC hand-over to a colocated worker).
+:mod:`safer_dist.weights.channel` (broadcast, or the CUDA-IPC hand-over to a colocated worker).
 
 Rollout workers hold a plain model loaded from the same directory the learners' frozen base
 came from (ERPO: the SFT export), so after each iteration only the adapters travel:
@@ -7,7 +7,7 @@ came from (ERPO: the SFT export), so after each iteration only the adapters trav
     learner rank 0 ──(lora_A, lora_B of every adapted layer, fp32, learner order)──▶ workers
     worker: W = merge_weight(W_base, A, B, alpha / r)   (W_base: its copy of the weights as loaded)
 
-The adapters are sent by :func:`~safer_dist.erpo.weight_sync.send_weights` itself, as the
+The adapters are sent by :func:`~safer_dist.weights.channel.send_weights` itself, as the
 parameters of a holder module of fp32 copies (version, dtype and count checked like any sync).
 :func:`~safer_dist.train.lora.merge_weight` is the merge the exports use, on the same inputs
 (fp32 holds bf16 and fp32 adapter values exactly), so a worker holds the merged export's weights
@@ -28,7 +28,7 @@ import contextlib
 import torch
 
 from safer_dist.config import ModelSection
-from safer_dist.erpo.weight_sync import receive_weights, send_weights
+from safer_dist.weights.channel import receive_weights, send_weights
 from safer_dist.runtime.log import get_logger
 from safer_dist.train.lora import ADAPTER, Adapters, is_adapter_name, merge_weight, peft_config, scaling
 

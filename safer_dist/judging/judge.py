@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from safer_dist.data.chat import prompt_text
-from safer_dist.erpo.refusal import is_refusal
+from safer_dist.judging.refusal import is_refusal
 from safer_dist.reasoning.exante import validate
 
 __all__ = ["DEFAULT_JUDGE_TEMPLATE", "ModelJudge", "RuleJudge", "Score", "is_refusal", "parse_model_verdict"]

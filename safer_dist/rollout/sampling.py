@@ -4,7 +4,7 @@
 stores its KV cache once, and samples N continuations per prefix whose attention reads that
 one copy (shared-prefix attention) — instead of re-encoding the prefix N times and carrying N
 copies of its cache as ``generate(num_return_sequences=N)`` does. Sampling is
-continuous batching (``safer_dist.erpo.decode``): a row leaves the batch as soon as it ends —
+continuous batching (``safer_dist.rollout.decode``): a row leaves the batch as soon as it ends —
 at EOS, when the text generated so far contains a stop string (a step's closing tag), or at
 its token limit — and waiting prefixes take its place, so no batch runs for its longest row
 only. The returned continuation is cut right after the stop string.
@@ -26,9 +26,9 @@ import contextlib
 
 import torch
 
-from safer_dist.erpo.decode import decode
-from safer_dist.erpo.draw import StopCheck
-from safer_dist.erpo.packed_linear import packed_linears
+from safer_dist.rollout.decode import decode
+from safer_dist.rollout.draw import StopCheck
+from safer_dist.rollout.packed_linear import packed_linears
 from safer_dist.erpo.pairs import append_continuations, packed_length
 from safer_dist.train.attention import tree_packing_unsupported
 from safer_dist.train.losses import sequence_logprobs
@@ -57,7 +57,7 @@ def sample_candidates(
     At most ``max(batch_rows, n)`` rows are sampled at once. ``reuse_prefix=False`` encodes the
     prefix once per row (the peer method); it draws the same samples. With ``packed_weights`` a
     CPU model's fp32 linear layers run oneDNN's matmul on weights reordered once for the call
-    (:mod:`safer_dist.erpo.packed_linear`; a copy of those weights is held meanwhile); False runs
+    (:mod:`safer_dist.rollout.packed_linear`; a copy of those weights is held meanwhile); False runs
     ``nn.Linear``. The two agree to float32 rounding, not bit for bit.
     """
     if n < 1 or max_new_tokens < 1:

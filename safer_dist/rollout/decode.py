@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from safer_dist.erpo.draw import RowRng, StopCheck, draw, row_rng
+from safer_dist.rollout.draw import RowRng, StopCheck, draw, row_rng
 from safer_dist.train.attention import SEGMENTS_NAME, register_varlen_attention
 
 

@@ -23,12 +23,12 @@ rank. The ranks' ``sample`` answers are compared, and a difference is an error.
 
 What runs sharded: the sampler's own attention (shared-prefix decode steps, the
 ``safer_segments`` prefill) and ``continuation_logprobs`` take whatever heads a rank holds, and
-run unchanged. The oneDNN packed linear layers (:mod:`safer_dist.erpo.packed_linear`) do not: they
+run unchanged. The oneDNN packed linear layers (:mod:`safer_dist.rollout.packed_linear`) do not: they
 would replace the forward that the TP plan installs (the collectives around the local matmul),
 so they skip sharded layers and a tensor-parallel worker samples through ``nn.Linear``.
 
 Weights (:func:`receive_sharded_weights`): only the leader is a member of the weight sync
-(erpo/weight_sync.py: one member per worker, as with 1-rank workers), always by broadcast: it is
+(weights/channel.py: one member per worker, as with 1-rank workers), always by broadcast: it is
 never on learner rank 0's GPU, and refuses the CUDA-IPC hand-over if the layout offered it. The
 leader checks the sync's version, dtype and element count like a 1-rank worker, receives each
 bucket's full tensors from learner rank 0 and broadcasts the bucket over the TP group, and every rank copies
@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from safer_dist.cluster.rollout import RolloutFailure, RolloutWorker
 from safer_dist.config import ModelSection, RolloutSection
-from safer_dist.erpo.weight_sync import buckets, check_meta
+from safer_dist.weights.channel import buckets, check_meta
 from safer_dist.runtime.log import get_logger
 
 log = get_logger("tp_rollout")
@@ -242,7 +242,7 @@ def receive_sharded_weights(module: torch.nn.Module, channel, *, version: int, b
     each bucket on over the default group; every rank copies its own part of each tensor
     (:func:`shard_of`).
 
-    The buckets are those of :func:`safer_dist.erpo.weight_sync.buckets` over the parameters'
+    The buckets are those of :func:`safer_dist.weights.channel.buckets` over the parameters'
     full shapes (a DTensor's ``numel`` is the whole tensor's), so they match the sender's."""
     params_all = list(module.named_parameters())
     error = [None]

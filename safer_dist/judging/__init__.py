@@ -1,0 +1,1 @@
+"""Judging responses: the rule and model judges and refusal detection, shared by ERPO, evaluation and synthesis."""

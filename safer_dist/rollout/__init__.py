@@ -1,0 +1,1 @@
+"""Code that runs inside rollout workers: candidate sampling, the decode loop, tensor-parallel ranks."""
