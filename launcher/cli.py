@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, Preempted):
             log.warning("%s", e)
             return e.exit_code
-        from safer_dist.cluster.rollout import RolloutFailure  # imports torch: only on this path
+        from safer_dist.rollout.worker import RolloutFailure  # imports torch: only on this path
 
         if isinstance(e, (LearnerFailure, RolloutFailure)):
             log.error("%s", e)

@@ -1,11 +1,11 @@
-"""Rollout workers: an inference copy of the policy on a Ray actor.
+"""Rollout groups: the driver's side of the rollout workers.
 
-A ``RolloutWorker`` loads a Hugging Face directory and generates batched, left-padded,
-with the same prompt tokenization as training (:func:`safer_dist.train.sft_data.encode_prompt`);
-a prompt is a string or a message list (:mod:`safer_dist.data.chat`).
-``RolloutGroup`` spreads a list of prompts over M workers and returns results in order.
+``RolloutGroup`` spreads a list of prompts over M rollout workers (Ray actors running
+:class:`safer_dist.rollout.worker.RolloutWorker`) and returns results in order.
 A worker that dies is restarted by Ray (``rollout.max_restarts``), rejoins the weight sync
 and gets the current weights again, and its shard is retried (see :meth:`RolloutGroup._map`).
+:class:`TensorParallelWorkers` starts the rank actors of tensor-parallel workers
+(:mod:`safer_dist.rollout.tensor_parallel`).
 """
 
 from __future__ import annotations
@@ -15,164 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from safer_dist.cluster.placement import (
     Cluster, PhaseBundles, Slots, learner_gpus, own_phase, ray_free, rollout_keys,
 )
 from safer_dist.config import Config, ModelSection, RolloutSection
 from safer_dist.data.chat import Prompt
-from safer_dist.train.sft_data import encode_context, encode_prompt
-from safer_dist.runtime.log import get_logger, quiet_libraries
+from safer_dist.rollout.tensor_parallel import TIMEOUT_S, TensorParallelRank
+from safer_dist.rollout.worker import RolloutFailure, RolloutWorker
+from safer_dist.runtime.log import get_logger
 
 log = get_logger("rollout")
-
-
-class RolloutFailure(RuntimeError):
-    """A rollout worker kept dying, or came back without the weights the others hold."""
-
-
-class RolloutWorker:
-    # Ranks the model is sharded over (a rank of a tensor-parallel worker sets its own,
-    # safer_dist/rollout/tensor_parallel.py).
-    tensor_parallel = 1
-
-    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
-                 share_gpu: bool = False):
-        from safer_dist.train.engine import resolve_device, resolve_dtype
-        from safer_dist.train.models import load_model, load_tokenizer
-
-        quiet_libraries()
-        self.cfg = rollout
-        self.device = resolve_device(device)
-        if self.device == "cpu":
-            torch.set_num_threads(rollout.cpus_per_worker)
-        path = path or model.path
-        self.tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code)
-        self.model = load_model(
-            path, dtype=resolve_dtype(model.dtype, self.device), attn_implementation=model.attn_implementation,
-            device=self.device, trust_remote_code=model.trust_remote_code, tensor_parallel=self.tensor_parallel,
-        )
-        self.model.eval()
-        self.path = path
-        self.version = 0
-        self.sync_group = None
-        self.model_cfg = model
-        self.adapter_receiver = None  # LoRA learners: made at the first sync (safer_dist/weights/adapters.py)
-        # Colocated with a learner on one GPU: the KV cache and scoring buffers go back to the GPU
-        # after every call (torch's allocator would keep them cached), so the learner can train.
-        self.share_gpu = share_gpu and self.device == "cuda"
-
-    def _release(self) -> None:
-        if self.share_gpu:
-            torch.cuda.empty_cache()
-
-    def weights_version(self) -> int:
-        """Version of the weights held: 0 as loaded from ``path``, then what the last sync sent."""
-        return self.version
-
-    @torch.no_grad()
-    def generate(
-        self, prompts: list[Prompt], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-        batch_size: int = 32, seed: int = 0,
-    ) -> list[dict]:
-        """Complete each chat prompt; returns [{text, num_tokens, latency_s}] in input order."""
-        tok = self.tokenizer
-        encoded = [encode_prompt(tok, p) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-        out: list[dict | None] = [None] * len(prompts)
-        torch.manual_seed(seed)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]) :] = 1
-            t0 = time.perf_counter()
-            sample = temperature > 0
-            gen = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
-                do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-                top_k=None, eos_token_id=tok.eos_token_id, pad_token_id=pad, use_cache=True,
-            )
-            latency = (time.perf_counter() - t0) / len(idx)
-            for row, i in enumerate(idx):
-                new = gen[row, width:].tolist()
-                if tok.eos_token_id in new:
-                    new = new[: new.index(tok.eos_token_id)]
-                out[i] = {
-                    "text": tok.decode(new, skip_special_tokens=True),
-                    "num_tokens": len(new),
-                    "latency_s": latency,
-                }
-        self._release()
-        return out  # type: ignore[return-value]
-
-
-    # -- ERPO ------------------------------------------------------------------------------
-    def sample(
-        self, items: list[tuple[Prompt, str]], *, n: int, stop_strings: list[str] | None, max_new_tokens: int,
-        temperature: float, top_p: float = 1.0, seed: int = 0,
-    ) -> list[list[dict]]:
-        """``n`` continuations of each (prompt, response prefix), one prefill per prefix."""
-        from safer_dist.rollout.sampling import sample_candidates
-
-        contexts = [encode_context(self.tokenizer, p, x) for p, x in items]
-        out = sample_candidates(
-            self.model, self.tokenizer, contexts, n, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
-            temperature=temperature, top_p=top_p, seed=seed, batch_rows=self.cfg.batch_size,
-        )
-        self._release()
-        return out
-
-    def logprobs(self, items: list[tuple[Prompt, str, str, bool]], share_prefix: bool = True) -> list[tuple[float, int]]:
-        """log p(continuation | prompt, prefix) under the weights held, for (prompt, prefix,
-        continuation, ends_with_eos) items; tokenized exactly as the learners do. Items with the
-        same prompt and prefix encode it once when ``share_prefix`` and the attention allows."""
-        from safer_dist.erpo.pairs import step_sequence
-        from safer_dist.rollout.sampling import continuation_logprobs
-
-        pairs = [step_sequence(self.tokenizer, p, x, c, eos) for p, x, c, eos in items]
-        out = continuation_logprobs(self.model, pairs, share_prefix=share_prefix)
-        self._release()
-        return out
-
-    def node_ip(self) -> str:
-        import ray
-
-        return ray.util.get_node_ip_address()
-
-    def init_sync(self, host: str, port: int, member) -> None:
-        """Open this worker's end of the weight sync (``weight_sync.Member``), leaving any opened
-        before (the channel is rebuilt when a worker restarts). The weights held, and their
-        version, stay."""
-        from safer_dist.weights.channel import Channel, close_channel
-
-        close_channel(self.sync_group)
-        self.sync_group = None
-        backend = "nccl" if self.device == "cuda" else "gloo"
-        self.sync_group = Channel(host, port, member, backend, local_ip=self.node_ip())
-
-    def receive_weights(self, version: int) -> int:
-        from safer_dist.weights.channel import receive_weights
-        from safer_dist.weights import adapters as lora_sync
-
-        if self.model_cfg.lora.enabled:  # the adapters alone, merged here
-            if self.adapter_receiver is None:
-                self.adapter_receiver = lora_sync.AdapterReceiver(self.model_cfg, self.model)
-            self.adapter_receiver.receive(self.model, self.sync_group, version=version)
-        else:
-            receive_weights(self.model, self.sync_group, version=version)
-        self.version = version
-        return version
-
-    def logits(self, input_ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            ids = torch.tensor([input_ids], device=self.device)
-            return self.model(input_ids=ids, use_cache=False).logits[0].float().cpu()
 
 
 class RolloutGroup:
@@ -216,8 +68,6 @@ class RolloutGroup:
         self.cfg = rollout
         self.tp_workers = None
         if rollout.tensor_parallel > 1:  # each worker is K rank actors; its rank 0 stands for it here
-            from safer_dist.rollout.tensor_parallel import TensorParallelWorkers
-
             try:
                 self.tp_workers = TensorParallelWorkers(model, rollout, slots, path=path, device=device)
             except BaseException:
@@ -394,3 +244,60 @@ class RolloutGroup:
             self.tp_workers.shutdown()
         if self.own_bundles is not None:
             self.own_bundles.remove()
+
+
+def _free_address() -> tuple[str, int]:
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+class TensorParallelWorkers:
+    """``rollout.num_workers`` tensor-parallel workers of ``rollout.tensor_parallel`` ranks each,
+    in ``slots`` (ready placement groups, one STRICT_PACK group of K bundles per worker, from
+    safer_dist/cluster/placement.py; their owner removes them). ``leaders[i]`` is worker i as
+    the group sees it (rank 0); :meth:`shutdown` ends all ranks. RolloutFailure when the ranks
+    do not start within ``timeout_s``."""
+
+    def __init__(self, model: ModelSection, rollout: RolloutSection, slots, *, path: str | None, device: str,
+                 timeout_s: float = TIMEOUT_S):
+        import ray
+
+        k, m = rollout.tensor_parallel, rollout.num_workers
+        assert len(slots.worker_pgs) == m and len(slots.bundles) == k, "slots of another placement"
+        self.ranks: list[list] = []
+        remote = ray.remote(max_restarts=0)(TensorParallelRank)
+        address = ray.remote(_free_address)
+        for w in range(m):
+            addr, port = ray.get(address.options(**{**slots.options(w, 0), "num_cpus": 0, "num_gpus": 0}).remote(),
+                                 timeout=timeout_s)
+            args = dict(path=path, device=device, addr=addr, port=port, timeout_s=timeout_s)
+            followers = [remote.options(**slots.options(w, r)).remote(model, rollout, rank=r, **args)
+                         for r in range(1, k)]
+            leader = remote.options(**slots.options(w, 0)).remote(model, rollout, rank=0, followers=followers, **args)
+            self.ranks.append([leader, *followers])
+        self.leaders = [ranks[0] for ranks in self.ranks]
+        started = [r.weights_version.remote() for ranks in self.ranks for r in ranks]
+        done, _ = ray.wait(started, num_returns=len(started), timeout=timeout_s)
+        try:
+            if len(done) < len(started):
+                raise RolloutFailure(f"tensor-parallel rollout ranks did not load the model within {timeout_s:.0f} s")
+            ray.get(started)
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("%d tensor-parallel rollout worker(s) of %d ranks each ready%s", m, k,
+                 f" (rollout.max_restarts={rollout.max_restarts} does not apply: a rank that dies is not replaced)"
+                 if rollout.max_restarts else "")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for ranks in self.ranks:
+            for r in ranks:
+                ray.kill(r, no_restart=True)
+        self.ranks = []

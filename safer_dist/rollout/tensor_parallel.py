@@ -6,7 +6,8 @@ the learners get GPUs, ``rollout.cpus_per_worker`` CPUs each; the placement rule
 safer_dist/cluster/placement.py, never colocates them with learners), which form a torch.distributed
 default group of their own (NCCL on CUDA, gloo on CPU). Each rank loads its shard of the model by
 the model's own TP plan (transformers ``tp_plan="auto"``, :func:`safer_dist.train.models.load_model`):
-a model that does not fit one device samples on K.
+a model that does not fit one device samples on K. The driver starts the ranks with
+:class:`safer_dist.cluster.rollout.TensorParallelWorkers`.
 
     RolloutGroup ──call──▶ rank 0 (leader) ──same call, same arguments──▶ ranks 1..K-1
                              │ runs it too: every forward is collective over the K ranks
@@ -53,7 +54,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from safer_dist.cluster.rollout import RolloutFailure, RolloutWorker
+from safer_dist.rollout.worker import RolloutFailure, RolloutWorker
 from safer_dist.config import ModelSection, RolloutSection
 from safer_dist.weights.channel import buckets, check_meta
 from safer_dist.runtime.log import get_logger
@@ -266,60 +267,3 @@ def receive_sharded_weights(module: torch.nn.Module, channel, *, version: int, b
                 full = flat[offset : offset + p.numel()].view(p.shape)
                 _local(p).copy_(shard_of(full, p))
                 offset += p.numel()
-
-
-def _free_address() -> tuple[str, int]:
-    import socket
-
-    import ray
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
-
-
-class TensorParallelWorkers:
-    """``rollout.num_workers`` tensor-parallel workers of ``rollout.tensor_parallel`` ranks each,
-    in ``slots`` (ready placement groups, one STRICT_PACK group of K bundles per worker, from
-    safer_dist/cluster/placement.py; their owner removes them). ``leaders[i]`` is worker i as
-    the group sees it (rank 0); :meth:`shutdown` ends all ranks. RolloutFailure when the ranks
-    do not start within ``timeout_s``."""
-
-    def __init__(self, model: ModelSection, rollout: RolloutSection, slots, *, path: str | None, device: str,
-                 timeout_s: float = TIMEOUT_S):
-        import ray
-
-        k, m = rollout.tensor_parallel, rollout.num_workers
-        assert len(slots.worker_pgs) == m and len(slots.bundles) == k, "slots of another placement"
-        self.ranks: list[list] = []
-        remote = ray.remote(max_restarts=0)(TensorParallelRank)
-        address = ray.remote(_free_address)
-        for w in range(m):
-            addr, port = ray.get(address.options(**{**slots.options(w, 0), "num_cpus": 0, "num_gpus": 0}).remote(),
-                                 timeout=timeout_s)
-            args = dict(path=path, device=device, addr=addr, port=port, timeout_s=timeout_s)
-            followers = [remote.options(**slots.options(w, r)).remote(model, rollout, rank=r, **args)
-                         for r in range(1, k)]
-            leader = remote.options(**slots.options(w, 0)).remote(model, rollout, rank=0, followers=followers, **args)
-            self.ranks.append([leader, *followers])
-        self.leaders = [ranks[0] for ranks in self.ranks]
-        started = [r.weights_version.remote() for ranks in self.ranks for r in ranks]
-        done, _ = ray.wait(started, num_returns=len(started), timeout=timeout_s)
-        try:
-            if len(done) < len(started):
-                raise RolloutFailure(f"tensor-parallel rollout ranks did not load the model within {timeout_s:.0f} s")
-            ray.get(started)
-        except BaseException:
-            self.shutdown()
-            raise
-        log.info("%d tensor-parallel rollout worker(s) of %d ranks each ready%s", m, k,
-                 f" (rollout.max_restarts={rollout.max_restarts} does not apply: a rank that dies is not replaced)"
-                 if rollout.max_restarts else "")
-
-    def shutdown(self) -> None:
-        import ray
-
-        for ranks in self.ranks:
-            for r in ranks:
-                ray.kill(r, no_restart=True)
-        self.ranks = []

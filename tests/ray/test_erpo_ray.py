@@ -11,7 +11,8 @@ import torch
 
 from safer_dist.config import load_config
 from safer_dist.cluster.group import LearnerGroup
-from safer_dist.cluster.rollout import RolloutGroup, RolloutWorker
+from safer_dist.cluster.rollout import RolloutGroup
+from safer_dist.rollout.worker import RolloutWorker
 
 
 def cfg_for(model_dir, data_dir, tmp_path, *extra):

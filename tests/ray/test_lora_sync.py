@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from safer_dist.cluster.group import LearnerGroup
-from safer_dist.cluster.rollout import RolloutGroup, RolloutWorker
+from safer_dist.cluster.rollout import RolloutGroup
+from safer_dist.rollout.worker import RolloutWorker
 from tests.ray.test_erpo_ray import cfg_for
 
 RANK = 8

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from safer_dist.cluster.placement import Cluster, PlacementError, placement
-from safer_dist.cluster.rollout import RolloutFailure, RolloutGroup
+from safer_dist.cluster.rollout import RolloutGroup
+from safer_dist.rollout.worker import RolloutFailure
 from safer_dist.config import load_config
 from safer_dist.runtime.metrics import read_metrics
 

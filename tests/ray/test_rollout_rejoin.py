@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from safer_dist.cluster.group import LearnerGroup
-from safer_dist.cluster.rollout import RolloutFailure, RolloutGroup
+from safer_dist.cluster.rollout import RolloutGroup
+from safer_dist.rollout.worker import RolloutFailure
 from safer_dist.config import load_config
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from safer_dist.cluster.placement import PlacementError
-from safer_dist.cluster.rollout import RolloutFailure, RolloutGroup
+from safer_dist.cluster.rollout import RolloutGroup
+from safer_dist.rollout.worker import RolloutFailure
 from safer_dist.config import Config
 from safer_dist.weights.channel import Channel, Member, close_channel, layout, send_weights
 from safer_dist.train.models import load_model

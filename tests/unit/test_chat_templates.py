@@ -182,7 +182,7 @@ def test_default_frame_tokenizes_demo_data_as_before(tiny_model_dir, demo_data_d
 
 
 def test_rollout_worker_generates_and_scores_message_prompts(tiny_model_dir):
-    from safer_dist.cluster.rollout import RolloutWorker
+    from safer_dist.rollout.worker import RolloutWorker
     from safer_dist.config import load_config
 
     cfg = load_config(None, [f"model.path={tiny_model_dir}"])

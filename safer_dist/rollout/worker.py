@@ -1,0 +1,167 @@
+"""Rollout workers: an inference copy of the policy on a Ray actor.
+
+A ``RolloutWorker`` loads a Hugging Face directory and generates batched, left-padded,
+with the same prompt tokenization as training (:func:`safer_dist.train.sft_data.encode_prompt`);
+a prompt is a string or a message list (:mod:`safer_dist.data.chat`). The driver talks to M of
+them through ``RolloutGroup`` (:mod:`safer_dist.cluster.rollout`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from safer_dist.config import ModelSection, RolloutSection
+from safer_dist.data.chat import Prompt
+from safer_dist.train.sft_data import encode_context, encode_prompt
+from safer_dist.runtime.log import get_logger, quiet_libraries
+
+log = get_logger("rollout")
+
+
+class RolloutFailure(RuntimeError):
+    """A rollout worker kept dying, or came back without the weights the others hold."""
+
+
+class RolloutWorker:
+    # Ranks the model is sharded over (a rank of a tensor-parallel worker sets its own,
+    # safer_dist/rollout/tensor_parallel.py).
+    tensor_parallel = 1
+
+    def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
+                 share_gpu: bool = False):
+        from safer_dist.train.engine import resolve_device, resolve_dtype
+        from safer_dist.train.models import load_model, load_tokenizer
+
+        quiet_libraries()
+        self.cfg = rollout
+        self.device = resolve_device(device)
+        if self.device == "cpu":
+            torch.set_num_threads(rollout.cpus_per_worker)
+        path = path or model.path
+        self.tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code)
+        self.model = load_model(
+            path, dtype=resolve_dtype(model.dtype, self.device), attn_implementation=model.attn_implementation,
+            device=self.device, trust_remote_code=model.trust_remote_code, tensor_parallel=self.tensor_parallel,
+        )
+        self.model.eval()
+        self.path = path
+        self.version = 0
+        self.sync_group = None
+        self.model_cfg = model
+        self.adapter_receiver = None  # LoRA learners: made at the first sync (safer_dist/weights/adapters.py)
+        # Colocated with a learner on one GPU: the KV cache and scoring buffers go back to the GPU
+        # after every call (torch's allocator would keep them cached), so the learner can train.
+        self.share_gpu = share_gpu and self.device == "cuda"
+
+    def _release(self) -> None:
+        if self.share_gpu:
+            torch.cuda.empty_cache()
+
+    def weights_version(self) -> int:
+        """Version of the weights held: 0 as loaded from ``path``, then what the last sync sent."""
+        return self.version
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[Prompt], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+        batch_size: int = 32, seed: int = 0,
+    ) -> list[dict]:
+        """Complete each chat prompt; returns [{text, num_tokens, latency_s}] in input order."""
+        tok = self.tokenizer
+        encoded = [encode_prompt(tok, p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        out: list[dict | None] = [None] * len(prompts)
+        torch.manual_seed(seed)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]) :] = 1
+            t0 = time.perf_counter()
+            sample = temperature > 0
+            gen = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
+                do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+                top_k=None, eos_token_id=tok.eos_token_id, pad_token_id=pad, use_cache=True,
+            )
+            latency = (time.perf_counter() - t0) / len(idx)
+            for row, i in enumerate(idx):
+                new = gen[row, width:].tolist()
+                if tok.eos_token_id in new:
+                    new = new[: new.index(tok.eos_token_id)]
+                out[i] = {
+                    "text": tok.decode(new, skip_special_tokens=True),
+                    "num_tokens": len(new),
+                    "latency_s": latency,
+                }
+        self._release()
+        return out  # type: ignore[return-value]
+
+
+    # -- ERPO ------------------------------------------------------------------------------
+    def sample(
+        self, items: list[tuple[Prompt, str]], *, n: int, stop_strings: list[str] | None, max_new_tokens: int,
+        temperature: float, top_p: float = 1.0, seed: int = 0,
+    ) -> list[list[dict]]:
+        """``n`` continuations of each (prompt, response prefix), one prefill per prefix."""
+        from safer_dist.rollout.sampling import sample_candidates
+
+        contexts = [encode_context(self.tokenizer, p, x) for p, x in items]
+        out = sample_candidates(
+            self.model, self.tokenizer, contexts, n, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+            temperature=temperature, top_p=top_p, seed=seed, batch_rows=self.cfg.batch_size,
+        )
+        self._release()
+        return out
+
+    def logprobs(self, items: list[tuple[Prompt, str, str, bool]], share_prefix: bool = True) -> list[tuple[float, int]]:
+        """log p(continuation | prompt, prefix) under the weights held, for (prompt, prefix,
+        continuation, ends_with_eos) items; tokenized exactly as the learners do. Items with the
+        same prompt and prefix encode it once when ``share_prefix`` and the attention allows."""
+        from safer_dist.erpo.pairs import step_sequence
+        from safer_dist.rollout.sampling import continuation_logprobs
+
+        pairs = [step_sequence(self.tokenizer, p, x, c, eos) for p, x, c, eos in items]
+        out = continuation_logprobs(self.model, pairs, share_prefix=share_prefix)
+        self._release()
+        return out
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def init_sync(self, host: str, port: int, member) -> None:
+        """Open this worker's end of the weight sync (``weight_sync.Member``), leaving any opened
+        before (the channel is rebuilt when a worker restarts). The weights held, and their
+        version, stay."""
+        from safer_dist.weights.channel import Channel, close_channel
+
+        close_channel(self.sync_group)
+        self.sync_group = None
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        self.sync_group = Channel(host, port, member, backend, local_ip=self.node_ip())
+
+    def receive_weights(self, version: int) -> int:
+        from safer_dist.weights.channel import receive_weights
+        from safer_dist.weights import adapters as lora_sync
+
+        if self.model_cfg.lora.enabled:  # the adapters alone, merged here
+            if self.adapter_receiver is None:
+                self.adapter_receiver = lora_sync.AdapterReceiver(self.model_cfg, self.model)
+            self.adapter_receiver.receive(self.model, self.sync_group, version=version)
+        else:
+            receive_weights(self.model, self.sync_group, version=version)
+        self.version = version
+        return version
+
+    def logits(self, input_ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            ids = torch.tensor([input_ids], device=self.device)
+            return self.model(input_ids=ids, use_cache=False).logits[0].float().cpu()
