@@ -13,14 +13,12 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from safer_dist.cluster.placement import Cluster, PhaseBundles, Slots, placement
 from safer_dist.config import Config, DpoLossSection, OptimSection
 from safer_dist.runtime.log import get_logger
-
-if TYPE_CHECKING:
-    from safer_dist.cluster.rollout import RolloutGroup
+from safer_dist.weights.driver import Rollout, WeightSync
 
 log = get_logger("group")
 
@@ -41,14 +39,6 @@ def _actor_node_ip(_actor) -> str:
 
 def cuda_available_in_cluster() -> bool:
     return Cluster.from_ray().num_gpus > 0
-
-
-def release_cuda_cache(_actor=None) -> None:
-    """Hand this process's cached, unused CUDA memory back to the GPU, for a process sharing it."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def start_ray(cfg: Config) -> None:
@@ -277,66 +267,23 @@ class LearnerGroup:
         self.weights_version = None
         return self._all("dpo_step", lambda a, r: a.dpo_step.remote(step))[0]
 
-    # -- weight sync to rollout workers -----------------------------------------------------
-    def connect_weight_sync(self, rollout: RolloutGroup) -> None:
-        """Form the weight-sync group: learner rank 0 is member 0, rollout worker i member i+1;
-        a worker on rank 0's GPU gets the CUDA-IPC hand-over instead of the broadcast
-        (weights/channel.py). Any group formed before is left first, so this also rebuilds it
-        (on a new port); the workers keep their weights. Gives ``rollout`` its ``resync`` hook (:meth:`resync`)."""
-        from safer_dist.weights.channel import layout, member_device_key
+    # -- weight sync to rollout workers (safer_dist/weights/driver.py) ----------------------
+    def connect_weight_sync(self, rollout: Rollout) -> None:
+        """Form (or rebuild) the weight-sync group of these learners and ``rollout``'s workers
+        (:meth:`WeightSync.connect <safer_dist.weights.driver.WeightSync.connect>`)."""
+        WeightSync(self, rollout).connect()
 
-        host, port = self._get([self.actors[0].address.remote()], "address")[0]
-        # Workers on learner rank 0's own GPU (colocated) take the CUDA-IPC hand-over, the rest
-        # the broadcast (weights/channel.py).
-        keys = self._get([self.actors[0].__ray_call__.remote(member_device_key)] + rollout.device_key_refs(),
-                         "device query", names=self._sync_names(rollout, 1))
-        members = layout(keys)
-        refs = [self.actors[0].init_sync.remote(host, port, members[0])]
-        refs += rollout.init_sync_refs(host, port, members[1:])
-        self._get(refs, f"weight-sync set-up (rollout.sync_timeout_s={rollout.cfg.sync_timeout_s:g})",
-                  timeout_s=rollout.cfg.sync_timeout_s, names=self._sync_names(rollout, 1))
-        rollout.resync = lambda: self.resync(rollout)
+    def push_weights(self, rollout: Rollout, version: int) -> None:
+        """Send the learners' weights to every worker of ``rollout`` (connected by
+        :meth:`connect_weight_sync`), which then holds ``version``."""
+        assert rollout.weight_sync is not None and rollout.weight_sync.learners is self, "connect_weight_sync first"
+        rollout.weight_sync.push(version)
 
-    def push_weights(self, rollout: RolloutGroup, version: int) -> None:
-        """Broadcast the learners' weights to every rollout worker, which then holds ``version``."""
-        t0 = time.perf_counter()
-        if self.slots.gpus and self.slots.gpus < 1:
-            # Colocated on CUDA: the learners' cached activation memory goes back to the GPU for
-            # the rollout workers' KV cache (the workers release theirs after each call).
-            self._all("release cached GPU memory", lambda a, r: a.__ray_call__.remote(release_cuda_cache))
-        refs = [a.send_weights.remote(version) for a in self.actors] + rollout.receive_weights_refs(version)
-        self._get(refs, f"weight sync (version {version})", names=self._sync_names(rollout, self.world_size))
-        rollout.expected_version = version
-        self.weights_version = version
-        log.info("weights version %d sent to %d rollout worker(s) in %.2f s", version, len(rollout.workers),
-                 time.perf_counter() - t0)
-
-    def resync(self, rollout: RolloutGroup) -> None:
-        """Bring a rollout worker that Ray restarted back to ``rollout.expected_version``.
-
-        The restarted worker is a new process outside the weight-sync group, so every member
-        leaves the group and a new one is formed (:meth:`connect_weight_sync`); then the
-        learners' weights are sent again with that version. Only possible while the learners
-        still hold that version (no step or restore since it was pushed); otherwise
-        RolloutFailure, and nothing is changed. The rollout workers must be idle.
-        """
-        from safer_dist.cluster.rollout import RolloutFailure
-
-        version = rollout.expected_version
-        if self.weights_version != version:
-            held = (f"version {self.weights_version}" if self.weights_version is not None
-                    else "weights trained or restored since it was sent")
-            raise RolloutFailure(
-                f"the learners no longer hold weights version {version} (they hold {held}), so it cannot be sent again"
-            )
-        self.connect_weight_sync(rollout)
-        self.push_weights(rollout, version)
-
-    def _sync_names(self, rollout: RolloutGroup, num_learner_refs: int) -> list[str]:
-        """Who answers each reference of a weight-sync call: learner ranks, then rollout workers."""
-        return [f"learner rank {r}" for r in range(num_learner_refs)] + [
-            f"rollout worker {i}" for i in range(len(rollout.workers))
-        ]
+    def wait(self, refs: list, what: str, *, timeout_s: float | None = None, names: list[str] | None = None) -> list:
+        """The results of ``refs`` (from learner ranks, then any other actors ``names`` names), waited
+        for as every call of this group is: LearnerFailure naming a dead rank or actor, or whoever
+        did not answer within ``timeout_s`` (default learner.call_timeout_s)."""
+        return self._get(refs, what, timeout_s, names=names)
 
     # -- checkpoints and export -------------------------------------------------------------
     def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:

@@ -23,6 +23,7 @@ from safer_dist.data.chat import Prompt
 from safer_dist.rollout.tensor_parallel import TIMEOUT_S, TensorParallelRank
 from safer_dist.rollout.worker import RolloutFailure, RolloutWorker
 from safer_dist.runtime.log import get_logger
+from safer_dist.weights.driver import StaleWeights, WeightSync
 
 log = get_logger("rollout")
 
@@ -38,14 +39,15 @@ class RolloutGroup:
     colocated, and not restarted when one dies.
 
     ``expected_version``: the weight version every worker must hold (0: the weights loaded from
-    ``path``; ``LearnerGroup.push_weights`` sets it). Every call's answer is checked against it.
+    ``path``; each weight push sets it). Every call's answer is checked against it.
     A worker that Ray restarted holds version 0 again: its answer is discarded, the worker is
-    brought back to ``expected_version`` through ``resync`` and its shard runs again; where that
-    cannot be done, RolloutFailure. A worker never silently serves stale weights.
+    brought back to ``expected_version`` through ``weight_sync`` and its shard runs again; where
+    that cannot be done, RolloutFailure. A worker never silently serves stale weights.
 
-    ``resync``: set by ``LearnerGroup.connect_weight_sync``. ``resync()`` rebuilds the
+    ``weight_sync``: the group's :class:`~safer_dist.weights.driver.WeightSync`, set when the
+    learners connect to it (``LearnerGroup.connect_weight_sync``); its ``resync()`` rebuilds the
     weight-sync group with every worker and sends the weights of ``expected_version`` again, or
-    raises RolloutFailure when the learners no longer hold them. None: no weight sync.
+    raises StaleWeights when the learners no longer hold them. None: no weight sync.
     """
 
     @classmethod
@@ -81,7 +83,7 @@ class RolloutGroup:
                                                                        share_gpu=0 < slots.gpus < 1)
                             for i in range(rollout.num_workers)]
         self.expected_version = 0
-        self.resync: Callable[[], None] | None = None
+        self.weight_sync: WeightSync | None = None
         self.num_retries = 0  # shards re-run after a worker died or came back restarted (for logs and tests)
 
     def _map(self, what: str, call: Callable[[Any, list], Any], items: list) -> list:
@@ -159,9 +161,9 @@ class RolloutGroup:
 
         A restarted worker holds version 0 (the weights at ``path``). For any later version the
         weight-sync group is rebuilt with every worker and the weights are sent again
-        (``resync``), once the calls still running on the other workers (``busy``, references
-        whose results the caller collects afterwards) have finished: a rebuild needs every
-        worker. RolloutFailure if the worker does not come back, or cannot get those weights.
+        (``weight_sync.resync``), once the calls still running on the other workers (``busy``,
+        references whose results the caller collects afterwards) have finished: a rebuild needs
+        every worker. RolloutFailure if the worker does not come back, or cannot get those weights.
         """
         import ray
         from ray.exceptions import RayError
@@ -171,7 +173,7 @@ class RolloutGroup:
             return
         stale = (f"rollout worker {i} was restarted with weights version {version}, but the policy is at version "
                  f"{self.expected_version}")
-        if self.resync is None:
+        if self.weight_sync is None:
             raise RolloutFailure(
                 f"{stale}, and this group has no weight sync to send those weights again "
                 "(LearnerGroup.connect_weight_sync); its results would be stale"
@@ -183,8 +185,8 @@ class RolloutGroup:
                                      f"rollout.call_timeout_s={self.cfg.call_timeout_s:g} s")
         t0 = time.perf_counter()
         try:
-            self.resync()
-        except RolloutFailure as e:
+            self.weight_sync.resync()
+        except StaleWeights as e:
             raise RolloutFailure(f"{stale}: {e}") from e
         except (RuntimeError, RayError) as e:  # LearnerFailure: a member died or hung during the rebuild
             raise RolloutFailure(f"{stale}, and rebuilding the weight-sync group failed: {e}") from e
@@ -221,19 +223,6 @@ class RolloutGroup:
     def logprobs(self, items: list[tuple[Prompt, str, str, bool]], share_prefix: bool = True) -> list[tuple[float, int]]:
         """``RolloutWorker.logprobs`` over all workers; results in the order of ``items``."""
         return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard, share_prefix), items)
-
-    # -- weight sync (driven by LearnerGroup.connect_weight_sync / push_weights) ------------
-    def init_sync_refs(self, host: str, port: int, members: list) -> list:
-        """Worker i opens its end of the weight sync as ``members[i]`` (``weight_sync.Member``)."""
-        return [w.init_sync.remote(host, port, m) for w, m in zip(self.workers, members)]
-
-    def device_key_refs(self) -> list:
-        from safer_dist.weights.channel import member_device_key
-
-        return [w.__ray_call__.remote(member_device_key) for w in self.workers]
-
-    def receive_weights_refs(self, version: int) -> list:
-        return [w.receive_weights.remote(version) for w in self.workers]
 
     def shutdown(self) -> None:
         import ray

@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from safer_dist.rollout.worker import RolloutFailure, RolloutWorker
 from safer_dist.config import ModelSection, RolloutSection
+from safer_dist.train.engine import gloo_interface, resolve_device
 from safer_dist.weights.channel import buckets, check_meta
 from safer_dist.runtime.log import get_logger
 
@@ -74,8 +75,6 @@ class TensorParallelRank(RolloutWorker):
 
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None, device: str, rank: int,
                  addr: str, port: int, followers: list | tuple = (), timeout_s: float = TIMEOUT_S):
-        from safer_dist.train.engine import gloo_interface, resolve_device
-
         self.rank, self.followers, self.timeout_s = rank, list(followers), timeout_s
         self.tensor_parallel = rollout.tensor_parallel
         backend = "nccl" if resolve_device(device) == "cuda" else "gloo"
@@ -111,7 +110,7 @@ class TensorParallelRank(RolloutWorker):
         """Receive a push of ``version`` (the leader from the learners, then every rank over the
         TP group), each rank keeping its own shards."""
         def receive() -> int:
-            receive_sharded_weights(self.model, self.sync_group if self.rank == 0 else None, version=version)
+            receive_sharded_weights(self.model, self.sync.channel if self.rank == 0 else None, version=version)
             self.version = version
             return version
 

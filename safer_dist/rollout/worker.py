@@ -14,8 +14,14 @@ import torch
 
 from safer_dist.config import ModelSection, RolloutSection
 from safer_dist.data.chat import Prompt
+from safer_dist.erpo.pairs import step_sequence
+from safer_dist.rollout.sampling import continuation_logprobs, sample_candidates
+from safer_dist.train.engine import resolve_device, resolve_dtype
+from safer_dist.train.models import load_model, load_tokenizer
 from safer_dist.train.sft_data import encode_context, encode_prompt
 from safer_dist.runtime.log import get_logger, quiet_libraries
+from safer_dist.weights.ends import WorkerEnd
+from safer_dist.weights.layout import Member
 
 log = get_logger("rollout")
 
@@ -31,9 +37,6 @@ class RolloutWorker:
 
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
                  share_gpu: bool = False):
-        from safer_dist.train.engine import resolve_device, resolve_dtype
-        from safer_dist.train.models import load_model, load_tokenizer
-
         quiet_libraries()
         self.cfg = rollout
         self.device = resolve_device(device)
@@ -48,9 +51,7 @@ class RolloutWorker:
         self.model.eval()
         self.path = path
         self.version = 0
-        self.sync_group = None
-        self.model_cfg = model
-        self.adapter_receiver = None  # LoRA learners: made at the first sync (safer_dist/weights/adapters.py)
+        self.sync = WorkerEnd(model, self.device)  # this worker's end of the weight sync
         # Colocated with a learner on one GPU: the KV cache and scoring buffers go back to the GPU
         # after every call (torch's allocator would keep them cached), so the learner can train.
         self.share_gpu = share_gpu and self.device == "cuda"
@@ -110,8 +111,6 @@ class RolloutWorker:
         temperature: float, top_p: float = 1.0, seed: int = 0,
     ) -> list[list[dict]]:
         """``n`` continuations of each (prompt, response prefix), one prefill per prefix."""
-        from safer_dist.rollout.sampling import sample_candidates
-
         contexts = [encode_context(self.tokenizer, p, x) for p, x in items]
         out = sample_candidates(
             self.model, self.tokenizer, contexts, n, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
@@ -124,9 +123,6 @@ class RolloutWorker:
         """log p(continuation | prompt, prefix) under the weights held, for (prompt, prefix,
         continuation, ends_with_eos) items; tokenized exactly as the learners do. Items with the
         same prompt and prefix encode it once when ``share_prefix`` and the attention allows."""
-        from safer_dist.erpo.pairs import step_sequence
-        from safer_dist.rollout.sampling import continuation_logprobs
-
         pairs = [step_sequence(self.tokenizer, p, x, c, eos) for p, x, c, eos in items]
         out = continuation_logprobs(self.model, pairs, share_prefix=share_prefix)
         self._release()
@@ -137,27 +133,15 @@ class RolloutWorker:
 
         return ray.util.get_node_ip_address()
 
-    def init_sync(self, host: str, port: int, member) -> None:
-        """Open this worker's end of the weight sync (``weight_sync.Member``), leaving any opened
-        before (the channel is rebuilt when a worker restarts). The weights held, and their
-        version, stay."""
-        from safer_dist.weights.channel import Channel, close_channel
-
-        close_channel(self.sync_group)
-        self.sync_group = None
-        backend = "nccl" if self.device == "cuda" else "gloo"
-        self.sync_group = Channel(host, port, member, backend, local_ip=self.node_ip())
+    def init_sync(self, host: str, port: int, member: Member) -> None:
+        """Open this worker's end of the weight sync as ``member``, leaving any opened before (the
+        channel is rebuilt when a worker restarts). The weights held, and their version, stay."""
+        self.sync.open(host, port, member, local_ip=self.node_ip())
 
     def receive_weights(self, version: int) -> int:
-        from safer_dist.weights.channel import receive_weights
-        from safer_dist.weights import adapters as lora_sync
-
-        if self.model_cfg.lora.enabled:  # the adapters alone, merged here
-            if self.adapter_receiver is None:
-                self.adapter_receiver = lora_sync.AdapterReceiver(self.model_cfg, self.model)
-            self.adapter_receiver.receive(self.model, self.sync_group, version=version)
-        else:
-            receive_weights(self.model, self.sync_group, version=version)
+        """Receive a push of ``version``: all weights, or the adapters alone, merged here
+        (safer_dist/weights/ends.py)."""
+        self.sync.receive(self.model, version)
         self.version = version
         return version
 

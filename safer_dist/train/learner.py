@@ -27,16 +27,30 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from safer_dist.checkpointing.checkpoint import rank_digests
+from safer_dist.checkpointing.export import save_hf_atomically
+from safer_dist.checkpointing.safe_load import weights_only_torch_load
 from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
+from safer_dist.data.records import load_records
+from safer_dist.erpo.pairs import PairData
+from safer_dist.train.attention import tree_packing_unsupported
 from safer_dist.train.engine import (
     client_optimizer_kwargs, deepspeed_config, init_distributed, resolve_device, resolve_dtype, rng_state,
     set_rng_state,
 )
 from safer_dist.train.lm_head import LMHead
-from safer_dist.train.sft_data import StepPrefetcher
+from safer_dist.train.lora import Adapters, check_adapters, export_merged, load_quantized
+from safer_dist.train.losses import sft_loss, step_dpo_loss, sum_by_sequence
+from safer_dist.train.models import count_params, load_model, load_tokenizer
+from safer_dist.train.partitioned_load import load_model_partitioned
+from safer_dist.train.sft_data import (
+    Encoded, SFTData, StepPrefetcher, encode_example, eval_micro_batches, num_label_tokens, pack, split_valid,
+)
 from safer_dist.train.tree_attention import PackedLayout, packed_layout
 from safer_dist.runtime.log import get_logger, quiet_libraries
 from safer_dist.train.throughput import device_peak_flops, non_embedding_params
+from safer_dist.weights.ends import LearnerEnd
+from safer_dist.weights.layout import Member
 
 log = get_logger("learner")
 
@@ -87,6 +101,7 @@ class Learner:
         self._valid = None  # the encoded validation set (eval_loss)
         self._pairs = None
         self._pair_batches: StepPrefetcher | None = None
+        self.sync: LearnerEnd | None = None  # this rank's end of the weight sync to rollout workers (set up in setup)
 
     # -- set-up ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -102,8 +117,6 @@ class Learner:
 
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int) -> dict:
         import deepspeed
-
-        from safer_dist.train.models import count_params, load_tokenizer
 
         self.rank, self.world_size = rank, world_size
         quiet_libraries()
@@ -128,8 +141,6 @@ class Learner:
             # (Dropout then applies in training where the model has any; eval_loss switches to eval.)
             model.train()
         if self.model_cfg.lora.enabled:
-            from safer_dist.train.lora import Adapters
-
             self.adapters = Adapters(self.model_cfg.lora, model, gradient_checkpointing=self.model_cfg.gradient_checkpointing)
             if rank == 0:
                 log.info("%s", self.adapters.describe())
@@ -159,6 +170,7 @@ class Learner:
         )
         self.head = LMHead(self.engine.module, self.cfg.loss_chunk_tokens, self.device)
         self.share_prefix = self._share_prefix()
+        self.sync = LearnerEnd(rank=rank, device=self.device, zero3=self.cfg.zero_stage == 3, lora=self.adapters)
         return {
             "rank": rank, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
             "attn_implementation": self.attn_implementation, "loss_head": self.head.mode,
@@ -173,18 +185,12 @@ class Learner:
         """The model to train. Under ZeRO-3 it is built and loaded partitioned, so no rank ever
         holds the full weights (:mod:`safer_dist.train.partitioned_load`); otherwise every rank
         loads it whole, as rollout workers do."""
-        from safer_dist.train.models import load_model
-
         m = self.model_cfg
         if m.quantization == "4bit":
-            from safer_dist.train.lora import check_adapters, load_quantized
-
             check_adapters(m, self.device)
             return load_quantized(self.model_path, attn_implementation=m.attn_implementation,
                                   trust_remote_code=m.trust_remote_code)
         if self.cfg.zero_stage == 3:
-            from safer_dist.train.partitioned_load import load_model_partitioned
-
             model, self._hf_ds_config = load_model_partitioned(
                 self.model_path, dtype=self.dtype, ds_config=ds_config, attn_implementation=m.attn_implementation,
                 device=self.device, trust_remote_code=m.trust_remote_code,
@@ -198,8 +204,6 @@ class Learner:
         attention backend that takes trees); says once why not when it was asked for."""
         if self.dpo_loss is None or not self.dpo_loss.share_prefix:
             return False
-        from safer_dist.train.attention import tree_packing_unsupported
-
         why = tree_packing_unsupported(self.attn_implementation, self.device)
         if why is not None and self.rank == 0:
             log.warning("erpo.loss.share_prefix: %s; each pair's context is encoded twice", why)
@@ -241,8 +245,6 @@ class Learner:
 
         The global counts stay on the device (the loss divides by the labelled-token count there)
         and every metric is read back once, at the end: one host synchronisation per step."""
-        from safer_dist.train.sft_data import Encoded, num_label_tokens, pack
-
         t0 = time.perf_counter()
         batches, counts = self._sft_batches().get(step)
         local_label = sum(num_label_tokens(b) for b in batches if b is not None)
@@ -283,9 +285,6 @@ class Learner:
         are encoded without ``data.segment_dropout``: every evaluation sees the same tokens.
         Returns ``{"valid_loss", "num_valid_tokens"}`` (same on all ranks).
         """
-        from safer_dist.train.losses import sft_loss
-        from safer_dist.train.sft_data import Encoded, eval_micro_batches, num_label_tokens, pack
-
         batches = eval_micro_batches(
             self._valid_examples(), rank=self.rank, world_size=self.world_size,
             micro_batch_size=self.optim.micro_batch_size,
@@ -309,9 +308,6 @@ class Learner:
         return {"valid_loss": nll_global / max(n_global, 1.0), "num_valid_tokens": int(n_global)}
 
     def _train_and_valid_records(self) -> tuple[list, list]:
-        from safer_dist.data.records import load_records
-        from safer_dist.train.sft_data import split_valid
-
         train, valid = split_valid(load_records(self.data_cfg.train, "sft"), self.data_cfg.valid_fraction, self.seed)
         if self.data_cfg.valid:
             valid = list(load_records(self.data_cfg.valid, "sft"))
@@ -319,8 +315,6 @@ class Learner:
 
     def _valid_examples(self) -> list:
         if self._valid is None:
-            from safer_dist.train.sft_data import encode_example
-
             _, records = self._train_and_valid_records()
             if not records:
                 raise ValueError("no validation set: set data.valid=FILE or data.valid_fraction")
@@ -346,8 +340,6 @@ class Learner:
 
     def _sft_data(self):
         if self._data is None:
-            from safer_dist.train.sft_data import SFTData
-
             train, _ = self._train_and_valid_records()
             self._data = SFTData(
                 train, self.tokenizer, seed=self.seed,
@@ -367,8 +359,6 @@ class Learner:
         (``self.share_prefix``); ``False`` packs it twice (benchmarks compare the two); ``True``
         needs a learner set up to share it."""
         import json
-
-        from safer_dist.erpo.pairs import PairData
 
         if share_prefix is None:
             share_prefix = self.share_prefix
@@ -395,8 +385,6 @@ class Learner:
         workers at sampling). ``num_tokens``: tokens run through the model (each context once
         when the prefix is shared); ``num_pair_tokens``: context + chosen plus context +
         rejected, the same whether shared or not."""
-        from safer_dist.train.losses import step_dpo_loss, sum_by_sequence
-
         t0 = time.perf_counter()
         t, erpo = self.optim, self.dpo_loss
         assert erpo is not None, "dpo_step needs a learner set up with dpo_loss"
@@ -444,46 +432,29 @@ class Learner:
         }
 
     # -- weight sync to rollout workers -----------------------------------------------------
-    def init_sync(self, host: str, port: int, member) -> None:
-        """Rank 0 opens its end of the weight sync as member 0 (``weight_sync.Member``; other
+    def init_sync(self, host: str, port: int, member: Member) -> None:
+        """Rank 0 opens its end of the weight sync as member 0 (``member``; other
         ranks have nothing to open), leaving the one it opened before, if any (the channel is
         rebuilt when a rollout worker restarts)."""
-        if self.rank == 0:
-            from safer_dist.weights.channel import Channel, close_channel
+        import ray
 
-            import ray
-
-            close_channel(getattr(self, "sync_group", None))
-            self.sync_group = None
-            backend = "nccl" if self.device == "cuda" else "gloo"
-            self.sync_group = Channel(host, port, member, backend, local_ip=ray.util.get_node_ip_address())
+        self.sync.open(host, port, member, local_ip=ray.util.get_node_ip_address())
 
     def send_weights(self, version: int) -> int:
-        """Send the current weights to the rollout workers as ``version``. Collective under ZeRO-3."""
-        from safer_dist.weights.channel import send_weights
-
-        if self.adapters is not None:  # LoRA: the adapters alone (safer_dist/weights/adapters.py)
-            from safer_dist.weights import adapters as lora_sync
-
-            return lora_sync.send(self.adapters, self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
-                                  zero3=self.cfg.zero_stage == 3, version=version, device=self.device)
-        return send_weights(self.engine.module, getattr(self, "sync_group", None), rank=self.rank,
-                            zero3=self.cfg.zero_stage == 3, version=version)
+        """Send the current weights to the rollout workers as ``version`` (with adapters: the
+        adapters alone, safer_dist/weights/ends.py). Collective under ZeRO-3."""
+        return self.sync.send(self.engine.module, version)
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:
         """Write this rank's shards and RNG state into ``root/tag``; return the size (and sha256)
         of the files this rank wrote, fsynced (``checkpoint.rank_digests``). Collective."""
-        from safer_dist.checkpointing.checkpoint import rank_digests
-
         self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), Path(root) / tag / f"rng_rank{self.rank}.pt")
         return rank_digests(Path(root) / tag, self.rank, hash_files)
 
     def load_checkpoint(self, root: str, tag: str, *, load_optimizer: bool = True, universal: bool = False) -> dict:
         """Restore shards, scheduler and this rank's RNG from ``root/tag``. Collective."""
-        from safer_dist.checkpointing.safe_load import weights_only_torch_load
-
         self.engine._config.load_universal_checkpoint = universal
         # DeepSpeed asks torch.load for full pickle; force weights-only (safer_dist/checkpointing/safe_load.py).
         with weights_only_torch_load():
@@ -512,11 +483,7 @@ class Learner:
         """Write a Hugging Face directory (safetensors, config, tokenizer). Collective. With
         adapters: the merged model, plus the adapters alone in ``<out_dir>/adapter/``
         (:mod:`safer_dist.train.lora`)."""
-        from safer_dist.checkpointing.export import save_hf_atomically
-
         if self.adapters is not None:
-            from safer_dist.train.lora import export_merged
-
             return export_merged(self.adapters, self.engine.module, self.tokenizer, out_dir, base_model=self.model_path,
                                  zero3=self.cfg.zero_stage == 3, rank=self.rank,
                                  trust_remote_code=self.model_cfg.trust_remote_code)

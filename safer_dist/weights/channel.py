@@ -14,64 +14,29 @@ The members are learner rank 0 (member 0, the sender) and the M rollout workers 
   store. Never used on CPU, where every member broadcasts over gloo (the same code otherwise).
   This path needs two processes on one GPU and has not run in CI (no GPU there).
 
-Who takes which path is decided once per group, from every member's :func:`device_key`
-(:func:`layout`). Parameters travel in flat buckets of at most ``bucket_mb`` in a fixed order
-(the module's ``named_parameters()`` order, tied weights once), so both sides agree without
-exchanging them. Before the buckets the sender publishes the sync's version, dtype and element
+Who takes which path is decided once per group, from every member's device
+(:mod:`safer_dist.weights.layout`). Parameters travel in flat buckets of at most ``bucket_mb``
+in a fixed order (the module's ``named_parameters()`` order, tied weights once), so both sides
+agree without exchanging them. Before the buckets the sender publishes the sync's version, dtype and element
 count in the store; every receiver checks them against what it expects and holds, so weights of
 another version or dtype are never read as if they were right. Under ZeRO-3 every learner rank
 takes part in gathering each bucket; only rank 0 sends.
 
 The channel can be rebuilt: a rollout worker that Ray restarted is a new process outside the old
 group, so every member closes its channel (:func:`close_channel`) and opens a new one over a
-fresh TCPStore on a new port (see ``LearnerGroup.resync``).
+fresh TCPStore on a new port (see :meth:`safer_dist.weights.driver.WeightSync.resync`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import pickle
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Member:
-    """One member's place in the weight sync (:func:`layout`)."""
-
-    member: int  # 0: learner rank 0 (the sender); i + 1: rollout worker i
-    num_members: int
-    group_rank: int | None  # rank in the broadcast group; None: receives by CUDA IPC
-    group_size: int
-    ipc_peers: tuple[int, ...] = ()  # the sender's: members it hands buckets to by CUDA IPC
-
-
-def device_key(device: str) -> str | None:
-    """This process's device as the weight sync compares them: the node and GPU UUID on CUDA,
-    None on CPU (never shared by IPC)."""
-    if device != "cuda":
-        return None
-    import ray
-
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return f"{ray.util.get_node_ip_address()}/{props.uuid}"
-
-
-def member_device_key(actor) -> str | None:
-    """:func:`device_key` of a learner or rollout-worker actor (run through ``__ray_call__``)."""
-    return device_key(actor.device)
-
-
-def layout(keys: list[str | None]) -> list[Member]:
-    """Each member's path given every member's :func:`device_key` (``keys[0]``: the sender):
-    members on the sender's GPU get the CUDA-IPC hand-over, the others broadcast."""
-    n = len(keys)
-    ipc = tuple(m for m in range(1, n) if keys[0] is not None and keys[m] == keys[0])
-    group = [m for m in range(n) if m not in ipc]
-    return [Member(m, n, group.index(m) if m in group else None, len(group), ipc if m == 0 else ()) for m in range(n)]
+from safer_dist.weights.layout import Member
 
 
 class Channel:

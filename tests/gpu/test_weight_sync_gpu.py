@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from safer_dist.weights.channel import Channel, layout, receive_weights, send_weights
+from safer_dist.weights.channel import Channel, receive_weights, send_weights
+from safer_dist.weights.layout import layout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -33,7 +33,8 @@ def test_lora_sync_sends_adapters_and_workers_hold_the_merged_export(ray_local, 
         for version, steps in ((1, range(0, 3)), (2, range(3, 5))):
             for step in steps:
                 learners.sft_step(step)
-            refs = [a.send_weights.remote(version) for a in learners.actors] + rollout.receive_weights_refs(version)
+            refs = [a.send_weights.remote(version) for a in learners.actors]
+            refs += [w.receive_weights.remote(version) for w in rollout.workers]
             sent = ray_local.get(refs)[0]
             assert sent == ADAPTER_BYTES
             out = tmp_path / f"hf{version}"

@@ -22,7 +22,8 @@ from safer_dist.cluster.placement import PlacementError
 from safer_dist.cluster.rollout import RolloutGroup
 from safer_dist.rollout.worker import RolloutFailure
 from safer_dist.config import Config
-from safer_dist.weights.channel import Channel, Member, close_channel, layout, send_weights
+from safer_dist.weights.channel import Channel, close_channel, send_weights
+from safer_dist.weights.layout import Member, layout
 from safer_dist.train.models import load_model
 
 ITEMS = [
@@ -91,7 +92,7 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
         with pytest.raises(ray_local.exceptions.RayTaskError, match="cannot fill sharded weights"):
             ray_local.get(tp.workers[0].init_sync.remote(ip, port, Member(1, 2, None, 1)), timeout=60)
         members = layout([None, None, None])  # CPU: every member broadcasts over gloo
-        joins = plain.init_sync_refs(ip, port, members[1:2]) + tp.init_sync_refs(ip, port, members[2:])
+        joins = [w.init_sync.remote(ip, port, m) for w, m in zip(plain.workers + tp.workers, members[1:])]
         channel = Channel(ip, port, members[0], "gloo", local_ip=ip, timeout_s=60)
         ray_local.get(joins, timeout=60)
         # A sync of another dtype (as learner rank 0 would announce it): rank 0 refuses it before
@@ -99,8 +100,8 @@ def test_two_rank_worker_answers_as_one_rank_before_and_after_a_weight_push(ray_
         channel.store.set("v5/meta", "torch.bfloat16:123")
         with pytest.raises(ray_local.exceptions.RayTaskError, match="the learners send dtype:elements "
                                                                      "torch.bfloat16:123, this rollout worker holds"):
-            ray_local.get(tp.receive_weights_refs(5), timeout=60)
-        received = plain.receive_weights_refs(1) + tp.receive_weights_refs(1)
+            ray_local.get([w.receive_weights.remote(5) for w in tp.workers], timeout=60)
+        received = [w.receive_weights.remote(1) for w in plain.workers + tp.workers]
         send_weights(perturbed, channel, rank=0, zero3=False, version=1)
         assert ray_local.get(received, timeout=60) == [1, 1]
         plain.expected_version = tp.expected_version = 1  # as LearnerGroup.push_weights records it

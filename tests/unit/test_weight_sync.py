@@ -1,9 +1,9 @@
-"""weights/channel.py without processes: who takes the broadcast and who the CUDA-IPC hand-over
+"""weights/layout.py without processes: who takes the broadcast and who the CUDA-IPC hand-over
 (the transfers themselves run on Ray actors in tests/ray/test_erpo_ray.py)."""
 
 from __future__ import annotations
 
-from safer_dist.weights.channel import Member, layout
+from safer_dist.weights.layout import Member, layout
 
 
 def test_a_worker_on_the_senders_gpu_gets_the_ipc_hand_over():
