@@ -1,5 +1,6 @@
 """Rank plumbing for a learner: device and dtype choice, the DeepSpeed config, the process
-group, and the RNG state a checkpoint carries (per rank)."""
+group, the RNG state a checkpoint carries (per rank), reading a step's metrics back in one host
+synchronisation, and the profiler ranges a step marks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,25 @@ import numpy as np
 import torch
 
 from safer_dist.config import LearnerSection, OptimSection
+
+
+# Profiler ranges around a micro-batch's phases (torch.profiler; bench/gpu.py --profile reads them).
+FORWARD_LOSS, BACKWARD, OPTIMIZER_STEP = PHASES = ("safer.forward_loss", "safer.backward", "safer.optimizer_step")
+
+
+def read_numbers(values: list, device: str) -> list[float]:
+    """``values`` (tensors of any shape, numbers, ``None`` for NaN, as DeepSpeed may give a grad norm)
+    as one flat list of floats in order: the tensors come back from ``device`` in one copy, a step's
+    only host synchronisation."""
+    tensors = [v.detach().reshape(-1).to(device, torch.float64) for v in values if torch.is_tensor(v)]
+    read = iter(torch.cat(tensors).tolist() if tensors else [])
+    out: list[float] = []
+    for v in values:
+        if torch.is_tensor(v):
+            out += [next(read) for _ in range(v.numel())]
+        else:
+            out.append(float("nan") if v is None else float(v))
+    return out
 
 
 def resolve_device(requested: str) -> str:

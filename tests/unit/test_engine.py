@@ -39,7 +39,7 @@ def test_both_choices_are_adamw_arguments_with_the_same_update():
 def test_read_numbers_keeps_order_and_reads_tensors_once(monkeypatch):
     """A step's metrics: tensors of any shape, numbers and None (a grad norm DeepSpeed did not
     compute) flattened in order, with every tensor read back in one copy."""
-    from safer_dist.train.learner import read_numbers
+    from safer_dist.train.engine import read_numbers
 
     reads = []
     real = torch.Tensor.tolist

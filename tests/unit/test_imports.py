@@ -100,7 +100,8 @@ def test_circles_finds_a_hidden_circle():
 # learner) and the judge's users. Circles elsewhere (reasoning, checkpointing with train.lora and
 # train.models) predate this list.
 ACYCLIC = ("safer_dist.cluster", "safer_dist.rollout", "safer_dist.weights", "safer_dist.erpo", "safer_dist.judging",
-           "safer_dist.evaluation", "safer_dist.synth", "safer_dist.jobs", "safer_dist.train.learner")
+           "safer_dist.evaluation", "safer_dist.synth", "safer_dist.jobs", "safer_dist.train.learner",
+           "safer_dist.train.step_dpo")
 
 
 def _in(module: str, packages) -> bool:
@@ -130,8 +131,8 @@ def test_imports_go_downwards():
     assert bad == []
 
 
-@pytest.mark.parametrize("module", ["safer_dist/train/learner.py", "safer_dist/rollout/worker.py",
-                                    "safer_dist/rollout/tensor_parallel.py"])
+@pytest.mark.parametrize("module", ["safer_dist/train/learner.py", "safer_dist/train/step_dpo.py",
+                                    "safer_dist/rollout/worker.py", "safer_dist/rollout/tensor_parallel.py"])
 def test_actor_modules_import_the_library_at_the_top(module):
     """The learner's and the rollout worker's modules import ``safer_dist`` at module level only
     (heavy third-party stacks, deepspeed and ray, may still be imported where they are used)."""
