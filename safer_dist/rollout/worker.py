@@ -129,7 +129,7 @@ class RolloutWorker:
         return out
 
     def node_ip(self) -> str:
-        import ray
+        import ray  # heavy: imported by the calls that use it (tests and bench import this module)
 
         return ray.util.get_node_ip_address()
 

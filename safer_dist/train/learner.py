@@ -22,11 +22,13 @@ and the device's peak FLOP/s (:mod:`safer_dist.train.throughput`).
 from __future__ import annotations
 
 import random
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.profiler import record_function
 
 from safer_dist.checkpointing.checkpoint import rank_digests
@@ -89,9 +91,7 @@ class Learner(StepDpo):
     # -- set-up ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port, for rank 0 to publish."""
-        import socket
-
-        import ray
+        import ray  # heavy: imported by the calls that use it (tests and bench import this module)
 
         ip = ray.util.get_node_ip_address()
         with socket.socket() as s:
@@ -99,11 +99,11 @@ class Learner(StepDpo):
             return ip, s.getsockname()[1]
 
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int) -> dict:
-        import deepspeed
+        import deepspeed  # heavy, and it picks its accelerator when first imported: in the actor, at set-up
 
         self.rank, self.world_size = rank, world_size
         quiet_libraries()
-        import ray
+        import ray  # as in address()
 
         init_distributed(
             rank, world_size, master_addr, master_port, "nccl" if self.device == "cuda" else "gloo",
@@ -197,8 +197,6 @@ class Learner(StepDpo):
         """Sums over ranks of ``values`` (numbers or 0-d tensors): a float64 ``[len(values)]`` tensor on
         the device, not read back (no host synchronisation; numbers go to the device in non-blocking
         copies, as a blocking one would wait for the device's queued work)."""
-        import torch.distributed as dist
-
         t = torch.stack([v.to(self.device, torch.float64) if torch.is_tensor(v) else
                          torch.tensor(float(v), dtype=torch.float64).to(self.device, non_blocking=True)
                          for v in values])
@@ -336,7 +334,7 @@ class Learner(StepDpo):
         """Rank 0 opens its end of the weight sync as member 0 (``member``; other
         ranks have nothing to open), leaving the one it opened before, if any (the channel is
         rebuilt when a rollout worker restarts)."""
-        import ray
+        import ray  # as in address()
 
         self.sync.open(host, port, member, local_ip=ray.util.get_node_ip_address())
 
