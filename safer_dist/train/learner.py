@@ -443,6 +443,19 @@ class Learner:
             "step_time_s": time.perf_counter() - t0,
         }
 
+    def reference_logprobs(self, items: list, share_prefix: bool = True) -> list[tuple[float, int]]:
+        """ERPO's ``erpo.reference=sft`` on LoRA learners: log p(continuation | prompt, prefix)
+        and its token count per (prompt, prefix, continuation, ends_with_eos) item, under this
+        model with every adapter off, i.e. the model ERPO started from
+        (:mod:`safer_dist.train.lora_reference`). Collective; the same list on every rank."""
+        from safer_dist.train.attention import tree_packing_unsupported
+        from safer_dist.train.lora_reference import reference_logprobs
+
+        assert self.adapters is not None, "the adapters-off reference needs model.lora.rank > 0"
+        share = share_prefix and tree_packing_unsupported(self.attn_implementation, self.device) is None
+        return reference_logprobs(self.engine, self.head, self.adapters, self.tokenizer, items, share_prefix=share,
+                                  rank=self.rank, world_size=self.world_size, device=self.device)
+
     # -- weight sync to rollout workers -----------------------------------------------------
     def init_sync(self, host: str, port: int, member) -> None:
         """Rank 0 opens its end of the weight sync as member 0 (``weight_sync.Member``; other
