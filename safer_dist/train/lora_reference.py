@@ -114,6 +114,10 @@ def reference_logprobs(engine, head, adapters, tokenizer, items: list[Item], *, 
                     mine += [(i, s, int(n)) for i, s, n in zip(members, sums.tolist(), counts.tolist())]
     finally:
         engine.train(was_training)
+        if device == "cuda":
+            # A colocated rollout worker samples next on this GPU: give the pass's cached
+            # activation memory back for its KV cache (as push_weights does before a sync).
+            torch.cuda.empty_cache()
     gathered: list[list[tuple[int, float, int]]] = [[] for _ in range(world_size)]
     dist.all_gather_object(gathered, mine)
     out: list[tuple[float, int] | None] = [None] * len(items)
