@@ -392,9 +392,10 @@ class Learner:
     def dpo_step(self, step: int) -> dict:
         """One optimizer step of step-level DPO (``dpo_loss`` of set-up) on pair batch ``step``
         of the loaded pairs. Reference log-probs come with the pairs (computed at sampling by
-        rollout workers, or by the learners with adapters off: :meth:`reference_logprobs`). ``num_tokens``: tokens run through the model (each context once
-        when the prefix is shared); ``num_pair_tokens``: context + chosen plus context +
-        rejected, the same whether shared or not."""
+        rollout workers, or by the learners with adapters off: :meth:`reference_logprobs`).
+        ``num_tokens``: tokens run through the model (each context once when the prefix is
+        shared); ``num_pair_tokens``: context + chosen plus context + rejected, the same whether
+        shared or not."""
         from safer_dist.train.losses import step_dpo_loss, sum_by_sequence
 
         t0 = time.perf_counter()
