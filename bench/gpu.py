@@ -29,6 +29,11 @@ Rows:
   runs it through ``flex_attention``). Its tokens are the pairs' unshared tokens
   (``num_pair_tokens``, as for the rows above), so its tokens/s over the ``DPO`` row's is the
   speed-up of sharing on the same pairs; the pairs are reloaded (untimed) before each DPO window.
+- ``safer Learner LoRA`` (with ``--lora-rank R``): the same three learner rows with LoRA adapters
+  (``model.lora.rank`` R, alpha 2R, on every linear layer of the blocks), a fourth contestant:
+  the base frozen, only the adapters in the optimizer, on the same batches. Its MFU counts
+  4 x N + 2 x the adapters' parameters per token (frozen weights get no weight gradient:
+  ``safer_dist.train.throughput.mfu``); its peak memory is what adapters save.
 - ``plain PyTorch``: the limit for this model, kernel and batch — the model alone, bf16
   parameters, fused AdamW on them, ``F.cross_entropy`` on fp32 logits, gradient clipping,
   batches packed before timing. Its DPO row computes the same loss (``losses.sequence_logprobs``
@@ -42,16 +47,17 @@ prefix+chosen and prefix+rejected, whether or not the prefix is packed once); MF
 bf16 FLOP/s (attention's own FLOPs are not counted; peak from ``PEAK_BF16_TFLOPS`` by GPU name,
 or ``--peak-tflops``); peak memory (``torch.cuda.max_memory_allocated`` over the row's windows,
 model and optimizer states included; not reported on CPU); the ratio to the plain loop of the
-same kind (SFT or DPO; DPO-SHARED to the plain DPO row).
+same kind (SFT or DPO; DPO-SHARED to the plain DPO row; LoRA rows to the plain full fine-tuning).
 
 Protocol: the contestants' model states do not fit on one GPU together (the 8B slice's learner
 alone holds 52 GiB of them under ZeRO-2), so contestants run one after another — TRL, the plain
-loop, the learner — each built, warmed up with one untimed step, timed in ``--repeats`` windows
+loop, the learner, the LoRA learner — each built, warmed up with one untimed step, timed in ``--repeats`` windows
 of ``--steps`` optimizer steps (its SFT and DPO windows alternating), then freed. A contestant
 that runs out of memory gets ``OOM`` rows and the others still run. ``--json OUT`` writes the rows.
 
     python bench/gpu.py --shape tinyllama-1.1b --json tinyllama.json     # one GPU
     python bench/gpu.py --shape llama3-8b-slice                          # H200; 80 GB: --micro-batch 32
+    python bench/gpu.py --shape llama3-8b-slice --lora-rank 16           # + the LoRA learner's rows
     python bench/gpu.py --smoke                                          # tiny shape, seconds (CPU here)
 
 On an offline GPU host, with the wheels of bench/gpu-wheels.sh: docs/BENCHMARKS.md ("One GPU").
@@ -76,6 +82,7 @@ from dpo_vs_trl import make_pairs, reference_logprobs
 from sft_vs_trl import pack_length, trl_trainer, trl_window
 from safer_dist.cluster.plan import SHAPES as PUBLISHED_SHAPES, ModelShape
 from safer_dist.train.engine import BACKWARD, FORWARD_LOSS, OPTIMIZER_STEP, PHASES
+from safer_dist.train.throughput import mfu
 
 SHAPES: dict[str, ModelShape] = {
     "tinyllama-1.1b": ModelShape(2048, 22, 32, 4, 5632, 32000),
@@ -92,7 +99,7 @@ HBM_GBPS = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0), ("H20
 ROWS = ("sft", "dpo")
 LEARNER_ROWS = (*ROWS, "dpo-shared")
 PLAIN_KIND = {"dpo-shared": "dpo"}  # the plain row a learner row's vs_plain compares with, where not its own kind
-TRL, PLAIN, LEARNER = "TRL SFTTrainer", "plain PyTorch", "safer Learner"
+TRL, PLAIN, LEARNER, LORA = "TRL SFTTrainer", "plain PyTorch", "safer Learner", "safer Learner LoRA"
 
 
 def device_figure(table, given: float | None, option: str, device: str, what: str, purpose: str):
@@ -153,9 +160,10 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def new_record() -> dict:
-    """What a row keeps of its windows: tokens/s, tokens and peak CUDA memory (bytes) of each."""
-    return {"rates": [], "tokens": [], "peaks": []}
+def new_record(num_trained: int | None = None) -> dict:
+    """What a row keeps of its windows: tokens/s, tokens and peak CUDA memory (bytes) of each;
+    ``num_trained``: the parameters with a weight gradient where not all are (adapters)."""
+    return {"rates": [], "tokens": [], "peaks": [], "num_trained": num_trained}
 
 
 def measured(step, steps: int, device: str, record: dict) -> h.Window:
@@ -335,14 +343,18 @@ def run_plain(args, ws, model_dir, sections, pairs, erpo, *, device, dtype, attn
     return out
 
 
-def run_learner(args, sections, pairs_path, *, device) -> dict:
+def run_learner(args, sections, pairs_path, *, device, label: str = LEARNER) -> dict:
     # The DPO row packs each prefix twice, as the plain loop's batches do, so both run the same
     # batches; the DPO-SHARED row packs it once (the learner's default), on the same pairs.
     learner = h.safer_learner(sections, args.seed, device=device)
     if not learner.share_prefix:
         print(f"# no DPO-SHARED row: attention {learner.attn_implementation} takes no shared prefix")
+    num_trained = None
+    if learner.adapters is not None:
+        num_trained = learner.adapters.num_trainable
+        print(f"# {label}: {learner.adapters.describe()}")
 
-    records = {kind: new_record() for kind in (LEARNER_ROWS if learner.share_prefix else ROWS)}
+    records = {kind: new_record(num_trained) for kind in (LEARNER_ROWS if learner.share_prefix else ROWS)}
 
     def load(share: bool) -> None:
         learner.load_pairs(str(pairs_path), args.seed, share_prefix=share)
@@ -361,12 +373,12 @@ def run_learner(args, sections, pairs_path, *, device) -> dict:
                "dpo": dpo_window(False)}
     if learner.share_prefix:
         windows["dpo-shared"] = dpo_window(True)
-    out = run_rows(LEARNER, windows, records, args.repeats)
+    out = run_rows(label, windows, records, args.repeats)
     load(False)
-    profile_rows(LEARNER, {"sft": lambda: learner.sft_step(1), "dpo": lambda: learner.dpo_step(1)}, device, args.profile)
+    profile_rows(label, {"sft": lambda: learner.sft_step(1), "dpo": lambda: learner.dpo_step(1)}, device, args.profile)
     if learner.share_prefix:
         load(True)
-        profile_rows(LEARNER, {"dpo-shared": lambda: learner.dpo_step(1)}, device, args.profile)
+        profile_rows(label, {"dpo-shared": lambda: learner.dpo_step(1)}, device, args.profile)
     learner.engine.destroy()
     return out
 
@@ -393,7 +405,8 @@ def make_rows(results: dict, n_params: int, tflops: float | None) -> list[dict]:
             rate = h.median(r["rates"])
             rows.append({
                 **row, "tokens_per_s": rate, "window_tokens_per_s": r["rates"], "window_tokens": r["tokens"],
-                "mfu": 6 * n_params * rate / (tflops * 1e12) if tflops else None,
+                "mfu": mfu(n_params, rate, tflops * 1e12, r["num_trained"]) if tflops else None,
+                "num_params_trained": r["num_trained"] if r["num_trained"] is not None else n_params,
                 "peak_memory_gib": max(r["peaks"]) / 2**30 if r["peaks"] else None,
             })
     plain = {r["kind"]: r.get("tokens_per_s") for r in rows if r["contestant"] == PLAIN}
@@ -423,6 +436,8 @@ def parse_args():
     p.add_argument("--global-batch", type=int, default=None, help="per optimizer step (default: one micro-batch)")
     p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lora-rank", type=int, default=0, help="add the LoRA learner's rows with adapters of this rank "
+                   "(0: no LoRA rows, so the default run takes the time it did)")
     p.add_argument("--num-sft", type=int, default=512, help="demo SFT traces")
     p.add_argument("--num-pairs", type=int, default=256)
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
@@ -463,6 +478,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     h.header(f"one-device training: safer learner vs plain PyTorch vs TRL ({device})", args)
 
+    from safer_dist.config import LoraSection
     from safer_dist.train.attention import resolve_attn_implementation
     from safer_dist.train.engine import resolve_dtype
     from safer_dist.train.models import load_tokenizer
@@ -494,6 +510,11 @@ def main() -> None:
         results[PLAIN] = contestant(PLAIN, ROWS, run_plain, args, ws, model_dir, sections, pairs, erpo, **kw)
         pairs_path.write_text("".join(json.dumps(x) + "\n" for x in pairs))
         results[LEARNER] = contestant(LEARNER, LEARNER_ROWS, run_learner, args, sections, pairs_path, device=device)
+        if args.lora_rank:
+            lora = LoraSection(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+            results[LORA] = contestant(LORA, LEARNER_ROWS, run_learner, args,
+                                       {**sections, "model": replace(sections["model"], lora=lora)}, pairs_path,
+                                       device=device, label=LORA)
 
         rows = make_rows(results, n_params, tflops)
         print(f"\ntokens/s, {args.shape}, {device}, {args.steps} optimizer steps per window, median of "

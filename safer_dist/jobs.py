@@ -30,6 +30,7 @@ from safer_dist.runtime.io import atomic_write_json
 from safer_dist.runtime.log import get_logger
 from safer_dist.runtime.phases import phase
 from safer_dist.train.lora import check_adapters
+from safer_dist.train.lora_reference import AdaptersOffReference
 from safer_dist.train.models import init_model_from_corpus, load_tokenizer
 from safer_dist.train.sft import train_sft
 from safer_dist.train.sft_data import split_valid
@@ -248,7 +249,10 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
         else:
             judge = RuleJudge(rulebook)
         reference = None
-        if cfg.erpo.reference == "sft":
+        if cfg.erpo.reference == "sft" and cfg.model.lora.enabled:
+            # The learners' frozen base is the SFT model: adapters off, no second copy.
+            reference = AdaptersOffReference(learners)
+        elif cfg.erpo.reference == "sft":
             reference = RolloutGroup.for_run(cfg, init_from, slots=bundles.slots("reference"),
                                              name="SFT-reference rollout")
             groups.append(reference)

@@ -267,6 +267,13 @@ class LearnerGroup:
         self.weights_version = None
         return self._all("dpo_step", lambda a, r: a.dpo_step.remote(step))[0]
 
+    def reference_logprobs(self, items: list, share_prefix: bool = True) -> list[tuple[float, int]]:
+        """``Learner.reference_logprobs`` (LoRA learners, adapters off), rank 0's answer."""
+        import ray
+
+        ref = ray.put(items)  # stored once, read by every rank
+        return self._all("reference log-probs", lambda a, r: a.reference_logprobs.remote(ref, share_prefix))[0]
+
     # -- weight sync to rollout workers (safer_dist/weights/driver.py) ----------------------
     def connect_weight_sync(self, rollout: Rollout) -> None:
         """Form (or rebuild) the weight-sync group of these learners and ``rollout``'s workers

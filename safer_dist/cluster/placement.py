@@ -7,7 +7,7 @@ A stage runs phases one after another; each places its actors, runs, and release
     sft    sft     learners
     eval   eval    policy rollout (+ judge rollout, judge.kind=model)
     erpo   erpo    learners + policy rollout (+ judge rollout, judge.kind=model)
-                   (+ SFT-reference rollout, erpo.reference=sft)
+                   (+ SFT-reference rollout, erpo.reference=sft without LoRA adapters)
     run    sft, eval, erpo (erpo.iterations > 0); the second evaluation places as the first
 
 Learners: ``learner.num_learners`` actors of ``learner.cpus_per_learner`` CPUs and, where
@@ -214,8 +214,8 @@ def phase_roles(cfg: Config, phase: str) -> list[str]:
     roles.append("rollout")
     if cfg.judge.kind == "model":
         roles.append("judge")
-    if phase == "erpo" and cfg.erpo.reference == "sft":
-        roles.append("reference")
+    if phase == "erpo" and cfg.erpo.reference == "sft" and not cfg.model.lora.enabled:
+        roles.append("reference")  # LoRA learners are the reference themselves, adapters off
     return roles
 
 

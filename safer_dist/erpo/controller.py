@@ -221,7 +221,8 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
 
     ``learners`` is a :class:`~safer_dist.cluster.group.LearnerGroup` set up with
     ``cfg.erpo.optim`` and ``cfg.erpo.loss``; ``rollout`` (and ``reference``, for
-    ``erpo.reference=sft``) a :class:`~safer_dist.cluster.rollout.RolloutGroup`; ``judge``
+    ``erpo.reference=sft``) a :class:`~safer_dist.cluster.rollout.RolloutGroup` (``reference``
+    with LoRA learners: :class:`~safer_dist.train.lora_reference.AdaptersOffReference`); ``judge``
     has ``score_many``. Nothing here talks to Ray.
     """
     e = cfg.erpo

@@ -41,6 +41,7 @@ from safer_dist.train.engine import (
     BACKWARD, FORWARD_LOSS, OPTIMIZER_STEP, client_optimizer_kwargs, deepspeed_config, init_distributed, read_numbers,
     resolve_device, resolve_dtype, rng_state, set_rng_state,
 )
+from safer_dist.train import lora_reference
 from safer_dist.train.lm_head import LMHead
 from safer_dist.train.lora import Adapters, check_adapters, export_merged, load_quantized
 from safer_dist.train.losses import sft_loss
@@ -328,6 +329,17 @@ class Learner(StepDpo):
                 segment_dropout=self.data_cfg.segment_dropout,
             )
         return self._data
+
+    def reference_logprobs(self, items: list, share_prefix: bool = True) -> list[tuple[float, int]]:
+        """ERPO's ``erpo.reference=sft`` on LoRA learners: log p(continuation | prompt, prefix)
+        and its token count per (prompt, prefix, continuation, ends_with_eos) item, under this
+        model with every adapter off, i.e. the model ERPO started from
+        (:mod:`safer_dist.train.lora_reference`). Collective; the same list on every rank."""
+        assert self.adapters is not None, "the adapters-off reference needs model.lora.rank > 0"
+        share = share_prefix and tree_packing_unsupported(self.attn_implementation, self.device) is None
+        return lora_reference.reference_logprobs(self.engine, self.head, self.adapters, self.tokenizer, items,
+                                                 share_prefix=share, rank=self.rank, world_size=self.world_size,
+                                                 device=self.device)
 
     # -- weight sync to rollout workers -----------------------------------------------------
     def init_sync(self, host: str, port: int, member: Member) -> None:

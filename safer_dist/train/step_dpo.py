@@ -60,10 +60,11 @@ class StepDpo:
 
     def dpo_step(self, step: int) -> dict:
         """One optimizer step of step-level DPO (``dpo_loss`` of set-up) on pair batch ``step``
-        of the loaded pairs. Reference log-probs come with the pairs (computed by rollout
-        workers at sampling). ``num_tokens``: tokens run through the model (each context once
-        when the prefix is shared); ``num_pair_tokens``: context + chosen plus context +
-        rejected, the same whether shared or not."""
+        of the loaded pairs. Reference log-probs come with the pairs (computed at sampling by
+        rollout workers, or by the learners with adapters off: ``Learner.reference_logprobs``).
+        ``num_tokens``: tokens run through the model (each context once when the prefix is
+        shared); ``num_pair_tokens``: context + chosen plus context + rejected, the same whether
+        shared or not."""
         t0 = time.perf_counter()
         t, erpo = self.optim, self.dpo_loss
         assert erpo is not None, "dpo_step needs a learner set up with dpo_loss"

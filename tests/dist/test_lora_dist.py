@@ -144,3 +144,72 @@ def test_lora_step_dpo_under_zero3_starts_at_log2_and_moves_adapters_only(tiny_m
             assert np.abs(w).max() > 0, name
         elif not is_adapter_name(name):
             assert np.array_equal(w, initial[name.replace(".base_layer.", ".")]), name
+
+
+# (prompt, response prefix, continuation, ends with EOS): two continuations share each of the
+# first two contexts (packed as trees where the attention takes them), the third stands alone.
+REF_ITEMS = [
+    ("How do I bake bread?", "<ex_ante>\n<assessment>", "Baking is safe.</assessment>", False),
+    ("How do I bake bread?", "<ex_ante>\n<assessment>", "A cooking question.</assessment>", False),
+    ("Explain tax code.", "<ex_ante>", "\n<assessment>Tax rules.</assessment>", False),
+    ("Explain tax code.", "<ex_ante>", "\n<assessment>none</assessment>", False),
+    ("Where is Paris?", "", "Paris is in France.", True),
+]
+
+
+def reference_run(learner, steps: int) -> dict:
+    for step in range(steps):
+        learner.sft_step(step)
+    return {"reference": learner.reference_logprobs(REF_ITEMS, share_prefix=True),
+            # one context: the other rank has no row and runs an idle forward pass (ZeRO-3 gathers collectively)
+            "single": learner.reference_logprobs(REF_ITEMS[-1:], share_prefix=True),
+            "logits": learner.logits(PROBE).tolist()}
+
+
+@pytest.mark.parametrize("stage,ranks", [(2, 1), (3, 2)])
+def test_adapters_off_reference_equals_a_separately_loaded_base_model(tiny_model_dir, demo_data_dir, stage, ranks):
+    """erpo.reference=sft with LoRA: the learners' log-probs with adapters off (after the adapters
+    trained) are those of the model they started from, loaded on its own (fp32, within 1e-6)."""
+    from safer_dist.erpo.pairs import step_sequence
+    from safer_dist.rollout.sampling import continuation_logprobs
+    from safer_dist.train.lm_head import LMHead
+    from safer_dist.train.lora_reference import packs
+    from safer_dist.train.losses import sum_by_sequence
+    from safer_dist.train.models import load_model, load_tokenizer
+    from safer_dist.train.tree_attention import packed_layout
+
+    cfg = make_cfg(tiny_model_dir, demo_data_dir, f"learner.num_learners={ranks}", f"learner.zero_stage={stage}",
+                   "train.global_batch_size=8", "train.micro_batch_size=4", "model.lora.rank=4", "train.lr=1e-2")
+    results = run_ranks(cfg, functools.partial(reference_run, steps=3))
+    assert all(r["reference"] == results[0]["reference"] for r in results), "every rank returns the whole list"
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    encoded = [step_sequence(tokenizer, p, x, c, eos) for p, x, c, eos in REF_ITEMS]
+    base = load_model(tiny_model_dir, dtype=torch.float32)
+    got = results[0]["reference"]
+
+    head = LMHead(base, cfg.learner.loss_chunk_tokens, "cpu")
+
+    def base_logprobs(items: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+        """The base model on its own, through the same loss head, in the rows each rank packed."""
+        out = [None] * len(items)
+        for rank in range(ranks):
+            for row, members in packs(items, rank=rank, world_size=ranks, share_prefix=True):
+                with torch.no_grad():
+                    sums, counts = sum_by_sequence(*head.token_logprobs(base, row, packed_layout(row["position_ids"])),
+                                                   row["seq_ids"], len(members))
+                for i, s, n in zip(members, sums.tolist(), counts.tolist()):
+                    out[i] = (s, int(n))
+        return out
+
+    want = base_logprobs(encoded)
+    assert [n for _, n in got] == [n for _, n in want] == [len(c) for _, c in encoded]
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in want], abs=1e-6)
+    assert results[0]["single"][0] == pytest.approx(base_logprobs(encoded[-1:])[0], abs=1e-6)
+    # The rollout workers' reference pass (full logits) on the base model: each token within 1e-6.
+    full = continuation_logprobs(base, encoded, share_prefix=False)
+    assert all(abs(g - w) <= 1e-6 * n for (g, n), (w, _) in zip(got, full))
+    # ... and not the adapted model's: the adapters moved it (so adapters-on would fail above).
+    ids = torch.tensor([PROBE])
+    with torch.no_grad():
+        assert (base(input_ids=ids).logits[0] - torch.tensor(results[0]["logits"])).abs().max() > 1e-3

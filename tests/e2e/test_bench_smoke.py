@@ -81,11 +81,11 @@ def test_rollout_smoke_decode_bound(tmp_path):
 
 
 def test_gpu_benchmark_smoke_rows(tmp_path):
-    """bench/gpu.py on CPU: every row measured, the plain loop and the learner fed the same
-    batches, MFU and ratios computed from the rates as documented."""
+    """bench/gpu.py on CPU: every row measured (the LoRA learner's too), the plain loop and the
+    learners fed the same batches, MFU and ratios computed from the rates as documented."""
     out = tmp_path / "rows.json"
-    run_smoke("gpu.py", tmp_path / "work", "--json", str(out), "--peak-tflops", "1",
-              "--profile", str(tmp_path / "prof"))
+    lines = run_smoke("gpu.py", tmp_path / "work", "--json", str(out), "--peak-tflops", "1", "--lora-rank", "4",
+                      "--profile", str(tmp_path / "prof"))
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["shape"]["name"] == "smoke"
     # Parameters besides the input embedding, smoke shape (hidden 64, 2 layers, 4 q / 2 kv heads
@@ -95,18 +95,27 @@ def test_gpu_benchmark_smoke_rows(tmp_path):
     assert report["non_embedding_params"] == 266048
     rows = {r["row"]: r for r in report["rows"]}
     assert sorted(rows) == sorted(["TRL SFTTrainer SFT", "plain PyTorch SFT", "plain PyTorch DPO",
-                                   "safer Learner SFT", "safer Learner DPO", "safer Learner DPO-SHARED"])
+                                   "safer Learner SFT", "safer Learner DPO", "safer Learner DPO-SHARED",
+                                   "safer Learner LoRA SFT", "safer Learner LoRA DPO", "safer Learner LoRA DPO-SHARED"])
+    # LoRA rank 4 on every linear layer of the 2 blocks: r x (in + out) per layer, q 64+64, k and v
+    # 64+32, o 64+64, gate and up 64+128, down 128+64 = 1024 per block and rank -> 2 x 1024 x 4 = 8192.
+    assert any(line.startswith("# safer Learner LoRA: LoRA rank 4, alpha 8 on 14 layers (all-linear): 8,192 trainable")
+               for line in lines), lines
     for r in rows.values():
         assert "error" not in r and r["tokens_per_s"] > 0 and r["window_tokens"][0] > 0
-        assert r["mfu"] == pytest.approx(6 * 266048 * r["tokens_per_s"] / 1e12)  # --peak-tflops 1
+        # --peak-tflops 1; with adapters 4 N + 2 x the adapters per token (frozen weights get no weight gradient)
+        trained = 8192 if r["contestant"] == "safer Learner LoRA" else 266048
+        assert r["num_params_trained"] == trained
+        assert r["mfu"] == pytest.approx((4 * 266048 + 2 * trained) * r["tokens_per_s"] / 1e12)
         assert r["peak_memory_gib"] is None  # CUDA memory only
         plain = rows[f"plain PyTorch {r['kind'].removesuffix('-shared').upper()}"]
         assert r["vs_plain"] == pytest.approx(r["tokens_per_s"] / plain["tokens_per_s"])
     # Same packed batches: the learner and the plain loop train on the same tokens, window by window;
     # the prefix-shared row on the same pairs, counted as their unshared tokens.
-    assert rows["safer Learner SFT"]["window_tokens"] == rows["plain PyTorch SFT"]["window_tokens"]
-    assert rows["safer Learner DPO"]["window_tokens"] == rows["plain PyTorch DPO"]["window_tokens"]
-    assert rows["safer Learner DPO-SHARED"]["window_tokens"] == rows["plain PyTorch DPO"]["window_tokens"]
+    for learner in ("safer Learner", "safer Learner LoRA"):
+        assert rows[f"{learner} SFT"]["window_tokens"] == rows["plain PyTorch SFT"]["window_tokens"]
+        assert rows[f"{learner} DPO"]["window_tokens"] == rows["plain PyTorch DPO"]["window_tokens"]
+        assert rows[f"{learner} DPO-SHARED"]["window_tokens"] == rows["plain PyTorch DPO"]["window_tokens"]
     # --profile: one more step per safer and plain row, its three phases nested in the step.
     phases = json.loads((tmp_path / "prof" / "phases.json").read_text())
     assert sorted(phases) == sorted(n for n in rows if not n.startswith("TRL"))

@@ -141,3 +141,23 @@ def test_erpo_killed_during_sampling_and_training_resumes(sft_run):
     assert [m["step"] for m in steps] == list(range(1, len(steps) + 1)), "steps lost or repeated"
     it1 = [m["iter_step"] for m in steps if m["iteration"] == 1]
     assert it1 == list(range(1, len(it1) + 1)) and len(it1) > 2
+
+
+def test_lora_erpo_with_the_sft_reference_uses_the_learners_adapters_off(sft_run):
+    """`model.lora.rank=8 erpo.reference=sft`: no SFT-reference rollout group is started; the
+    learners, adapters off, give the reference. Iteration 0 starts with the adapters at B = 0,
+    so policy == reference and the first step's rewards are 0 (both from the learners' loss
+    head, up to packing rounding); iteration 1 starts from the trained adapters against the
+    same SFT reference, so its first rewards are not 0 (with erpo.reference=iteration they
+    would be: tests above)."""
+    p = safer("erpo", *_args(sft_run), *ERPO, "erpo.optim.lr=2e-3", "model.lora.rank=8", "erpo.reference=sft",
+              f"erpo.init_from={sft_run / 'r' / 'hf'}", "run.name=lora_sft_ref")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "SFT-reference rollout" not in p.stderr
+    run = sft_run / "lora_sft_ref"
+    steps = read_metrics(run / "metrics.jsonl", "erpo")
+    moved = lambda m: abs(m["reward_chosen"]) + abs(m["reward_rejected"])  # noqa: E731
+    first = [next(m for m in steps if m["iteration"] == t) for t in (0, 1)]
+    assert moved(first[0]) < 2e-4, first[0]
+    assert moved(first[1]) > 1e-2, first[1]
+    assert (run / "hf_erpo" / "adapter" / "adapter_config.json").is_file()

@@ -226,3 +226,23 @@ def test_a_quantized_learners_export_is_a_plain_model(adapted, tiny_model_dir, t
     # `safer export` cannot dequantize NF4 weights from a checkpoint: it says so.
     with pytest.raises(ValueError, match=r"model\.quantization=4bit.*<run>/hf"):
         checkpoint_adapter_writer(tmp_path / "step_4", {"model": {"quantization": "4bit"}}, {})
+
+
+def test_rank_8_adapters_are_under_5_percent_of_the_demo_model():
+    """What a LoRA weight sync sends (the adapters in fp32; tests/ray/test_lora_sync.py checks the
+    bytes sent equal them) against the demo model's fp32 weights, on the demo preset's shape
+    (meta tensors: no memory). The demo tokenizer's 2629 tokens size the (tied) embedding."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from safer_dist.train.models import _LLAMA_COMMON, PRESETS
+
+    config = LlamaConfig(vocab_size=2629, **{**_LLAMA_COMMON, **PRESETS["tiny"]})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    base = sum(p.numel() for p in model.parameters())
+    adapters = Adapters(LoraSection(rank=8), model)
+    # Per block, r x (in + out): q, k, v, o 256+256 each, gate and up 256+688, down 688+256;
+    # 4 blocks at r = 8: 4 x 8 x (4 x 512 + 3 x 944) = 156160.
+    assert adapters.num_trainable == 156_160 and base == 3_837_440
+    sent_bytes, model_bytes = 4 * adapters.num_trainable, 4 * base
+    assert sent_bytes / model_bytes < 0.05  # 4.07%

@@ -65,6 +65,15 @@ def test_separate_placement_counts_every_rollout_group():
                      Cluster.uniform(1, 8)).fits
 
 
+def test_lora_learners_are_the_sft_reference_so_no_reference_group_is_placed():
+    # erpo.reference=sft with adapters: the learners' base, adapters off (safer_dist/train/lora_reference.py)
+    sep = ("learner.num_learners=6", "rollout.num_workers=2", "erpo.reference=sft", "rollout.placement=separate")
+    erpo = placement(_cfg(*sep, "model.lora.rank=8"), "erpo", Cluster.uniform(1, 8)).phase("erpo")
+    assert set(erpo.actors) == {"learner", "rollout"} and erpo.num_gpus == 6 + 2 and erpo.problem is None
+    shared = placement(_cfg("erpo.reference=sft", "model.lora.rank=8"), "erpo", Cluster.uniform(1, 2)).phase("erpo")
+    assert {r: a.gpus for r, a in shared.actors.items()} == {"learner": 0.5, "rollout": 0.5}
+
+
 def test_cpu_default_is_separate_and_colocate_uses_cpu_bundles():
     cfg = _cfg("launch.device=cpu")
     p = placement(cfg, "erpo", Cluster.uniform(1, 0, 4))

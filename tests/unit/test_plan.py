@@ -40,6 +40,7 @@ RECIPES = {
     "configs/llama3-8b-8xh100.yaml": (8, 1, "llama3-8b", "run"),
     "configs/llama3-8b-1xh100.yaml": (1, 1, "llama3-8b", "run"),
     "configs/llama3-8b-lora-1xh100.yaml": (1, 1, "llama3-8b", "run"),
+    "configs/qwen2.5-7b-lora-1xh100.yaml": (1, 1, "qwen2.5-7b", "run"),
     "configs/qwen2.5-7b-8xh100.yaml": (8, 1, "qwen2.5-7b", "run"),
     "configs/llama3-70b-4x8xh100.yaml": (8, 4, "llama3-70b", "sft"),  # its rollout workers do not fit one GPU
 }
@@ -296,6 +297,22 @@ def test_recipes_load_and_carry_their_plan(recipe):
     comment = [line[4:] for line in path.read_text().splitlines() if line.startswith("#   ")]
     start = comment.index(printed[0])
     assert comment[start : start + len(printed)] == printed, f"refresh the plan in {recipe}'s comment"
+
+
+def test_qlora_sft_recipe_fits_one_24gb_gpu_and_the_run_does_not():
+    recipe = "configs/llama3-8b-qlora-1x24gb.yaml"
+    path = REPO / recipe
+    cfg = load_config(path)
+    assert cfg.model.quantization == "4bit" and cfg.model.lora.enabled
+    plan = plan_config(cfg, gpus_per_node=1, nodes=1, gpu_mem_gb=24, shape="llama3-8b", stage="sft")
+    assert plan.ok and plan.recommended[0] == plan.configured, "the recipe should fit as is"
+    printed = [line for line in format_plan(plan, recipe).splitlines() if line]
+    comment = [line[4:] for line in path.read_text().splitlines() if line.startswith("#   ")]
+    start = comment.index(printed[0])
+    assert comment[start : start + len(printed)] == printed, f"refresh the plan in {recipe}'s comment"
+    # SFT only, as its comment says: the rollout worker's bf16 copy does not fit 24 GB
+    run = plan_config(cfg, gpus_per_node=1, nodes=1, gpu_mem_gb=24, shape="llama3-8b", stage="run")
+    assert not run.ok and any("rollout worker (bf16 copy" in line and "DOES NOT FIT" in line for line in run.lines)
 
 
 def test_rollout_tensor_parallel_shards_the_copy_over_gpus_of_a_node():
