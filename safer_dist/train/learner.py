@@ -509,10 +509,11 @@ class Learner:
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
 
     def export_hf(self, out_dir: str) -> None:
-        """Write a Hugging Face directory (safetensors, config, tokenizer). Collective. With
+        """Write a Hugging Face directory (safetensors, config, tokenizer), streamed tensor by
+        tensor (:mod:`safer_dist.checkpointing.streamed_export`). Collective. With
         adapters: the merged model, plus the adapters alone in ``<out_dir>/adapter/``
         (:mod:`safer_dist.train.lora`)."""
-        from safer_dist.checkpointing.export import save_hf_atomically
+        from safer_dist.checkpointing.streamed_export import export_module
 
         if self.adapters is not None:
             from safer_dist.train.lora import export_merged
@@ -520,9 +521,7 @@ class Learner:
             return export_merged(self.adapters, self.engine.module, self.tokenizer, out_dir, base_model=self.model_path,
                                  zero3=self.cfg.zero_stage == 3, rank=self.rank,
                                  trust_remote_code=self.model_cfg.trust_remote_code)
-        sd = self.full_state_dict()
-        if self.rank == 0:
-            save_hf_atomically(self.engine.module, self.tokenizer, out_dir, state_dict=sd)
+        export_module(self.engine.module, self.tokenizer, out_dir, zero3=self.cfg.zero_stage == 3, rank=self.rank)
 
     def logits(self, input_ids: list[int]) -> torch.Tensor:
         """Logits of one unpacked sequence under the current weights (for tests). Collective under ZeRO-3."""
