@@ -471,11 +471,20 @@ class Learner:
                             zero3=self.cfg.zero_stage == 3, version=version)
 
     # -- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True,
+                        background: bool = False) -> dict:
         """Write this rank's shards and RNG state into ``root/tag``; return the size (and sha256)
-        of the files this rank wrote, fsynced (``checkpoint.rank_digests``). Collective."""
+        of the files this rank wrote, fsynced (``checkpoint.rank_digests``). Collective.
+        ``background``: copy them to host memory and write them on a thread, reporting there
+        (safer_dist/checkpointing/async_save.py); returns {} once copied."""
         from safer_dist.checkpointing.checkpoint import rank_digests
 
+        if background:
+            from safer_dist.checkpointing.async_save import save_in_background
+
+            save_in_background(self.engine, root, tag, client_state, rank=self.rank, hash_files=hash_files,
+                               extra_files={f"rng_rank{self.rank}.pt": rng_state()})
+            return {}
         self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), Path(root) / tag / f"rng_rank{self.rank}.pt")
         return rank_digests(Path(root) / tag, self.rank, hash_files)
