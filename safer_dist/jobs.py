@@ -12,7 +12,7 @@ import time
 from operator import attrgetter
 from pathlib import Path
 
-from safer_dist.checkpointing.checkpoint import Checkpointer
+from safer_dist.checkpointing.checkpoint import Checkpointer, wait_for_writes
 from safer_dist.cluster.group import LearnerGroup, start_ray, stop_ray
 from safer_dist.cluster.placement import PhaseBundles, require_placement
 from safer_dist.cluster.rollout import RolloutGroup
@@ -154,6 +154,7 @@ def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
         t0 = time.perf_counter()
         with phase("sft"):
             state = train_sft(cfg, group, run_dir)
+            wait_for_writes()  # checkpoint.async_save: the last checkpoint is complete before going on
         hf = run_dir / "hf"
         with phase("export"):
             group.export_hf(str(hf))
@@ -257,6 +258,7 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
                                              name="SFT-reference rollout")
             groups.append(reference)
         state = train_erpo(cfg, learners, rollout, judge, run_dir, reference=reference)
+        wait_for_writes()
         out = run_dir / "hf_erpo"
         with phase("export_erpo"):
             learners.export_hf(str(out))

@@ -17,7 +17,8 @@
 # $STATE_DIR/head.address (ip:GCS port, what workers and the driver connect to), then runs
 # `ray start`. The state dir is on the shared filesystem (the run dir). Each Ray step asks
 # srun for the job's CPUs per node (--cpus-per-task): since Slurm 22.05 a step does not
-# inherit the batch job's --cpus-per-task, and would get one CPU.
+# inherit the batch job's --cpus-per-task, and would get one CPU; and for the node's GPUs
+# (--gpus-per-node, when the job has GPUs), so Ray sees the GPUs it is told it has.
 #
 # Environment (all optional):
 #   SAFER_VENV                 virtualenv with ray (default: <repo>/.venv)
@@ -137,6 +138,9 @@ mkdir -p "$SAFER_RAY_STATE_DIR"
 rm -f "$SAFER_RAY_STATE_DIR"/node-*.ip "$SAFER_RAY_STATE_DIR/head.address"
 unset RAY_ADDRESS
 
+# The Ray steps ask for the node's GPUs themselves: a step is not promised the job's GPUs.
+gpu_args=()
+[[ -n $SAFER_RAY_NUM_GPUS && $SAFER_RAY_NUM_GPUS != 0 ]] && gpu_args=(--gpus-per-node="$SAFER_RAY_NUM_GPUS")
 wait_args=(--state-dir "$SAFER_RAY_STATE_DIR" --cpus-per-node "$SAFER_RAY_NUM_CPUS")
 [[ -n $SAFER_RAY_NUM_GPUS ]] && wait_args+=(--gpus-per-node "$SAFER_RAY_NUM_GPUS")
 timeout_s=${SAFER_RAY_READY_TIMEOUT_S:-300}
@@ -172,13 +176,14 @@ t0=$(date +%s.%N)
 log "job $SLURM_JOB_ID: head $HEAD, workers ${WORKERS[*]:-none}; logs in $SAFER_RAY_STATE_DIR"
 # --cpus-per-task: a step does not inherit the job's (Slurm >= 22.05) and would get one CPU.
 SAFER_RAY_NODE_ROLE="head" srun --job-name=safer-ray-head --nodes=1 --ntasks=1 -w "$HEAD" \
-    --cpus-per-task="$SAFER_RAY_NUM_CPUS" --overlap --input=none "$SCRIPT" \
+    --cpus-per-task="$SAFER_RAY_NUM_CPUS" ${gpu_args[@]+"${gpu_args[@]}"} --overlap --input=none "$SCRIPT" \
     2>"$SAFER_RAY_STATE_DIR/srun-head.log" &
 ray_pids+=($!)
 if ((${#WORKERS[@]} > 0)); then
     SAFER_RAY_NODE_ROLE=worker SAFER_RAY_HEAD_HOST=$HEAD srun --job-name=safer-ray-worker \
         --nodes=${#WORKERS[@]} --ntasks=${#WORKERS[@]} --ntasks-per-node=1 \
-        --cpus-per-task="$SAFER_RAY_NUM_CPUS" --exclude="$HEAD" --overlap --input=none "$SCRIPT" \
+        --cpus-per-task="$SAFER_RAY_NUM_CPUS" ${gpu_args[@]+"${gpu_args[@]}"} --exclude="$HEAD" --overlap \
+        --input=none "$SCRIPT" \
         2>"$SAFER_RAY_STATE_DIR/srun-workers.log" &
     ray_pids+=($!)
 fi

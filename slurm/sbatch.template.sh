@@ -13,13 +13,17 @@
 #   partition          partition                          (optional)
 #   account            account                            (optional)
 #   exclusive          "exclusive" to get whole nodes     (optional)
-#   time               time limit, e.g. 04:00:00
+#   time               time limit, e.g. 04:00:00              (optional)
+#   time_note          without a time limit: an estimate of SFT's duration (optional)
 #   grace_s            seconds before the time limit at which the driver gets SIGUSR1
 #   output             log path (in the run dir; appended to across requeues)
 #   run_dir            run directory (absolute)
 #   repo_dir           checkout containing slurm/ray-cluster.sh (absolute)
 #   venv_dir           virtualenv or conda env with safer and ray (absolute)
 #   command            driver command line, already shell-quoted (shlex.join)
+#   modules            $LOADEDMODULES of the submitting shell, shell-quoted ('' for none)
+#   env_exports        `export NAME=value` lines (shell-quoted) of its NCCL_*/CUDA_*/HF_* variables
+#   env_note           one line naming them, for the header
 #
 # Rules for the renderer: a `#SBATCH` or `##` line whose placeholder renders to "" is deleted
 # (that is how the optional lines work; give gpus_per_node "" for none); paths must be
@@ -35,6 +39,8 @@
 ## Resubmit as is:       sbatch --chdir={{submit_dir}} {{script_path}}
 ## Checkpoint now, requeue and resume:  scancel --signal=USR1 --batch <job id>
 ## --mem: {{mem_note}}
+## --time: {{time_note}}
+## Environment at submit, loaded and exported again below: {{env_note}}
 #SBATCH --job-name={{job_name}}
 #SBATCH --nodes={{nodes}}
 #SBATCH --ntasks-per-node=1
@@ -62,7 +68,30 @@ else
     export PATH="$SAFER_VENV/bin:$PATH"
 fi
 
+# The submitting shell's modules and variables, so that resubmitting this script from a fresh
+# shell (or a requeue) runs with the same collectives, CUDA and Hugging Face settings.
+readonly SAFER_MODULES={{modules}}
+{{env_exports}}
+if [[ -n $SAFER_MODULES ]]; then
+    if ! type module >/dev/null 2>&1; then
+        for init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh /usr/share/lmod/lmod/init/bash; do
+            # shellcheck disable=SC1090
+            [[ -f $init ]] && source "$init" && break
+        done
+    fi
+    if ! type module >/dev/null 2>&1; then
+        echo "safer: submitted with modules $SAFER_MODULES, and this node has no 'module' command" >&2
+        exit 1
+    fi
+    set +u   # module scripts read unset variables
+    # shellcheck disable=SC2086  # one module per word
+    module load ${SAFER_MODULES//:/ } || { echo "safer: module load ${SAFER_MODULES//:/ } failed" >&2; exit 1; }
+    set -u
+fi
+
 echo "safer: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST at $(date -Is)"
+echo "safer: modules: ${LOADEDMODULES:-none}"
+env | grep -E '^(NCCL|CUDA|HF)_' | grep -vE '^[^=]*(TOKEN|SECRET|PASSWORD|KEY)' | sort | sed 's/^/safer: env: /' || true
 
 # The batch shell is the only process SLURM signals with B:USR1; pass it on. bash runs a
 # trap only between commands, so the work runs in the background and we `wait`.

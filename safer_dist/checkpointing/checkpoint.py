@@ -98,6 +98,7 @@ class Checkpointer:
         self._clock = clock
         self._last_save_time = clock()
         self._mine: set[Path] = set()  # checkpoints this job saved or resumed from
+        self._pending: _Pending | None = None  # the background write in flight (checkpoint.async_save)
 
     def due(self, step: int) -> bool:
         """Whether to save after ``step``: every ``every_steps`` steps, or ``every_seconds``
@@ -107,7 +108,17 @@ class Checkpointer:
         return bool(self.cfg.every_seconds) and self._clock() - self._last_save_time >= self.cfg.every_seconds
 
     def save(self, group, state: TrainerState, config: Config) -> Path:
-        """Every rank writes its shards; then the state, config and finally COMPLETE."""
+        """Every rank writes its shards; then the state, config and finally COMPLETE.
+
+        With ``checkpoint.async_save`` the ranks copy their state to host memory and write it
+        in the background (safer_dist/checkpointing/async_save.py): this returns once the copy
+        is made, and COMPLETE follows when every rank's files are durable. A write in flight is
+        waited for first; a stop's checkpoint is written synchronously."""
+        from safer_dist.checkpointing import async_save
+        from safer_dist.runtime import stop
+
+        self.wait()
+        background = self.cfg.async_save and not stop.requested()
         tag = f"step_{state.step}"
         path = self.root / tag
         if path.resolve() in self._mine and is_complete(path):
@@ -122,16 +133,44 @@ class Checkpointer:
         self.root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         state.world_size = group.world_size
-        # Each rank returns the sizes (and sha256) of the files it wrote, fsynced.
+        # Each rank returns the sizes (and sha256) of the files it wrote, fsynced; in the
+        # background, it reports them under async_save.marker_dir once they are.
+        async_save.remove_markers(self.root, tag)  # a report left by an earlier, killed save
+        in_background = {"background": True} if background else {}  # a synchronous save passes what it always did
         digests = group.save_checkpoint(str(self.root), tag, {"trainer_state": state.state_dict()},
-                                        hash_files=self.cfg.hash_files)
+                                        hash_files=self.cfg.hash_files, **in_background)
         t_shards = time.perf_counter() - t0
         atomic_write_text(path / "trainer_state.json", json.dumps(state.state_dict(), indent=1))
         save_config(config, path / "config.yaml")
-        _test_hang_in_save(state)
-        manifest = write_manifest(path, step=state.step, world_size=group.world_size, hash_files=self.cfg.hash_files,
-                                  digests=digests)
         self._last_save_time = self._clock()
+        if not background:
+            self._complete(group, state, path, digests, t0, t_shards)
+            return path
+        snapshot = TrainerState(**state.state_dict())
+        world_size = group.world_size
+
+        def complete() -> None:
+            reported = async_save.wait_for_ranks(self.root, tag, world_size, ASYNC_WRITE_TIMEOUT_S)
+            self._complete(group, snapshot, path, reported, t0, time.perf_counter() - t0)
+            async_save.remove_markers(self.root, tag)
+
+        self._pending = _Pending(complete, name=f"checkpoint-complete-{tag}")
+        _PENDING.add(self)
+        log.info("checkpoint %s: state copied to host memory in %.2f s; writing in the background", path, t_shards)
+        return path
+
+    def wait(self) -> None:
+        """Wait for the background write in flight (if any) to be complete (COMPLETE written);
+        its failure is raised here."""
+        pending, self._pending = self._pending, None
+        _PENDING.discard(self)
+        if pending is not None:
+            pending.result()
+
+    def _complete(self, group, state: TrainerState, path: Path, digests: dict, t0: float, t_shards: float) -> None:
+        _test_hang_in_save(state)
+        manifest = write_manifest(path, step=state.step, world_size=state.world_size, hash_files=self.cfg.hash_files,
+                                  digests=digests)
         self._mine.add(path.resolve())
         group.last_checkpoint = str(path)
         log.info(
@@ -139,7 +178,6 @@ class Checkpointer:
             t_shards, len(manifest["files"]), sum(f["size"] for f in manifest["files"].values()) / 1e6,
         )
         self.rotate()
-        return path
 
     def rotate(self) -> None:
         """Delete complete checkpoints beyond the newest ``keep_last``; never an incomplete one."""
@@ -232,6 +270,38 @@ class Checkpointer:
         group.last_checkpoint = str(path)
         log.info("resumed from %s (step %d) in %.2f s", path, state.step, time.perf_counter() - t0)
         return path
+
+
+# Seconds the driver waits for the learners' background writes of one checkpoint.
+ASYNC_WRITE_TIMEOUT_S = 3600.0
+_PENDING: set[Checkpointer] = set()
+
+
+class _Pending:
+    """``fn()`` on a daemon thread; :meth:`result` joins it and raises what it raised."""
+
+    def __init__(self, fn, name: str):
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised by result()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, daemon=True, name=name)
+        self._thread.start()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def wait_for_writes() -> None:
+    """Wait for every background checkpoint write of this process (the end of a stage)."""
+    for ckpt in list(_PENDING):
+        ckpt.wait()
 
 
 def _step(p: Path) -> int:

@@ -1,4 +1,4 @@
-"""Writing Hugging Face model directories atomically."""
+"""`safer export`: a Hugging Face directory from a DeepSpeed checkpoint (no Ray, no process group; CPU)."""
 
 from __future__ import annotations
 
@@ -15,47 +15,9 @@ from safer_dist.checkpointing.checkpoint import (
 )
 from safer_dist.checkpointing.safe_load import weights_only_torch_load
 from safer_dist.config import CheckpointSection
-from safer_dist.runtime.io import atomic_write_dir
 from safer_dist.runtime.log import get_logger, quiet_libraries
 
 log = get_logger("export")
-
-
-def save_hf_atomically(model, tokenizer, out_dir: str | Path, state_dict=None, also=None) -> Path:
-    """save_pretrained (safetensors) + tokenizer into ``out_dir``, replacing it in one rename;
-    ``also(dir)`` adds files (the LoRA adapter directory).
-
-    The directory is built next to its destination and swapped in, so a crash leaves either
-    the old export or the new one, never a mixture.
-    """
-    def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if also is not None:
-            also(tmp)
-
-    return atomic_write_dir(out_dir, fill)
-
-
-def model_of_state_dict(config, state_dict: dict, *, trust_remote_code: bool, source: str, model_name: str):
-    """The causal LM of ``config`` holding the tensors of ``state_dict`` (assigned, not copied;
-    tied weights tied). ValueError naming ``source`` for a weight the model lacks or a missing one."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise ValueError(f"{source}: weights {result.unexpected_keys[:5]} do not belong to {model_name}")
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ValueError(f"{source}: no weights for {missing[:5]}")
-    return model
-
-
-# -- export from a DeepSpeed checkpoint (no Ray, no process group; CPU) -------------------------
 
 
 def resolve_checkpoint(source: str | Path, stage: str | None = None) -> Path:
@@ -92,8 +54,28 @@ def consolidated_state_dict(checkpoint: Path) -> dict:
         return {k: v.float() for k, v in states["module"].items()}
 
 
+def lazy_state_dict(checkpoint: Path) -> dict:
+    """``name -> fetch()`` of the fp32 weights of a ZeRO-0/1/2/3 checkpoint: the files are read
+    (weights-only, memory-mapped) up front, each tensor consolidated only when fetched. ZeRO-3
+    partitions are gathered per tensor (DeepSpeed's lazy mode); DeepSpeed consolidates a ZeRO-1/2
+    checkpoint's fp32 weights as one vector, so there the whole fp32 model is in memory."""
+    import torch
+
+    checkpoint = Path(checkpoint)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with weights_only_torch_load():
+        if any(checkpoint.glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
+            return {k: v.contiguous for k, v in lazy.items()}
+        states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True)
+        return {k: v.float for k, v in states["module"].items()}
+
+
 def export_checkpoint(source: str | Path, out_dir: str | Path, *, stage: str | None = None, dtype: str = "float32") -> Path:
-    """Write ``out_dir`` (safetensors, config, generation config, tokenizer) from a checkpoint.
+    """Write ``out_dir`` (safetensors, config, generation config, tokenizer) from a checkpoint,
+    tensor by tensor (:mod:`safer_dist.checkpointing.streamed_export`).
 
     The architecture and tokenizer come from the ``model.path`` recorded in the checkpoint's
     config.yaml; the weights are the checkpoint's fp32 master weights (cast to ``dtype``). A
@@ -103,8 +85,9 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, stage: str | N
     """
     # Heavy: the CLI imports this module for `safer export` only.
     import torch
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from safer_dist.checkpointing.streamed_export import export_streamed, module_layout
     from safer_dist.train import lora
     from safer_dist.train.models import load_tokenizer
 
@@ -117,17 +100,26 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, stage: str | N
     if not model_path or not (Path(model_path) / "config.json").is_file():
         raise ValueError(f"{ckpt}/config.yaml: model.path={model_path!r} is not a local Hugging Face directory "
                          "(the export takes the architecture and tokenizer from it)")
-    state_dict = consolidated_state_dict(ckpt)
+    weights = lazy_state_dict(ckpt)
     also = None
-    if lora.has_adapters(state_dict):  # merged into the plain model; the adapters alone beside it
-        also = lora.checkpoint_adapter_writer(ckpt, saved, state_dict)
-        state_dict = lora.merge_state_dict(state_dict, lora.scaling(lora.lora_section_of(saved)))
+    if lora.has_adapters(weights):  # merged into the plain model; the adapters alone beside it
+        adapters = {k: get() for k, get in weights.items() if lora.is_adapter_name(k)}
+        also = lora.checkpoint_adapter_writer(ckpt, saved, adapters)
+        weights = lora.merged_lazily(weights, lora.scaling(lora.lora_section_of(saved)))
     config = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust)
-    model = model_of_state_dict(config, state_dict, trust_remote_code=trust, source=f"{ckpt}",
-                                model_name=f"the model of {model_path}").to(getattr(torch, dtype))
+    with torch.device("meta"):  # names, shapes and the config only; the weights stream from the checkpoint
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=getattr(torch, dtype))
     if (Path(model_path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust)
-    out = save_hf_atomically(model, tokenizer, out_dir, also=also)
-    log.info("exported %s (%d tensors, %s) to %s", ckpt, len(state_dict), dtype, out)
-    return out
+    layout = module_layout(model)
+    unexpected = sorted(set(weights) - set(model.state_dict()))
+    if unexpected:
+        raise ValueError(f"{ckpt}: weights {unexpected[:5]} do not belong to the model of {model_path}")
+    missing = [k for k in layout if k not in weights]
+    if missing:
+        raise ValueError(f"{ckpt}: no weights for {missing[:5]}")
+    tensors = ((k, weights[k]().to(t.dtype)) for k, t in layout.items())
+    export_streamed(out_dir, model, load_tokenizer(model_path, trust_remote_code=trust), layout, tensors, rank=0,
+                    num_parameters=model.num_parameters(), also=also)
+    log.info("exported %s (%d tensors, %s) to %s", ckpt, len(layout), dtype, out_dir)
+    return Path(out_dir)

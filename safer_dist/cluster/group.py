@@ -293,10 +293,14 @@ class LearnerGroup:
         return self._get(refs, what, timeout_s, names=names)
 
     # -- checkpoints and export -------------------------------------------------------------
-    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True,
+                        background: bool = False) -> dict:
         """Every rank writes its shards; returns the digests of their files, by name
-        (``checkpoint.rank_digests``: each rank hashed its own, in parallel)."""
-        per_rank = self._all("save_checkpoint", lambda a, r: a.save_checkpoint.remote(root, tag, client_state, hash_files))
+        (``checkpoint.rank_digests``: each rank hashed its own, in parallel). ``background``:
+        the ranks copy the state to host memory and write it on a thread of their own; nothing
+        is returned (safer_dist/checkpointing/async_save.py)."""
+        per_rank = self._all("save_checkpoint",
+                             lambda a, r: a.save_checkpoint.remote(root, tag, client_state, hash_files, background))
         return {name: d for digests in per_rank for name, d in digests.items()}
 
     def load_checkpoint(self, root: str, tag: str, **kwargs) -> dict:

@@ -54,7 +54,8 @@ which stay, + the workers' weights, KV cache and scoring logits). Where the opti
 not fit next to the rollout side, the walk below reaches optimizer offload and says so.
 
 The recommendation walks setups from fastest to leanest — ZeRO-2, ZeRO-3, then both with
-gradient checkpointing, then optimizer offload, then parameter offload — each at the
+gradient checkpointing, then optimizer offload (first without checkpointing, then with it),
+then parameter offload — each at the
 configured micro-batch or the largest smaller one that fits and divides the global batch,
 and takes the first that fits with the configured micro-batch or with at least
 ``MIN_MICRO_BATCH_TOKENS`` tokens per micro-batch (else the fitting one with the largest
@@ -323,6 +324,7 @@ def estimate(shape: ModelShape, setup: Setup, *, world_size: int, gpus_per_node:
 CANDIDATES = (
     (2, False, False, False), (3, False, False, False),
     (2, False, False, True), (3, False, False, True),
+    (2, True, False, False), (3, True, False, False),
     (2, True, False, True), (3, True, False, True), (3, True, True, True),
 )
 

@@ -28,6 +28,7 @@ docs/slurm.md has the whole story.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
 import shutil
@@ -147,15 +148,66 @@ def cpus_per_node(cfg: Config, opts: SubmitOptions) -> int:
     return max(1, math.ceil(need / opts.nodes))  # it does not fit for another reason (GPUs): check_fits names it
 
 
-def check_model_path(cfg: Config, cwd: Path) -> None:
-    """ConfigError when model.path holds no Hugging Face model and no init preset would create it:
-    the job would otherwise fail only once it leaves the queue. (The path must be on a filesystem
-    the nodes share; this host sees it as they will.)"""
+def check_model_path(cfg: Config, cwd: Path):
+    """ConfigError when model.path holds no Hugging Face model and no init preset would create it;
+    ValueError when its tokenizer does not load or has no chat template (the check `safer run`
+    makes, :func:`safer_dist.jobs.check_chat_template`): the job would otherwise fail only once
+    it leaves the queue. (The path must be on a filesystem the nodes share; this host sees it as
+    they will.) Returns the tokenizer, or None where the job creates the model."""
     path = cwd / cfg.model.path
-    if not (path / "config.json").is_file() and not cfg.model.init_preset:
+    if not (path / "config.json").is_file():
+        if cfg.model.init_preset:
+            return None  # the job creates the model, with its tokenizer and template
         what = "does not exist" if not path.exists() else "has no config.json"
         raise ConfigError(f"model.path={path} {what}: no Hugging Face model for the job to load; point model.path at "
                           "a local model directory (models load only from local directories) before submitting")
+    from safer_dist.jobs import check_chat_template  # loads transformers: only when there is a model to check
+
+    return check_chat_template(path, f"model.path={path}", cfg.model.trust_remote_code)
+
+
+def time_note(cfg: Config, opts: SubmitOptions, tokenizer, model_dir: Path) -> str:
+    """The header's ``--time`` line when --time is not given: SFT's duration on the learners'
+    GPUs at the measured speed (:mod:`safer_dist.cluster.walltime`), where there is an SFT stage,
+    GPUs, a model and data to count; else ""."""
+    from safer_dist.cluster.plan import resolve_shape
+    from safer_dist.cluster.walltime import sft_time_hint
+
+    if opts.time is not None or opts.stage == "erpo" or opts.gpus_per_node == 0 or tokenizer is None:
+        return ""
+    if not Path(cfg.data.train).is_file():
+        return ""
+    shape, _ = resolve_shape(str(model_dir), cfg.model.init_preset, opts.shape)
+    gpus = min(cfg.learner.num_learners, opts.nodes * opts.gpus_per_node)
+    hint = sft_time_hint(cfg, tokenizer, shape.num_params(), gpus)
+    return f"not given (the partition's default limit applies). {hint.note}; e.g. --time {hint.slurm_time()}"
+
+
+# The submitting shell's variables that decide how the job runs (collectives, CUDA, the Hugging
+# Face cache and offline mode). The script re-exports them, so resubmitting it from a fresh shell
+# runs the job the same way. CUDA_VISIBLE_DEVICES is SLURM's to set per job; credentials are never
+# written into a file.
+_RECORDED_ENV = re.compile(r"(NCCL|CUDA|HF)_\w+")
+_NOT_RECORDED = {"CUDA_VISIBLE_DEVICES"}
+_SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|KEY")
+
+
+def recorded_environment(env: Mapping[str, str]) -> tuple[str, dict[str, str], list[str]]:
+    """(loaded modules as ``$LOADEDMODULES`` lists them, the NCCL_*/CUDA_*/HF_* variables the
+    script re-exports, the names of those left out as credentials)."""
+    names = sorted(k for k in env if _RECORDED_ENV.fullmatch(k) and k not in _NOT_RECORDED)
+    secret = [k for k in names if _SECRET.search(k)]
+    return env.get("LOADEDMODULES", ""), {k: env[k] for k in names if k not in secret}, secret
+
+
+def environment_values(env: Mapping[str, str]) -> dict[str, str]:
+    """The template's ``modules``, ``env_exports`` and ``env_note`` for the submitting ``env``."""
+    modules, exported, secret = recorded_environment(env)
+    note = f"modules {modules or 'none'}; " + (", ".join(exported) or "no NCCL_*, CUDA_* or HF_* variables")
+    if secret:
+        note += f" (not recorded: {', '.join(secret)})"
+    return {"modules": shlex.quote(modules), "env_note": note,
+            "env_exports": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in exported.items())}
 
 
 def job_memory(cfg: Config, opts: SubmitOptions, model_dir: Path) -> tuple[str, str]:
@@ -176,8 +228,10 @@ def job_memory(cfg: Config, opts: SubmitOptions, model_dir: Path) -> tuple[str, 
     return mem.slurm_mem(), f"estimated: {mem.describe()}"
 
 
-def prepare(config_path: str | Path, overrides: list[str], opts: SubmitOptions, *, cwd: Path | None = None) -> Submission:
-    """Validate the config and the request and render the script. Writes nothing."""
+def prepare(config_path: str | Path, overrides: list[str], opts: SubmitOptions, *, cwd: Path | None = None,
+            env: Mapping[str, str] | None = None) -> Submission:
+    """Validate the config and the request and render the script, which records ``env`` (the
+    submitting shell's, :func:`recorded_environment`; default ``os.environ``). Writes nothing."""
     if opts.stage not in STAGES:
         raise ValueError(f"--stage must be one of {', '.join(STAGES)} (got {opts.stage!r})")
     if opts.nodes < 1:
@@ -189,7 +243,7 @@ def prepare(config_path: str | Path, overrides: list[str], opts: SubmitOptions, 
     cwd = (cwd or Path.cwd()).resolve()
     config_path = (cwd / config_path).resolve()
     cfg = load_config(config_path, [*overrides, "launch.ray_address=auto"])
-    check_model_path(cfg, cwd)
+    tokenizer = check_model_path(cfg, cwd)
     check_fits(cfg, opts)
     stop_grace_s = math.ceil(cfg.launch.stop_grace_s)
     grace_s = opts.grace_s if opts.grace_s is not None else stop_grace_s + _GRACE_MARGIN_S
@@ -224,12 +278,14 @@ def prepare(config_path: str | Path, overrides: list[str], opts: SubmitOptions, 
         "account": opts.account or "",
         "exclusive": "exclusive" if opts.exclusive else "",
         "time": opts.time or "",
+        "time_note": time_note(cfg, opts, tokenizer, cwd / cfg.model.path),
         "grace_s": grace_s,
         "output": log_path,
         "run_dir": run_dir,
         "repo_dir": REPO,
         "venv_dir": venv,
         "command": shlex.join(command),
+        **environment_values(os.environ if env is None else env),
     }
     return Submission(render_template(values), script_path, log_path, run_dir, command)
 

@@ -321,6 +321,9 @@ class CheckpointSection:
     # Record the sha256 of every checkpoint file in COMPLETE and verify it on resume (sizes
     # are always recorded and checked). Hashing reads the checkpoint once more (~1 s/GB).
     hash_files: bool = True
+    # Copy the state to host memory and write it in the background while training goes on;
+    # COMPLETE once every file is durable (safer_dist/checkpointing/async_save.py).
+    async_save: bool = False
 
 
 @dataclass

@@ -32,8 +32,9 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from safer_dist.checkpointing.checkpoint import rank_digests
-from safer_dist.checkpointing.export import save_hf_atomically
+from safer_dist.checkpointing.async_save import save_in_background
 from safer_dist.checkpointing.safe_load import weights_only_torch_load
+from safer_dist.checkpointing.streamed_export import export_module
 from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
 from safer_dist.data.records import load_records
 from safer_dist.train.attention import tree_packing_unsupported
@@ -356,9 +357,16 @@ class Learner(StepDpo):
         return self.sync.send(self.engine.module, version)
 
     # -- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True) -> dict:
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True,
+                        background: bool = False) -> dict:
         """Write this rank's shards and RNG state into ``root/tag``; return the size (and sha256)
-        of the files this rank wrote, fsynced (``checkpoint.rank_digests``). Collective."""
+        of the files this rank wrote, fsynced (``checkpoint.rank_digests``). Collective.
+        ``background``: copy them to host memory and write them on a thread, reporting there
+        (safer_dist/checkpointing/async_save.py); returns {} once copied."""
+        if background:
+            save_in_background(self.engine, root, tag, client_state, rank=self.rank, hash_files=hash_files,
+                               extra_files={f"rng_rank{self.rank}.pt": rng_state()})
+            return {}
         self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), Path(root) / tag / f"rng_rank{self.rank}.pt")
         return rank_digests(Path(root) / tag, self.rank, hash_files)
@@ -390,16 +398,15 @@ class Learner(StepDpo):
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
 
     def export_hf(self, out_dir: str) -> None:
-        """Write a Hugging Face directory (safetensors, config, tokenizer). Collective. With
+        """Write a Hugging Face directory (safetensors, config, tokenizer), streamed tensor by
+        tensor (:mod:`safer_dist.checkpointing.streamed_export`). Collective. With
         adapters: the merged model, plus the adapters alone in ``<out_dir>/adapter/``
         (:mod:`safer_dist.train.lora`)."""
         if self.adapters is not None:
             return export_merged(self.adapters, self.engine.module, self.tokenizer, out_dir, base_model=self.model_path,
                                  zero3=self.cfg.zero_stage == 3, rank=self.rank,
                                  trust_remote_code=self.model_cfg.trust_remote_code)
-        sd = self.full_state_dict()
-        if self.rank == 0:
-            save_hf_atomically(self.engine.module, self.tokenizer, out_dir, state_dict=sd)
+        export_module(self.engine.module, self.tokenizer, out_dir, zero3=self.cfg.zero_stage == 3, rank=self.rank)
 
     def logits(self, input_ids: list[int]) -> torch.Tensor:
         """Logits of one unpacked sequence under the current weights (for tests). Collective under ZeRO-3."""

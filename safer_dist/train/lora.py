@@ -27,9 +27,10 @@ exports without its starting model) and the optimizer state of the adapters only
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -293,16 +294,28 @@ def has_adapters(state_dict: dict) -> bool:
 def merge_state_dict(state_dict: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """A learner's state dict (``<m>.base_layer.weight``, ``<m>.lora_A.default.weight``, ...)
     as the plain model's: each adapted weight merged with :func:`merge_weight`, adapters dropped."""
+    lazy = merged_lazily({k: (lambda v=v: v) for k, v in state_dict.items()}, scaling)
+    return {k: get() for k, get in lazy.items()}
+
+
+def merged_lazily(weights: dict[str, Callable[[], torch.Tensor]], scaling: float) -> dict[str, Callable[[], torch.Tensor]]:
+    """:func:`merge_state_dict` over weights fetched on demand (``name -> fetch()``): the plain
+    model's names, each fetching (and merging) its tensor only when called, so an export can
+    write them one at a time."""
     out = {}
-    for name, t in state_dict.items():
+    for name, get in weights.items():
         if is_adapter_name(name):
             continue
         if name.endswith(".base_layer.weight"):
             m = name[: -len(".base_layer.weight")]
-            t = merge_weight(t, state_dict[f"{m}.lora_A.{ADAPTER}.weight"], state_dict[f"{m}.lora_B.{ADAPTER}.weight"],
-                             scaling)
-        out[name.replace(".base_layer.", ".")] = t
+            get = functools.partial(_fetch_merged, get, weights[f"{m}.lora_A.{ADAPTER}.weight"],
+                                    weights[f"{m}.lora_B.{ADAPTER}.weight"], scaling)
+        out[name.replace(".base_layer.", ".")] = get
     return out
+
+
+def _fetch_merged(w, a, b, scaling: float) -> torch.Tensor:
+    return merge_weight(w(), a(), b(), scaling)
 
 
 def write_adapter_dir(out_dir: str | Path, state_dict: dict[str, torch.Tensor], section: LoraSection,
@@ -340,30 +353,40 @@ def lora_section_of(saved_config: dict) -> LoraSection:
 def export_merged(adapters: Adapters, model: torch.nn.Module, tokenizer, out_dir: str, *, base_model: str,
                   zero3: bool, rank: int, trust_remote_code: bool = False) -> None:
     """Write ``out_dir`` as a plain Hugging Face model of the merged weights, with the adapters
-    alone in ``out_dir/adapter/`` (:func:`write_adapter_dir`). Collective under ZeRO-3.
+    alone in ``out_dir/adapter/`` (:func:`write_adapter_dir`). Collective under ZeRO-3. The
+    merged weights are streamed to their files a bucket at a time
+    (:mod:`safer_dist.checkpointing.streamed_export`): no host holds the merged model.
 
-    ``model`` saves itself with the merged state dict, except a 4-bit (QLoRA) one, whose config
-    would make the export load 4-bit again: a plain model is built from its config without the
-    quantization config (4-bit bases never run under ZeRO-3, where transformers would build it
-    partitioned), so the export is a plain bf16 model, merged over the dequantized base."""
+    ``model`` writes the config, except a 4-bit (QLoRA) one, whose config would make the export
+    load 4-bit again: the config is that of a plain model built (on the meta device) from its
+    config without the quantization config (4-bit bases never run under ZeRO-3, where
+    transformers would build it partitioned), so the export is a plain bf16 model, merged over
+    the dequantized base."""
     import copy
 
-    from safer_dist.checkpointing.export import model_of_state_dict, save_hf_atomically
+    from safer_dist.checkpointing import streamed_export
 
-    merged = adapters.merged_state_dict(model, zero3=zero3, rank=rank)
     lora = adapters.adapter_state_dict(model, zero3=zero3, rank=rank)
-    if rank != 0:
-        return
-    also = lambda d: write_adapter_dir(d / ADAPTER_DIR, lora, adapters.section, base_model)  # noqa: E731
-    if getattr(model.config, "quantization_config", None) is None:
-        save_hf_atomically(model, tokenizer, out_dir, state_dict=merged, also=also)
-        return
-    config = copy.deepcopy(model.config)
-    del config.quantization_config
-    plain = model_of_state_dict(config, merged, trust_remote_code=trust_remote_code, source="the merged adapters",
-                                model_name=f"the model of {base_model}")
-    plain.generation_config = copy.deepcopy(model.generation_config)
-    save_hf_atomically(plain, tokenizer, out_dir, also=also)
+    # A 4-bit weight is exported as the bf16 weight it stands for.
+    layout = {n: streamed_export.meta_like(_as_received(p)) for n, p in adapters.plain_parameters(model)}
+    config_model = model
+    if getattr(model.config, "quantization_config", None) is not None:
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(model.config)
+        del config.quantization_config
+        with torch.device("meta"):
+            config_model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        # config.json records the dtype of the first weight, as when the merged weights were assigned
+        config_model.to(layout[next(n for n, _ in config_model.named_parameters())].dtype)
+        config_model.generation_config = copy.deepcopy(model.generation_config)
+    layout = streamed_export.saved_order(config_model, layout)
+    merged = (nw for bucket in adapters.merged_buckets(model, zero3=zero3, rank=rank,
+                                                       bucket_mb=streamed_export.GATHER_BUCKET_MB)
+              if bucket is not None for nw in bucket)
+    also = None if rank != 0 else lambda d: write_adapter_dir(d / ADAPTER_DIR, lora, adapters.section, base_model)
+    streamed_export.export_streamed(out_dir, config_model, tokenizer, layout, merged, rank=rank, also=also,
+                                    num_parameters=sum(t.numel() for t in layout.values()))
 
 
 def scaling(section: LoraSection) -> float:

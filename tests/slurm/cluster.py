@@ -47,9 +47,9 @@ def job_env() -> dict:
     return env
 
 
-def run(cmd, timeout_s=60, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout_s, env=job_env(),
-                       cwd=REPO)
+def run(cmd, timeout_s=60, check=True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout_s,
+                       env={**job_env(), **(extra_env or {})}, cwd=REPO)
     if check and p.returncode != 0:
         raise AssertionError(f"{shlex.join(map(str, cmd))} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p

@@ -56,6 +56,10 @@ class Job:
         return json.loads(ready.read_text())["ready_at"]
 
 
+# Recorded by the script and exported to the job again (docs/slurm.md "Environment"); the token is not.
+SUBMIT_ENV = {"NCCL_DEBUG": "WARN", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "not-in-the-script"}
+
+
 def _submit(root: Path, name: str, data_dir: Path, model_dir: Path, *, max_steps: int = MAX_STEPS,
             cpus_per_node: int = 2) -> Job:
     """`safer slurm submit` the tiny SFT job; the same config for every run but its name (and
@@ -73,7 +77,7 @@ def _submit(root: Path, name: str, data_dir: Path, model_dir: Path, *, max_steps
         VENV / "bin" / "python", "-m", "launcher", "slurm", "submit", REPO / "configs" / "tiny.yaml", *overrides,
         "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-node", str(cpus_per_node), "--partition", "debug",
         "--time", "00:10:00", "--stage", "sft",
-    ], timeout_s=120).stdout
+    ], timeout_s=120, extra_env=SUBMIT_ENV).stdout
     m = re.search(r"^submitted job (\d+)", out, re.M)
     assert m, out
     run_dir = root / name
@@ -118,6 +122,11 @@ def test_sft_two_nodes_one_learner_per_node(reference):
     assert sorted([ip0, ip1]) == NODE_IPS, m.group(0)
     assert master == ip0, m.group(0)
     assert "2 learner(s) ready: ZeRO-2, cpu, float32" in log
+    # the submitting shell's NCCL_*/HF_* variables: recorded in the script, echoed by the job
+    script = (job.run_dir / "slurm" / "sft.sbatch.sh").read_text()
+    assert "export HF_HUB_OFFLINE=1" in script and "export NCCL_DEBUG=WARN" in script
+    assert "not-in-the-script" not in script and "(not recorded: HF_TOKEN)" in script
+    assert "safer: env: NCCL_DEBUG=WARN" in log and "safer: env: HF_HUB_OFFLINE=1" in log, log[:3000]
 
     metrics = _metrics(job.run_dir)
     assert [r["step"] for r in metrics] == list(range(1, MAX_STEPS + 1))

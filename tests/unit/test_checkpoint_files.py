@@ -11,12 +11,15 @@ import re
 import shutil
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from safer_dist.runtime import stop
+from safer_dist.checkpointing.async_save import marker_dir
 from safer_dist.checkpointing.checkpoint import (
     COMPLETE, CheckpointError, Checkpointer, TrainerState, file_owner, rank_digests, read_manifest, verify_manifest,
     write_manifest,
@@ -360,3 +363,87 @@ def test_remote_code_runs_only_when_configured(tmp_path, tiny_model_dir, monkeyp
     assert not marker.exists(), "repository code must not run unless model.trust_remote_code is set"
     assert type(load_model(model_dir, dtype=torch.float32, trust_remote_code=True)).__name__ == "CustomModel"
     assert marker.exists()
+
+
+# -- background writes (checkpoint.async_save) ----------------------------------------------------
+
+
+class BackgroundShardWriter(ShardWriter):
+    """Stands in for LearnerGroup's background save: each rank's files are written, and reported
+    under async_save.marker_dir, only when the test releases that rank (or its report is an error)."""
+
+    def __init__(self, world_size: int = 2, fail_rank: int | None = None):
+        super().__init__(world_size)
+        self.release = [threading.Event() for _ in range(world_size)]
+        self.fail_rank = fail_rank
+        self.calls: list[bool] = []
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, hash_files: bool = True,
+                        background: bool = False):
+        from safer_dist.checkpointing.async_save import marker_dir
+        from safer_dist.checkpointing.checkpoint import rank_digests
+        from safer_dist.runtime.io import atomic_write_json
+
+        self.calls.append(background)
+        if not background:
+            return super().save_checkpoint(root, tag, client_state, hash_files)
+        d = Path(root) / tag
+        d.mkdir(parents=True, exist_ok=True)
+
+        def write(r: int) -> None:
+            self.release[r].wait()
+            (d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(4096))
+            if r == 0:
+                (d / "mp_rank_00_model_states.pt").write_bytes(os.urandom(8192))
+            report = {"error": "OSError: disk full"} if r == self.fail_rank else {"digests": rank_digests(d, r, hash_files)}
+            atomic_write_json(marker_dir(root, tag) / f"rank{r}.json", report)
+
+        for r in range(self.world_size):
+            threading.Thread(target=write, args=(r,), daemon=True).start()
+        return {}
+
+
+def test_background_save_completes_only_when_every_rank_reported(tmp_path, stop_handlers):
+    """save() returns before any shard is written; COMPLETE appears only after both ranks
+    reported, with their digests in the manifest; the next save waits for the write in flight;
+    a rank's failure is raised by wait() and leaves the step incomplete; under a stop request
+    the save is synchronous."""
+    cfg = cfg_with("checkpoint.async_save=true")
+    ckpt = Checkpointer(cfg.checkpoint, tmp_path)
+    group = BackgroundShardWriter()
+    path = ckpt.save(group, TrainerState(step=4), cfg)
+    assert (path / "trainer_state.json").is_file() and not (path / COMPLETE).exists()
+    assert not (path / "mp_rank_00_model_states.pt").exists()
+    group.release[1].set()
+    wait_for_rank1 = marker_dir(tmp_path, "step_4") / "rank1.json"
+    poll(wait_for_rank1.is_file)
+    assert not (path / COMPLETE).exists()  # rank 0 has not reported
+    group.release[0].set()
+    ckpt.wait()
+    manifest = json.loads((path / COMPLETE).read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in path.iterdir() if p.name != COMPLETE)
+    assert not marker_dir(tmp_path, "step_4").exists()
+    verify_manifest(path)
+
+    # a failing rank: the error surfaces at the next wait (here: the next save's), no COMPLETE
+    failing = BackgroundShardWriter(fail_rank=1)
+    for e in failing.release:
+        e.set()
+    bad = ckpt.save(failing, TrainerState(step=8), cfg)
+    with pytest.raises(CheckpointError, match=r"step_8: learner rank 1 failed to write its files: OSError: disk full"):
+        ckpt.save(failing, TrainerState(step=12), cfg)
+    assert not (bad / COMPLETE).exists()
+
+    # a stop: synchronous
+    stop.install(grace_s=3600)
+    os.kill(os.getpid(), signal.SIGTERM)
+    sync = BackgroundShardWriter()
+    path = ckpt.save(sync, TrainerState(step=16), cfg)
+    assert sync.calls == [False] and (path / COMPLETE).is_file()
+
+
+def poll(predicate, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        threading.Event().wait(0.01)

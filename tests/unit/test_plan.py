@@ -3,6 +3,7 @@ activations vs what autograd saves, the recommendation, the CLI, and the GPU rec
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -398,3 +399,47 @@ def test_plan_counts_adapters(capsys):
     assert "LoRA rank 16 (all-linear): 41.9M trained, the base frozen" in out
     assert re.search(r"recommendation: ZeRO-2 \+ ckpt, mb \d+ ", out) or "recommendation: ZeRO-2, mb" in out
     assert "offload optim" not in out.split("recommendation:")[1].splitlines()[0]
+
+
+# ---------------------------------------------------------------- against measured GPU peaks
+
+
+def _measured_peaks():
+    """(name, shape, measured peak GiB, tokens per micro-batch, micro-batch) of each learner SFT
+    row recorded in bench/results/ (bench/gpu.py: one GPU, ZeRO-2, bf16)."""
+    from dataclasses import replace
+
+    shapes = {"tinyllama-1.1b": ModelShape(2048, 22, 32, 4, 5632, 32000),
+              "llama3-8b-slice": replace(SHAPES["llama3-8b"], num_layers=8)}
+    out = []
+    for f in sorted((REPO / "bench" / "results").glob("*/*.json")):
+        d = json.loads(f.read_text())
+        rows = {r.get("row"): r for r in d.get("rows", []) if isinstance(r, dict)}
+        if d.get("args", {}).get("shape") in shapes and "safer Learner SFT" in rows:
+            r = rows["safer Learner SFT"]
+            out.append(pytest.param(shapes[d["args"]["shape"]], r["peak_memory_gib"],
+                                    r["window_tokens"][0] / d["args"]["steps"], d["args"]["micro_batch"],
+                                    id=f"{f.parent.name}/{d['args']['shape']}",
+                                    marks=[pytest.mark.xfail(strict=True, reason="the planner is 14% above")]
+                                    if d["args"]["shape"] == "llama3-8b-slice" else []))
+    return out
+
+
+@pytest.mark.parametrize("shape, peak_gib, tokens, micro_batch", _measured_peaks())
+def test_estimate_within_10_percent_of_each_measured_gpu_peak(shape, peak_gib, tokens, micro_batch):
+    """Each recorded GPU peak of the learner's SFT (ZeRO-2, one GPU, chunked loss head of 4096
+    tokens) against the estimate for the tokens the micro-batch really held (the planner's own
+    worst case is micro_batch x data.max_seq_len). Measured errors: tinyllama-1.1b +5%,
+    llama3-8b-slice +14% (xfail: not yet within 10%)."""
+    est = estimate(shape, Setup(zero_stage=2, micro_batch_size=micro_batch), world_size=1, gpus_per_node=1,
+                   max_seq_len=tokens / micro_batch, loss_chunk_tokens=4096)
+    assert abs(est.total / GIB / peak_gib - 1) <= 0.10, (est.total / GIB, peak_gib)
+
+
+def test_offload_without_checkpointing_is_tried_before_offload_with_it():
+    """Llama-3-8B on one 80 GB GPU: the model states need offload; with them on the host the
+    activations fit, so the plan does not recompute the forward (the 1xh100 recipe's setup)."""
+    plan = plan_config(load_config(REPO / "configs" / "llama3-8b-1xh100.yaml"), gpus_per_node=1, nodes=1,
+                       gpu_mem_gb=80, shape="llama3-8b")
+    setup, _ = plan.recommended
+    assert (setup.zero_stage, setup.offload_optimizer, setup.gradient_checkpointing) == (2, True, False)

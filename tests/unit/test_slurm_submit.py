@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,7 +187,7 @@ def test_venv_option_takes_any_env_with_bin_python(tmp_path):
 def test_rendered_script_keeps_a_short_header_and_no_maintainer_notes(tmp_path):
     template = (REPO / "slurm" / "sbatch.template.sh").read_text()
     assert "Rules for the renderer" in template  # the notes are there, for maintainers
-    job = prepare(TINY, [f"run.output_dir={tmp_path}", "run.name=r1"], _opts(), cwd=REPO)
+    job = prepare(TINY, [f"run.output_dir={tmp_path}", "run.name=r1"], _opts(), cwd=REPO, env={})
     comments = [line for line in job.script.splitlines()[1:] if line.lstrip().startswith("#")
                 and not line.startswith("#SBATCH")]
     assert comments == [
@@ -194,6 +195,7 @@ def test_rendered_script_keeps_a_short_header_and_no_maintainer_notes(tmp_path):
         f"# Resubmit as is:       sbatch --chdir={REPO} {tmp_path}/r1/slurm/sft.sbatch.sh",
         "# Checkpoint now, requeue and resume:  scancel --signal=USR1 --batch <job id>",
         comments[3],
+        "# Environment at submit, loaded and exported again below: modules none; no NCCL_*, CUDA_* or HF_* variables",
     ], comments
     assert comments[3].startswith("# --mem: estimated: Ray + driver 2.0 + 1 learner(s) x "), comments[3]
     assert "\n\n\n" not in job.script
@@ -205,10 +207,19 @@ def test_render_template_drops_comments_but_keeps_header_lines():
     assert render_template({"a": 1, "b": ""}, template) == "#!/bin/sh\n# run 1\n\necho 1  # inline stays\n"
 
 
-def _llama3_8b_dir(tmp_path: Path) -> Path:
-    """A model directory with Llama-3-8B's config.json (no weights: the estimate needs only the shape)."""
-    d = tmp_path / "llama3-8b"
-    d.mkdir()
+def _with_tokenizer(d: Path, tiny_model_dir: Path) -> Path:
+    """``d`` with the tiny model's tokenizer and chat template (what submit checks besides config.json)."""
+    d.mkdir(exist_ok=True)
+    for f in tiny_model_dir.iterdir():
+        if f.name not in ("config.json", "generation_config.json") and not f.name.endswith(".safetensors"):
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def _llama3_8b_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A model directory with Llama-3-8B's config.json and a tokenizer (no weights: the estimate
+    needs only the shape)."""
+    d = _with_tokenizer(tmp_path / "llama3-8b", tiny_model_dir)
     (d / "config.json").write_text(json.dumps({
         "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
         "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False,
@@ -220,8 +231,8 @@ def _mem_line(script: str) -> str:
     return next(line for line in _sbatch_lines(script) if line.startswith("#SBATCH --mem"))
 
 
-def test_mem_comes_from_the_host_memory_estimate(tmp_path):
-    model = _llama3_8b_dir(tmp_path)
+def test_mem_comes_from_the_host_memory_estimate(tmp_path, tiny_model_dir):
+    model = _llama3_8b_dir(tmp_path, tiny_model_dir)
     base = [f"run.output_dir={tmp_path}", f"model.path={model}", "model.init_preset=null", "erpo.optim.micro_batch_size=1"]
     # Llama-3-8B: P = 32 x (2 x 4096 x 4096 + 2 x 4096 x 1024 + 3 x 4096 x 14336 + 2 x 4096)
     #                 + 2 x 128256 x 4096 + 4096 = 8,030,261,248; bf16 weights 2P = 14.957 GiB.
@@ -267,15 +278,14 @@ def test_mem_flag_exclusive_and_unknown_model(tmp_path):
         prepare(TINY, [*out, f"model.path={tmp_path / 'empty'}", "model.init_preset=null"], _opts(), cwd=REPO)
 
 
-def test_shape_option_sizes_the_mem_estimate(tmp_path, capsys):
+def test_shape_option_sizes_the_mem_estimate(tmp_path, capsys, tiny_model_dir):
     """--shape (as `safer plan --shape`) replaces model.path's shape in the --mem estimate: a
     model directory of another shape with --shape llama3-8b asks what the Llama-3-8B one asks."""
     base = [f"run.output_dir={tmp_path}", "model.init_preset=null", "erpo.optim.micro_batch_size=1",
             "learner.num_learners=6", "train.global_batch_size=48", "erpo.optim.global_batch_size=48"]
     opts = dict(nodes=1, gpus_per_node=8, stage="run")
-    real = prepare(TINY, [*base, f"model.path={_llama3_8b_dir(tmp_path)}"], _opts(**opts), cwd=REPO)
-    other = tmp_path / "other"
-    other.mkdir()
+    real = prepare(TINY, [*base, f"model.path={_llama3_8b_dir(tmp_path, tiny_model_dir)}"], _opts(**opts), cwd=REPO)
+    other = _with_tokenizer(tmp_path / "other", tiny_model_dir)
     (other / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                                                    "intermediate_size": 128, "vocab_size": 100}))
     small = prepare(TINY, [*base, f"model.path={other}"], _opts(**opts), cwd=REPO)
@@ -297,8 +307,27 @@ def test_ray_steps_ask_for_the_jobs_cpus(tmp_path):
     """ray-cluster.sh's srun steps pass --cpus-per-task (a step does not inherit the job's since
     Slurm 22.05). Stand-in srun/scontrol/squeue record what they are asked; the real ones run in
     tests/slurm. The stand-in srun starts no Ray, so bring-up fails at once: only the arguments count."""
+    calls = _ray_cluster_srun_calls(tmp_path)
+    assert len(calls) == 2, calls
+    head, workers = calls
+    assert head.startswith("head ") and "-w n1" in head and "--cpus-per-task=3" in head.split(), head
+    assert workers.startswith("worker ") and "--nodes=2" in workers and "--cpus-per-task=3" in workers.split(), workers
+
+
+def test_ray_steps_ask_for_the_jobs_gpus(tmp_path):
+    """With GPUs in the job (SLURM_GPUS_ON_NODE), both Ray steps ask srun for them; without, neither does."""
+    for gpus, want in (("4", "--gpus-per-node=4"), ("", None)):
+        calls = _ray_cluster_srun_calls(tmp_path / f"g{gpus or 0}", SLURM_GPUS_ON_NODE=gpus)
+        assert len(calls) == 2, calls
+        for call in calls:
+            got = [a for a in call.split() if a.startswith("--gpus")]
+            assert got == ([want] if want else []), call
+
+
+def _ray_cluster_srun_calls(tmp_path: Path, **env_vars) -> list[str]:
+    """The srun command lines of ray-cluster.sh on a 3-node allocation, from stand-in srun/scontrol/squeue."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     stubs = {
         "srun": f'#!/bin/sh\necho "$SAFER_RAY_NODE_ROLE $*" >> {tmp_path}/srun.args\n',
         "scontrol": '#!/bin/sh\nprintf "n1\\nn2\\nn3\\n"\n',
@@ -309,12 +338,95 @@ def test_ray_steps_ask_for_the_jobs_cpus(tmp_path):
         (bin_dir / name).chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="77",
                SLURM_JOB_NODELIST="n[1-3]", SLURM_CPUS_PER_TASK="3", SAFER_VENV=sys.prefix,
-               SAFER_RUN_DIR=str(tmp_path / "run"), SAFER_RAY_READY_TIMEOUT_S="60")
+               SAFER_RUN_DIR=str(tmp_path / "run"), SAFER_RAY_READY_TIMEOUT_S="60", **env_vars)
+    for name in ("SLURM_GPUS_PER_NODE", "SAFER_RAY_GPUS_PER_NODE"):
+        env.pop(name, None)
     p = subprocess.run([str(REPO / "slurm" / "ray-cluster.sh"), "true"], env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 1 and "Ray did not come up" in p.stderr, p.stderr
-    calls = sorted((tmp_path / "srun.args").read_text().splitlines())
-    assert len(calls) == 2, calls
-    head, workers = calls
-    assert head.startswith("head ") and "-w n1" in head and "--cpus-per-task=3" in head.split(), head
-    assert workers.startswith("worker ") and "--nodes=2" in workers and "--cpus-per-task=3" in workers.split(), workers
+    return sorted((tmp_path / "srun.args").read_text().splitlines())
+
+
+def test_submit_checks_the_tokenizer_and_chat_template(tmp_path, tiny_model_dir, capsys):
+    """As `safer run` does before it starts: a model directory without a tokenizer, or whose
+    tokenizer has no chat template, is refused before sbatch (exit 2), naming model.path."""
+    import json as _json
+
+    model = tmp_path / "m"
+    model.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", model / "config.json")
+    base = [f"run.output_dir={tmp_path}", f"model.path={model}", "model.init_preset=null"]
+    with pytest.raises(ValueError, match="tokenizer"):
+        prepare(TINY, base, _opts(), cwd=REPO)
+    _with_tokenizer(model, tiny_model_dir)
+    prepare(TINY, base, _opts(), cwd=REPO)  # accepted
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = model / "tokenizer_config.json"
+    config.write_text(_json.dumps({k: v for k, v in _json.loads(config.read_text()).items() if k != "chat_template"}))
+    with pytest.raises(ValueError, match=rf"model\.path={model}: the tokenizer has no chat template"):
+        prepare(TINY, base, _opts(), cwd=REPO)
+    rc = main(["slurm", "submit", str(TINY), *base, "--nodes", "1", "--gpus-per-node", "0", "--dry-run"])
+    assert rc == 2 and "no chat template" in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_script_records_and_reexports_the_environment(tmp_path):
+    """The submitting shell's modules and NCCL_*/CUDA_*/HF_* variables are named in the header,
+    loaded and exported again by the script (run here from an empty environment, with a stand-in
+    `module`), and echoed to the job log; credentials and CUDA_VISIBLE_DEVICES are not recorded."""
+    env = {"LOADEDMODULES": "gcc/12.2:cuda/12.4", "NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "ib0,eth0",
+           "HF_HOME": "/scratch/my hf", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_secret", "CUDA_VISIBLE_DEVICES": "0",
+           "CUDA_LAUNCH_BLOCKING": "1", "NCCL_IB_HCA": "mlx5", "OTHER": "x"}
+    job = prepare(TINY, [f"run.output_dir={tmp_path}"], _opts(), cwd=REPO, env=env)
+    assert ("# Environment at submit, loaded and exported again below: modules gcc/12.2:cuda/12.4; CUDA_LAUNCH_BLOCKING, "
+            "HF_HOME, HF_HUB_OFFLINE, NCCL_DEBUG, NCCL_IB_HCA, NCCL_SOCKET_IFNAME (not recorded: HF_TOKEN)") in job.script
+    assert "hf_secret" not in job.script and "CUDA_VISIBLE_DEVICES" not in job.script and "OTHER" not in job.script
+    subprocess.run(["bash", "-n"], input=job.script, text=True, check=True)
+    # the script's preamble, up to its first line of output about the job, in a fresh shell
+    lines = job.script.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("set -uo pipefail"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("env | grep"))
+    preamble = "\n".join(lines[start:end + 1]).replace("$SLURM_JOB_ID", "7").replace("$SLURM_JOB_NODELIST", "n1")
+    module = 'module() { echo "module $*" >> "$MODULE_LOG"; export LOADEDMODULES=gcc/12.2:cuda/12.4; }'
+    p = subprocess.run(["env", "-i", f"PATH={os.environ['PATH']}", f"MODULE_LOG={tmp_path}/module.log", "bash", "-c",
+                        f"{module}\n{preamble}\nenv"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "module.log").read_text() == "module load gcc/12.2 cuda/12.4\n"
+    out = p.stdout.splitlines()
+    assert "safer: modules: gcc/12.2:cuda/12.4" in out
+    for k in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "HF_HOME", "HF_HUB_OFFLINE", "CUDA_LAUNCH_BLOCKING", "NCCL_IB_HCA"):
+        assert f"{k}={env[k]}" in out, k  # exported to the job
+        assert f"safer: env: {k}={env[k]}" in out, k  # and echoed to its log
+    assert not any("HF_TOKEN" in line or "CUDA_VISIBLE_DEVICES" in line for line in out)
+    # modules recorded and no `module` command on the node: the job stops, saying why
+    p = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "bash", "-c", preamble], capture_output=True, text=True,
+                       timeout=60)
+    if p.returncode == 0:  # this machine has an environment-modules init script: nothing to refuse
+        return
+    assert p.returncode == 1 and "submitted with modules gcc/12.2:cuda/12.4, and this node has no 'module'" in p.stderr
+
+
+def test_time_hint_from_the_sft_flops(tmp_path, tiny_model_dir, demo_data_dir):
+    """Without --time, the header estimates SFT on the learners' GPUs: Llama-3-8B (P =
+    8,030,261,248), 100 steps x 64 examples x the mean encoded length of the data, 6 FLOPs per
+    parameter and token, 8 GPUs at 43% of 989 TFLOPs. With --time, no ERPO-only stage, or no
+    GPUs: no hint."""
+    from safer_dist.cluster.walltime import mean_example_tokens
+    from safer_dist.config import load_config
+    from safer_dist.train.models import load_tokenizer
+
+    model = _llama3_8b_dir(tmp_path, tiny_model_dir)
+    base = [f"run.output_dir={tmp_path}", f"model.path={model}", "model.init_preset=null",
+            f"data.train={demo_data_dir / 'sft.jsonl'}", "learner.num_learners=8", "train.global_batch_size=64",
+            "train.micro_batch_size=8", "train.max_steps=100", "erpo.optim.micro_batch_size=1",
+            "erpo.optim.global_batch_size=64"]
+    job = prepare(TINY, base, _opts(nodes=1, gpus_per_node=8), cwd=REPO)
+    mean = mean_example_tokens(load_config(TINY, base), load_tokenizer(model))
+    tokens = int(100 * 64 * mean)
+    seconds = 6 * 8_030_261_248 * tokens / (8 * 989e12 * 0.43)
+    line = next(line for line in job.script.splitlines() if line.startswith("# --time: "))
+    assert f"{tokens:,} tokens" in line and f"~{seconds / 60:.0f} min" in line, (line, seconds)
+    limit = int(seconds * 1.5) + 600
+    assert line.endswith(f"e.g. --time 0-{limit // 3600:02d}:{limit % 3600 // 60:02d}:00"), line
+    for opts in (_opts(nodes=1, gpus_per_node=8, time="02:00:00"), _opts(nodes=1, gpus_per_node=8, stage="erpo")):
+        assert "# --time: " not in prepare(TINY, base, opts, cwd=REPO).script
