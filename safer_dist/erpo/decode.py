@@ -19,9 +19,10 @@ Randomness: every row draws from its own ``random.Random``, seeded from (seed, t
 token ids, continuation index), by inverse-CDF sampling over the row's probabilities. A row's
 sample depends on its prefix and that seed only — not on the prefix's place among the
 prefixes, which rows share its batch, when it was admitted, or the batch capacity. On CPU with
-oneDNN linear layers (:mod:`safer_dist.erpo.packed_linear`, the default) a row's logits are bit for bit the same in
-any batch too (see :func:`shared_prefix_attention`); with MKL's ``nn.Linear`` they are not
-(its kernels for a few rows round otherwise than for many). Temperature 0 is greedy (argmax).
+oneDNN linear layers (:mod:`safer_dist.erpo.packed_linear`, the default) a row's logits come
+out the same bit for bit in any batch as well, save a rare float64 rounding tie (see
+:func:`shared_prefix_attention`); with MKL's ``nn.Linear`` they do not (its kernels for a few
+rows round otherwise than for many). Temperature 0 is greedy (argmax).
 
 Models with sliding-window attention, logit soft-capping or attention sinks are refused.
 """
@@ -104,9 +105,11 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     on_own = torch.matmul(q.reshape(b, hkv, rep, d), key.transpose(-1, -2)).reshape(b, h, s)
     # A row's real columns sit at offsets that depend on the batch (its prefix's left padding, and
     # the masked gap before its own tokens), and a float32 softmax rounds its sum differently at
-    # other offsets. On CPU the softmax runs in float64, whose rounding does not reach the float32
-    # probabilities, so a row's sample does not depend on the rows beside it; on GPUs the batch
-    # changes the matmul kernels anyway, and float32 keeps the step short.
+    # other offsets. On CPU the softmax runs in float64: its offset-dependent rounding is ~2^29
+    # times smaller and reaches a float32 probability only where that lies within a float64
+    # rounding of a float32 tie, so a row's logits do not depend on the rows beside it (bit for bit
+    # in tests/unit/test_sampling.py). On GPUs the batch changes the matmul kernels anyway, and
+    # float32 keeps the step short.
     acc = torch.float64 if query.device.type == "cpu" else torch.float32
     scores = torch.cat([on_prefix, on_own], dim=-1).to(acc) * (d**-0.5 if scaling is None else scaling)
     scores.masked_fill_(~batch.step_mask[:, None, :], float("-inf"))
