@@ -103,8 +103,9 @@ def test_pairs_do_not_depend_on_the_number_of_rollout_workers(ray_local, tiny_mo
     for other in runs[1:]:
         assert len(other) == len(one)
         for a, b in zip(one, other):
-            # Reference log-probs are computed in packs of what each worker got: equal to float32
-            # rounding of the sum, not bit for bit (docs/erpo.md "Sampling").
+            # Reference log-probs are computed in packs of what each worker got (a prefix's items
+            # share a tree only on one worker): equal to float32 rounding of the sum, not bit for
+            # bit (docs/erpo.md, "One iteration").
             refs = [k for k in ("ref_chosen", "ref_rejected") if k in a]
             assert {k: v for k, v in b.items() if k not in refs} == {k: v for k, v in a.items() if k not in refs}
             for k in refs:
