@@ -177,8 +177,10 @@ def sample_iteration(cfg: Config, sampler: Sampler, pool: list[dict], iteration:
             rows += read_jsonl(part)
             progress.update(1)
             continue
-        seed = hash_seed(cfg.run.seed, iteration, c)
-        chunk_rows = sampler.chunk(chunk, ranking, seed, iteration)
+        # One seed for the iteration, not one per chunk: a sample is a function of (run seed,
+        # iteration, prompt, prefix, candidate index) only (the rollout workers key each row's
+        # stream by its prefix's tokens), whatever erpo.chunk_size or rollout.num_workers.
+        chunk_rows = sampler.chunk(chunk, ranking, hash_seed(cfg.run.seed, iteration), iteration)
         atomic_write_jsonl(part, chunk_rows)
         die_if(f"erpo_sample:{iteration}:{c}")
         rows += chunk_rows

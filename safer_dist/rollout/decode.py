@@ -15,10 +15,14 @@ row only. A prefill packs the admitted prefixes back to back in one row, without
 (``safer_segments``: causal SDPA per prefix), and the batch keeps the prefixes left-padded to
 one width (and the rows' own tokens likewise), columns that every prefix or row pads cut.
 
-Randomness: every row draws from its own ``random.Random``, seeded from (seed, prefix index,
-continuation index), by inverse-CDF sampling over the row's probabilities. A row's sample
-depends on its prefix and that seed only — not on which rows share its batch, when it was
-admitted, or the batch capacity. Temperature 0 is greedy (argmax).
+Randomness: every row draws from its own ``random.Random``, seeded from (seed, the prefix's
+token ids, continuation index), by inverse-CDF sampling over the row's probabilities. A row's
+sample depends on its prefix and that seed only — not on the prefix's place among the
+prefixes, which rows share its batch, when it was admitted, or the batch capacity. On CPU with
+oneDNN linear layers (:mod:`safer_dist.rollout.packed_linear`, the default) a row's logits come
+out the same bit for bit in any batch as well, save a rare float64 rounding tie (see
+:func:`shared_prefix_attention`); with MKL's ``nn.Linear`` they do not (its kernels for a few
+rows round otherwise than for many). Temperature 0 is greedy (argmax).
 
 Models with sliding-window attention, logit soft-capping or attention sinks are refused.
 """
@@ -99,7 +103,15 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     q = query[:, :, 0]
     on_prefix = from_grid(torch.matmul(to_grid(q), pk.transpose(-1, -2)))  # [B, H, P]
     on_own = torch.matmul(q.reshape(b, hkv, rep, d), key.transpose(-1, -2)).reshape(b, h, s)
-    scores = torch.cat([on_prefix, on_own], dim=-1).float() * (d**-0.5 if scaling is None else scaling)
+    # A row's real columns sit at offsets that depend on the batch (its prefix's left padding, and
+    # the masked gap before its own tokens), and a float32 softmax rounds its sum differently at
+    # other offsets. On CPU the softmax runs in float64: its offset-dependent rounding is ~2^29
+    # times smaller and reaches a float32 probability only where that lies within a float64
+    # rounding of a float32 tie, so a row's logits do not depend on the rows beside it (bit for bit
+    # in tests/unit/test_sampling.py). On GPUs the batch changes the matmul kernels anyway, and
+    # float32 keeps the step short.
+    acc = torch.float64 if query.device.type == "cpu" else torch.float32
+    scores = torch.cat([on_prefix, on_own], dim=-1).to(acc) * (d**-0.5 if scaling is None else scaling)
     scores.masked_fill_(~batch.step_mask[:, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(value.dtype)
     out = from_grid(torch.matmul(to_grid(probs[..., :p]), pv))
@@ -372,7 +384,7 @@ def decode(
         if free and next_unit < len(units):
             admit, next_unit = units[next_unit : next_unit + free], next_unit + free
             prefix, mask, logits = _prefill(model, [prefixes[p] for p, _ in admit], device)
-            rows = [_Row(p, c, len(prefixes[p]), row_rng(seed, p, c), group, c if reuse_prefix else 0)
+            rows = [_Row(p, c, len(prefixes[p]), row_rng(seed, prefixes[p], c), group, c if reuse_prefix else 0)
                     for group, (p, cs) in enumerate(admit) for c in (range(n) if cs is None else (cs,))]
             src = torch.tensor([r.group for r in rows], device=device)  # row -> its prefill
             done = sample_into(rows, logits.index_select(0, src))

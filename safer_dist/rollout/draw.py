@@ -1,15 +1,19 @@
 """How one row of candidate sampling picks its next token and when it stops.
 
-Every row draws from its own ``random.Random`` (:func:`row_rng`), seeded from (seed, prefix
-index, continuation index), by inverse-CDF sampling over its probabilities (:func:`draw`), so
-a row's sample depends on its prefix and that seed only. :class:`StopCheck` says whether a
+Every row draws from its own ``random.Random`` (:func:`row_rng`), seeded from (seed, the
+prefix's token ids, continuation index), by inverse-CDF sampling over its probabilities
+(:func:`draw`), so a row's sample depends on its prefix and that seed only: not on where the
+prefix sits in a call, which other prefixes share the call, or how a caller split its prefixes
+over calls (rollout workers). :class:`StopCheck` says whether a
 row's text has just completed a stop string. The decode loop (``safer_dist.rollout.decode``)
 calls both once per step for the rows in flight.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Sequence
 
 import torch
 
@@ -18,8 +22,10 @@ import torch
 RowRng = random.Random
 
 
-def row_rng(seed: int, prefix: int, cand: int) -> RowRng:
-    return random.Random(f"safer-sample-{seed}-{prefix}-{cand}")
+def row_rng(seed: int, prefix: Sequence[int], cand: int) -> RowRng:
+    """The stream of continuation ``cand`` of the prefix with token ids ``prefix``."""
+    digest = hashlib.blake2b(",".join(map(str, prefix)).encode(), digest_size=16).hexdigest()
+    return random.Random(f"safer-sample-{seed}-{digest}-{cand}")
 
 
 def draw(logits: torch.Tensor, rngs: list[RowRng], temperature: float, top_p: float) -> list[int]:

@@ -9,9 +9,10 @@ at EOS, when the text generated so far contains a stop string (a step's closing 
 its token limit — and waiting prefixes take its place, so no batch runs for its longest row
 only. The returned continuation is cut right after the stop string.
 
-Samples are a function of (seed, prefix index, candidate index) and the prefix: each row
-draws from its own random stream, so a row's sample does not depend on the other prefixes of
-the call, on ``batch_rows`` or on prefix reuse. (The earlier sampler, one ``generate`` call
+Samples are a function of (seed, prefix token ids, candidate index): each row draws from its
+own random stream, so a row's sample does not depend on the prefix's place in ``prefixes``,
+on the other prefixes of the call (a prefix given twice gets the same samples twice), on
+``batch_rows`` or on prefix reuse. (The earlier sampler, one ``generate`` call
 per batch under a global ``torch.manual_seed``, drew every row from one stream, so its samples
 depended on batch composition; those exact samples are not reproduced.) Temperature 0 is
 greedy and equals ``model.generate`` greedy decoding.

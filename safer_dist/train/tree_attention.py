@@ -189,8 +189,11 @@ def sdpa_tree(
     for s in segments:
         a, b = s.start, s.end
         if not s.prefix_len:
+            # 4-D, as the one-sequence call above: SDPA runs its fused kernel on 4-D inputs and
+            # its math path on 3-D ones, and the two round differently, so a sequence packed with
+            # others would get other activations than the same sequence alone.
             outs.append(F.scaled_dot_product_attention(
-                q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True, scale=scaling, enable_gqa=gqa))
+                q[None, :, a:b], k[None, :, a:b], v[None, :, a:b], is_causal=True, scale=scaling, enable_gqa=gqa)[0])
             continue
         p0, p1, n = s.prefix_start, s.prefix_start + s.prefix_len, b - a
         mask = torch.ones(n, s.prefix_len + n, dtype=torch.bool, device=query.device)

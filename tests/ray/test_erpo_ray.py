@@ -1,6 +1,7 @@
 """ERPO parts on real Ray actors: step sampling stops at the closing tag, weight sync makes a
-rollout worker's logits equal the learner's (ZeRO-2 and ZeRO-3), and reference log-probs from
-a rollout worker equal the learner's log-probs before any update."""
+rollout worker's logits equal the learner's (ZeRO-2 and ZeRO-3), reference log-probs from
+a rollout worker equal the learner's log-probs before any update, and an iteration's pairs do
+not depend on how many rollout workers sampled them."""
 
 from __future__ import annotations
 
@@ -61,6 +62,58 @@ def test_weight_sync_rollout_logits_equal_learner(ray_local, tiny_model_dir, dem
     finally:
         rollout.shutdown()
         learners.shutdown()
+
+
+class ParityJudge:
+    """Safety 1 for a response with an even number of "e"s, else 0: the untrained test model
+    writes no Ex-Ante trace the rule judge would rank, and pairs need a gap."""
+
+    def score_many(self, items):
+        from safer_dist.judging.judge import Score
+
+        return [Score(float(resp.count("e") % 2 == 0), 1.0, -float(n), "parity", valid=True) for _, resp, n in items]
+
+
+def _pairs_with(tiny_model_dir, data_dir, out_dir, *overrides) -> list[dict]:
+    from safer_dist.erpo.controller import Sampler, sample_iteration
+    from safer_dist.data.records import load_records, read_jsonl
+
+    cfg = load_config(None, [
+        f"model.path={tiny_model_dir}", f"data.erpo_prompts={data_dir / 'erpo_prompts.jsonl'}", "launch.device=cpu",
+        "erpo.prompts_per_iteration=7", "erpo.num_candidates=3", "erpo.step_max_new_tokens=8",
+        "erpo.answer_max_new_tokens=8", "erpo.max_new_tokens=12", "rollout.temperature=1.0", *overrides,
+    ])
+    rollout = RolloutGroup(cfg.model, cfg.rollout, path=str(tiny_model_dir), device="cpu")
+    try:
+        sampler = Sampler(cfg, rollout, ParityJudge())
+        path = sample_iteration(cfg, sampler, list(load_records(cfg.data.erpo_prompts, "prompts")), 0, out_dir)
+    finally:
+        rollout.shutdown()
+    return read_jsonl(path)
+
+
+def test_pairs_do_not_depend_on_the_number_of_rollout_workers(ray_local, tiny_model_dir, demo_data_dir, tmp_path):
+    # 1, 2 and 3 workers get other shards of every call (interleaved), and another batch size mixes
+    # other rows in a batch: the pairs file is the same.
+    runs = [_pairs_with(tiny_model_dir, demo_data_dir, tmp_path / f"w{w}", f"rollout.num_workers={w}", *extra)
+            for w, extra in ((1, ()), (2, ("rollout.batch_size=5",)), (3, ()))]
+    one = runs[0]
+    texts = [c["text"] for r in one for c in r["candidates"]]
+    assert len(one) >= 7 and len(set(texts)) > len(texts) // 2, "seeded candidates must differ"
+    assert sum(r["chosen"] is not None for r in one) >= 3, "pairs (and their reference log-probs) must be made"
+    for other in runs[1:]:
+        assert len(other) == len(one)
+        for a, b in zip(one, other):
+            # Reference log-probs are computed in packs of what each worker got (a prefix's items
+            # share a tree only on one worker): equal to float32 rounding of the sum, not bit for
+            # bit (docs/erpo.md, "One iteration").
+            refs = [k for k in ("ref_chosen", "ref_rejected") if k in a]
+            assert {k: v for k, v in b.items() if k not in refs} == {k: v for k, v in a.items() if k not in refs}
+            for k in refs:
+                assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-5), (a["prompt_id"], k)
+    # The seed matters: another run seed draws other candidates.
+    reseeded = _pairs_with(tiny_model_dir, demo_data_dir, tmp_path / "seed1", "run.seed=1")
+    assert [c["text"] for r in reseeded for c in r["candidates"]] != texts
 
 
 def test_weight_sync_refuses_weights_of_another_dtype(ray_local, tiny_model_dir, demo_data_dir, tmp_path):

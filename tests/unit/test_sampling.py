@@ -115,3 +115,53 @@ def test_continuation_logprobs_match_unpacked(tiny_model_dir):
             logits = model(input_ids=torch.tensor([ctx + cont]), use_cache=False).logits[0]
         want = torch.log_softmax(logits, -1)[len(ctx) - 1 : -1].gather(1, torch.tensor(cont)[:, None]).sum()
         assert abs(lp - float(want)) < 1e-4 and n == len(cont)
+
+
+def test_a_row_s_sample_depends_on_its_prefix_not_its_place(tiny_model_dir):
+    tok, model, prefixes = setup(tiny_model_dir)
+    kw = dict(max_new_tokens=10, temperature=1.0, seed=3)
+    ref = sample_candidates(model, tok, prefixes, 3, **kw)
+    assert len({c["text"] for cs in ref for c in cs}) >= 6, "seeded samples must differ between rows"
+    # Alone, at another index, among other prefixes, in smaller batches, twice in one call: a
+    # prefix's candidates are its own (rollout workers get interleaved shards of a call's items).
+    assert sample_candidates(model, tok, prefixes[1:2], 3, **kw) == ref[1:2]
+    assert sample_candidates(model, tok, prefixes[::-1], 3, **kw, batch_rows=4) == ref[::-1]
+    assert sample_candidates(model, tok, [prefixes[2], prefixes[2]], 3, **kw) == [ref[2], ref[2]]
+    assert sample_candidates(model, tok, prefixes[:1], 3, **{**kw, "seed": 4}) != ref[:1]
+
+
+def test_a_row_s_logits_do_not_depend_on_its_batch(tiny_model_dir, monkeypatch):
+    """Every decode step's logits of a row, bit for bit, whatever prefixes share its prefill and
+    its batch (oneDNN linear layers, the CPU default): the prefill runs the same SDPA kernel for a
+    prefix alone or packed, and decode attention takes its softmax in float64."""
+    import safer_dist.rollout.decode as decode
+
+    tok, model, prefixes = setup(tiny_model_dir)
+    prefixes = prefixes + [encode_prompt(tok, "explain the history of chemistry in some detail")]
+    seen: dict[int, list[torch.Tensor]] = {}
+    real_draw = decode.draw
+
+    def spy(logits, rngs, temperature, top_p):
+        for g, row in zip(rngs, logits):
+            seen.setdefault(id(g), []).append(row.clone())
+        return real_draw(logits, rngs, temperature, top_p)
+
+    def steps(batch: list[list[int]], **kw) -> dict[tuple, list[torch.Tensor]]:
+        made = []
+        real_rng = decode.row_rng
+        monkeypatch.setattr(decode, "row_rng", lambda s, p, c: made.append((tuple(p), c, real_rng(s, p, c))) or made[-1][2])
+        seen.clear()
+        # "e" ends rows at different steps, so rows of other prefixes join and leave the batch.
+        sample_candidates(model, tok, batch, 2, max_new_tokens=10, stop_strings=["e"], temperature=1.0, seed=1, **kw)
+        return {(p, c): seen[id(g)] for p, c, g in made}
+
+    monkeypatch.setattr(decode, "draw", spy)
+    ref = steps(prefixes)
+    alone = steps(prefixes[1:2])
+    mixed = steps([prefixes[3], prefixes[1], prefixes[0]], batch_rows=4)
+    assert max(len(v) for v in ref.values()) >= 3, "rows must run several decode steps"
+    for got in (alone, mixed):
+        for key, rows in got.items():
+            assert len(rows) == len(ref[key])
+            for a, b in zip(rows, ref[key]):
+                assert torch.equal(a, b), key
