@@ -86,9 +86,13 @@ class RolloutGroup:
         self.weight_sync: WeightSync | None = None
         self.num_retries = 0  # shards re-run after a worker died or came back restarted (for logs and tests)
 
-    def _map(self, what: str, call: Callable[[Any, list], Any], items: list) -> list:
+    def _map(self, what: str, call: Callable[[Any, list], Any], items: list,
+             key: Callable[[Any], Any] | None = None) -> list:
         """``call(worker, shard)`` (a Ray call's reference) on interleaved shards of ``items``,
         one per worker; results in the order of ``items``. ``what`` names the call in messages.
+        ``key``: consecutive items with the same key go to one shard together (runs of items are
+        interleaved instead of single items), e.g. a prefix's continuations, which a worker then
+        packs as one tree whatever the number of workers.
 
         Fault tolerance: a worker that dies is restarted by Ray (``rollout.max_restarts``),
         whether it died during this call or before it. Either way its answer is not used: the
@@ -104,7 +108,14 @@ class RolloutGroup:
         from ray.exceptions import RayActorError
 
         n = len(self.workers)
-        shards = {i: items[i::n] for i in range(n) if items[i::n]}
+        runs: list[list[int]] = []  # positions of items, in runs of one key
+        for j, item in enumerate(items):
+            if key is not None and runs and key(items[runs[-1][0]]) == key(item):
+                runs[-1].append(j)
+            else:
+                runs.append([j])
+        positions = {i: [j for run in runs[i::n] for j in run] for i in range(n) if runs[i::n]}
+        shards = {i: [items[j] for j in pos] for i, pos in positions.items()}
         attempts = dict.fromkeys(shards, 0)
         running: dict = {}  # a call's reference -> (worker index, reference of its version check)
 
@@ -139,7 +150,8 @@ class RolloutGroup:
             else:
                 if version == self.expected_version:
                     assert len(res) == len(shards[i]), (what, i, len(res), len(shards[i]))
-                    out[i::n] = res
+                    for j, r in zip(positions[i], res):
+                        out[j] = r
                     continue
                 failed = (f"was restarted: it answered {what} with weights version {version}, the policy is at "
                           f"version {self.expected_version}")
@@ -221,8 +233,11 @@ class RolloutGroup:
         return self._map("sample", lambda w, shard: w.sample.remote(shard, **kwargs), items)
 
     def logprobs(self, items: list[tuple[Prompt, str, str, bool]], share_prefix: bool = True) -> list[tuple[float, int]]:
-        """``RolloutWorker.logprobs`` over all workers; results in the order of ``items``."""
-        return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard, share_prefix), items)
+        """``RolloutWorker.logprobs`` over all workers; results in the order of ``items``. The
+        items of one (prompt, prefix) go to one worker, so their sums come from the same packed
+        tree, bit for bit, whatever ``rollout.num_workers``."""
+        return self._map("logprobs", lambda w, shard: w.logprobs.remote(shard, share_prefix), items,
+                         key=lambda item: (item[0], item[1]))
 
     def shutdown(self) -> None:
         import ray
