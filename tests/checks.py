@@ -24,36 +24,10 @@ def overlong_counts(run: Path, steps: int) -> list[tuple[int, int]]:
 
 
 def wandb_records(run_dir: Path) -> list:
-    """Every record of the W&B run files (``run-<id>.wandb``) under ``run_dir``, in order.
+    """Every record of the W&B run files (``run-<id>.wandb``) under ``run_dir``, in order of path."""
+    from safer_dist.runtime.tracking import wandb_records as file_records
 
-    The file is wandb's record log: a 7-byte header (``:W&B``, magic, version), then LevelDB
-    log blocks of 32 KiB, each chunk a 7-byte header (crc32, length, type: 1 full, 2 first,
-    3 middle, 4 last) and a piece of a serialized ``wandb_internal_pb2.Record``. wandb ships no
-    reader for it in Python, and ``wandb.Api`` needs the server.
-    """
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    out = []
-    for path in sorted(Path(run_dir).rglob("run-*.wandb")):
-        data = path.read_bytes()
-        assert data[:4] == b":W&B", f"{path}: not a wandb run file"
-        pos, block, pieces = 7, 32768, b""
-        while pos + 7 <= len(data):
-            left = block - pos % block
-            _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
-            if kind == 0:  # block padding
-                pos += left
-                continue
-            pieces += data[pos + 7:pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):
-                record = pb.Record()
-                record.ParseFromString(pieces)
-                out.append(record)
-                pieces = b""
-    return out
+    return [r for path in sorted(Path(run_dir).rglob("run-*.wandb")) for r in file_records(path)]
 
 
 def wandb_history(run_dir: Path) -> list[dict]:

@@ -11,7 +11,10 @@ step, its wall-clock ``time`` (unix seconds) and its scalars (nested mappings su
 - ``track.wandb``: one Weights & Biases run per run directory (its id is kept in
   ``<run>/wandb_run_id``, so a resumed or later stage continues the same W&B run); each
   stage logs against its own step axis ``<stage>/step``. ``WANDB_MODE=offline`` works
-  without a network; files go to ``$WANDB_DIR`` or else the run directory.
+  without a network; files go to ``$WANDB_DIR`` or else the run directory. Closing the
+  backend waits until the wandb service has written the run's record file
+  (``run-<id>.wandb``) through its exit record: ``run.finish()`` returns before that, so a
+  ``wandb sync`` or a reader of the file right after it could miss the run's last records.
 
 Both packages are optional (``pip install 'safer[track]'``); the config fails with a
 ConfigError naming the key when an enabled backend is not installed.
@@ -22,6 +25,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
+import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +88,65 @@ class TensorBoardBackend:
         self.writers.clear()
 
 
+# How long closing a W&B backend waits for the wandb service to write the run's record file.
+WANDB_FLUSH_TIMEOUT_S = 120.0
+_WANDB_BLOCK = 32768  # the record file's LevelDB log block size
+
+
+def wandb_records(path: Path) -> list:
+    """The complete records of a W&B run file (``run-<id>.wandb``), in order; a record the
+    writer has not finished (the file cut inside it) is left out.
+
+    The file is wandb's record log: a 7-byte header (``:W&B``, magic, version), then LevelDB
+    log blocks of 32 KiB, each chunk a 7-byte header (crc32, length, type: 1 full, 2 first,
+    3 middle, 4 last) and a piece of a serialized ``wandb_internal_pb2.Record``. wandb ships no
+    reader for it in Python, and ``wandb.Api`` needs the server.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if len(data) >= 4 and data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    out = []
+    pos, pieces = 7, b""
+    while pos + 7 <= len(data):
+        left = _WANDB_BLOCK - pos % _WANDB_BLOCK
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # block padding
+            pos += left
+            continue
+        if pos + 7 + length > len(data):
+            break  # a chunk not written out yet
+        pieces += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pieces)
+            out.append(record)
+            pieces = b""
+    return out
+
+
+def wait_for_wandb_run_file(path: Path, timeout_s: float) -> None:
+    """Return once the W&B run file ``path`` holds its exit record (the last one the wandb
+    service writes); raise a RuntimeError naming the file after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    size = None  # the file's size when last read
+    while True:
+        now = Path(path).stat().st_size if Path(path).is_file() else None
+        if now is not None and now != size:
+            size = now
+            records = wandb_records(path)
+            if records and records[-1].WhichOneof("record_type") == "exit":
+                return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"W&B run file {path} has no exit record {timeout_s:g}s after run.finish(): the wandb "
+                f"service did not write the run out, so `wandb sync` would miss its last records. "
+                f"See {Path(path).parent / 'logs' / 'debug-internal.log'}.")
+        time.sleep(0.05)
+
+
 class WandbBackend:
     """A W&B run: ``project``, ``entity``, ``name`` (default: the run's name), ``tags``."""
 
@@ -115,7 +179,16 @@ class WandbBackend:
         self.run.log(row)
 
     def close(self) -> None:
+        # finish() returns once the service has the run's last records, not once it has written
+        # them: it only tells the service to close the run's file (wandb 0.31: inform_finish is
+        # a publish, not a request). Wait for the file, so a resumed run or `wandb sync` sees all.
+        # WANDB_MODE=disabled writes no file, nor does an online run told to skip it.
+        settings = self.run.settings
+        writes_file = settings.mode != "disabled" and not settings.x_skip_transaction_log
+        run_file = Path(settings.sync_file) if writes_file else None
         self.run.finish()
+        if run_file is not None:
+            wait_for_wandb_run_file(run_file, WANDB_FLUSH_TIMEOUT_S)
 
 
 def open_backends(track, run_dir: Path, *, run_name: str, config: dict[str, Any] | None = None) -> list:
