@@ -80,7 +80,7 @@ from torch.profiler import record_function
 
 from dpo_vs_trl import make_pairs, reference_logprobs
 from sft_vs_trl import pack_length, trl_trainer, trl_window
-from safer_dist.cluster.plan import SHAPES as PUBLISHED_SHAPES, ModelShape
+from safer_dist.cluster.gpu_memory import SHAPES as PUBLISHED_SHAPES, ModelShape
 from safer_dist.train.engine import BACKWARD, FORWARD_LOSS, OPTIMIZER_STEP, PHASES
 from safer_dist.train.throughput import mfu
 

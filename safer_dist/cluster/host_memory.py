@@ -1,6 +1,6 @@
 """Host memory (RAM) per node of a SLURM job: what `safer slurm submit` asks for as ``--mem``.
 
-The tensors come from the memory planner (safer_dist/cluster/plan.py); the rest is an allowance
+The tensors come from the planner's memory model (safer_dist/cluster/gpu_memory.py); the rest is an allowance
 per process. For the fullest node (``l`` learners, ``w`` rollout workers)::
 
     per node = NODE_HOST_BYTES                   Ray's daemons (GCS, raylet, agents), the driver
@@ -12,16 +12,16 @@ per process. For the fullest node (``l`` learners, ``w`` rollout workers)::
                                                  (CUDA context, pinned staging buffers)
     GPU learner:  d·P (the weights are read on the host at load, d = 2 bytes in bf16/fp16,
                   4 in fp32) + the optimizer states and fp32 gradients offloaded to the host
-                  (plan.model_states' cpu_per_node for one GPU)
+                  (gpu_memory.model_states' cpu_per_node for one GPU)
     CPU learner:  4P (fp32 weights as loaded) + gradients + optimizer states (ZeRO-partitioned
                   over learner.num_learners) + activations + logits + DeepSpeed's bucket
-                  buffers, all from plan.estimate in fp32; the buffers count only up to 4P (a
+                  buffers, all from gpu_memory.estimate in fp32; the buffers count only up to 4P (a
                   bucket's pages are touched only as far as the gradients fill it)
     GPU rollout worker: 2P (the bf16 weights pass through the host)
-    CPU rollout worker: plan.rollout_bytes in fp32 (weights, KV cache, scoring logits)
+    CPU rollout worker: gpu_memory.rollout_bytes in fp32 (weights, KV cache, scoring logits)
     With rollout.tensor_parallel = K each worker is K processes, each holding a K-th of the
     weights and KV cache (transformers reads each rank's slice of the checkpoint, safetensors
-    get_slice): 2P/K on a GPU host, plan.rollout_bytes(tensor_parallel=K) on CPU.
+    get_slice): 2P/K on a GPU host, gpu_memory.rollout_bytes(tensor_parallel=K) on CPU.
 
 How many learners and rollout workers (of every rollout group) each node holds comes from the
 placement rule (safer_dist/cluster/placement.py), phase by phase; the fullest node of any phase
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safer_dist.cluster.placement import Cluster, placement
-from safer_dist.cluster.plan import GIB, Setup, estimate, resolve_shape, rollout_bytes
+from safer_dist.cluster.gpu_memory import GIB, Setup, estimate, resolve_shape, rollout_bytes
 from safer_dist.config import Config
 
 NODE_HOST_BYTES = 2 * GIB

@@ -170,7 +170,7 @@ def time_note(cfg: Config, opts: SubmitOptions, tokenizer, model_dir: Path) -> s
     """The header's ``--time`` line when --time is not given: SFT's duration on the learners'
     GPUs at the measured speed (:mod:`safer_dist.cluster.walltime`), where there is an SFT stage,
     GPUs, a model and data to count; else ""."""
-    from safer_dist.cluster.plan import resolve_shape
+    from safer_dist.cluster.gpu_memory import resolve_shape
     from safer_dist.cluster.walltime import sft_time_hint
 
     if opts.time is not None or opts.stage == "erpo" or opts.gpus_per_node == 0 or tokenizer is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from safer_dist.cluster.host_memory import HostMemory, host_memory
-from safer_dist.cluster.plan import GIB
+from safer_dist.cluster.gpu_memory import GIB
 from safer_dist.cluster.slurm import REPO
 from safer_dist.config import load_config
 

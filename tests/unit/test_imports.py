@@ -21,7 +21,7 @@ LIGHT = [
     "safer_dist.reasoning.exante", "safer_dist.reasoning.rules",
     "safer_dist.data.records", "safer_dist.data.demo",
     "safer_dist.checkpointing.checkpoint", "safer_dist.checkpointing.export", "safer_dist.checkpointing.universal",
-    "safer_dist.cluster.plan", "safer_dist.cluster.slurm",
+    "safer_dist.cluster.gpu_memory", "safer_dist.cluster.plan", "safer_dist.cluster.slurm",
     "safer_dist.evaluation.evaluate", "safer_dist.evaluation.report", "safer_dist.synth.pipeline",
 ]
 HEAVY = ("ray", "deepspeed", "torch", "transformers", "datasets", "matplotlib")

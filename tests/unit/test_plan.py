@@ -21,7 +21,7 @@ from transformers import (
 from launcher.cli import main
 from safer_dist.config import load_config
 from safer_dist.train.attention import register_varlen_attention
-from safer_dist.cluster.plan import (
+from safer_dist.cluster.gpu_memory import (
     GIB,
     SHAPES,
     Adapters,
@@ -29,11 +29,10 @@ from safer_dist.cluster.plan import (
     Setup,
     activation_bytes,
     estimate,
-    format_plan,
     model_states,
-    plan_config,
     resolve_shape,
 )
+from safer_dist.cluster.plan import format_plan, plan_config
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = {
