@@ -33,7 +33,7 @@ def main() -> None:
 
     from transformers import LlamaForCausalLM
 
-    from safer_dist.train.attention import register_varlen_attention
+    from safer_dist.train.attention_kernels import register_varlen_attention
     from safer_dist.train.models import PRESETS, _LLAMA_COMMON
     from transformers import LlamaConfig
 

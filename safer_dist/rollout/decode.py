@@ -40,7 +40,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from safer_dist.rollout.draw import RowRng, StopCheck, draw, row_rng
-from safer_dist.train.attention import SEGMENTS_NAME, register_varlen_attention
+from safer_dist.train.attention_kernels import SEGMENTS_NAME, register_varlen_attention
 
 
 @dataclass

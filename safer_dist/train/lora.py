@@ -91,7 +91,8 @@ def load_quantized(path: str, *, attn_implementation: str, trust_remote_code: bo
     Only ZeRO stages below 3 take it (the config check says so). Untested on CPU by nature."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from safer_dist.train.attention import register_varlen_attention, resolve_attn_implementation
+    from safer_dist.train.attention import resolve_attn_implementation
+    from safer_dist.train.attention_kernels import register_varlen_attention
     from safer_dist.train.models import _check_local_dir
 
     path = _check_local_dir(path, ("config.json",), "model")

@@ -27,7 +27,8 @@ from transformers import (
 )
 
 from safer_dist.runtime.io import atomic_write_dir
-from safer_dist.train.attention import register_varlen_attention, resolve_attn_implementation
+from safer_dist.train.attention import resolve_attn_implementation
+from safer_dist.train.attention_kernels import register_varlen_attention
 
 SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN = "<|system|>", "<|user|>", "<|assistant|>"
 EOS_TOKEN, PAD_TOKEN = "<|end|>", "<|pad|>"

@@ -141,7 +141,8 @@ def load_model_partitioned(
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    from safer_dist.train.attention import register_varlen_attention, resolve_attn_implementation
+    from safer_dist.train.attention import resolve_attn_implementation
+    from safer_dist.train.attention_kernels import register_varlen_attention
     from safer_dist.train.models import _check_local_dir
 
     path = _check_local_dir(path, ("config.json",), "model")

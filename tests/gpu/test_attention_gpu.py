@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from safer_dist.train import attention
+from safer_dist.train import attention_kernels
 from safer_dist.train.attention import resolve_attn_implementation
 from safer_dist.train.models import init_model, load_model, load_tokenizer
 
@@ -38,25 +38,25 @@ def _count_kernel_calls(monkeypatch) -> list:
     """Record (q heads, kv heads) of every real kernel call; the wrapper keeps the kernel's
     signature (functools.wraps), which is what safer_varlen reads."""
     calls = []
-    real_kernel = attention._varlen_kernel()
+    real_kernel = attention_kernels._varlen_kernel()
 
     @functools.wraps(real_kernel)
     def counting(*args, **kwargs):
         calls.append((args[0].shape[1], args[1].shape[1]))
         return real_kernel(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: counting)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: counting)
     return calls
 
 
 def test_varlen_api_detected():
-    api, reason = attention.varlen_api(), attention.varlen_unavailable_reason()
+    api, reason = attention_kernels.varlen_api(), attention_kernels.varlen_unavailable_reason()
     assert (api is None) == (reason is not None)
     if api is None:
         assert resolve_attn_implementation("auto", "cuda") in ("flash_attention_2", "safer_segments")
 
 
-@pytest.mark.skipif(not attention.torch_varlen_available(), reason="torch without varlen_attn")
+@pytest.mark.skipif(not attention_kernels.torch_varlen_available(), reason="torch without varlen_attn")
 def test_varlen_packed_equals_sdpa_per_sequence(tiny_model_dir, sequences, monkeypatch):
     calls = _count_kernel_calls(monkeypatch)
     varlen = load_model(tiny_model_dir, dtype=torch.bfloat16, attn_implementation="safer_varlen", device="cuda")
@@ -69,7 +69,7 @@ def test_varlen_packed_equals_sdpa_per_sequence(tiny_model_dir, sequences, monke
     torch.testing.assert_close(packed, alone, atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.skipif(not attention.torch_varlen_available(), reason="torch without varlen_attn")
+@pytest.mark.skipif(not attention_kernels.torch_varlen_available(), reason="torch without varlen_attn")
 def test_varlen_with_layout_equals_derived_boundaries(tiny_model_dir, sequences, monkeypatch):
     """The batch's PackedLayout (built on the host, as the learner does) passed to the real kernel:
     logits and gradients equal those of the per-layer derivation from position_ids (the same
@@ -79,8 +79,8 @@ def test_varlen_with_layout_equals_derived_boundaries(tiny_model_dir, sequences,
 
     calls = _count_kernel_calls(monkeypatch)
     derived_calls = []
-    real_cu = attention.packed_cu_seqlens
-    monkeypatch.setattr(attention, "packed_cu_seqlens", lambda *a: derived_calls.append(1) or real_cu(*a))
+    real_cu = attention_kernels.packed_cu_seqlens
+    monkeypatch.setattr(attention_kernels, "packed_cu_seqlens", lambda *a: derived_calls.append(1) or real_cu(*a))
     model = load_model(tiny_model_dir, dtype=torch.bfloat16, attn_implementation="safer_varlen", device="cuda")
     input_ids, position_ids = _packed(sequences)
     results = []
@@ -96,14 +96,14 @@ def test_varlen_with_layout_equals_derived_boundaries(tiny_model_dir, sequences,
         torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-2)
 
 
-@pytest.mark.skipif(not attention.torch_varlen_available(), reason="torch without varlen_attn")
+@pytest.mark.skipif(not attention_kernels.torch_varlen_available(), reason="torch without varlen_attn")
 def test_varlen_gqa_tiny_preset_bf16(tmp_path, tiny_model_dir, sequences, monkeypatch):
     """bench-style GQA shapes (4 query heads, 2 kv heads) through the real kernel: with
     enable_gqa where this torch has it, else with the kv heads repeated to 4."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     calls = _count_kernel_calls(monkeypatch)
-    attention.register_varlen_attention()
+    attention_kernels.register_varlen_attention()
     config = LlamaConfig(
         vocab_size=300, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=512, max_position_embeddings=512, attn_implementation="sdpa",
@@ -117,7 +117,7 @@ def test_varlen_gqa_tiny_preset_bf16(tmp_path, tiny_model_dir, sequences, monkey
         model.set_attn_implementation("safer_varlen")
         packed = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0].float()
     torch.testing.assert_close(packed, alone, atol=3e-2, rtol=3e-2)
-    kv_heads = 2 if attention.varlen_api().takes_gqa else 4
+    kv_heads = 2 if attention_kernels.varlen_api().takes_gqa else 4
     assert calls == [(4, kv_heads)] * 2  # the kernel ran in both layers, not the fallback
 
 
@@ -162,8 +162,8 @@ def test_flex_tree_logprobs_and_grads_equal_unshared(tiny_model_dir, sequences, 
 
     calls = []
     real = tree_attention.flex_tree
-    monkeypatch.setattr(attention, "flex_tree", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q: True)
+    monkeypatch.setattr(attention_kernels, "flex_tree", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(attention_kernels, "_use_varlen_kernel", lambda q: True)
     model = load_model(tiny_model_dir, dtype=dtype, attn_implementation="safer_varlen", device="cuda")
     shared_batch, unshared_batch = _tree_batches(sequences)
     results = []

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
-from safer_dist.train import attention
-from safer_dist.train.attention import packed_cu_seqlens, register_varlen_attention, resolve_attn_implementation
+from safer_dist.train import attention, attention_kernels
+from safer_dist.train.attention import resolve_attn_implementation
+from safer_dist.train.attention_kernels import packed_cu_seqlens, register_varlen_attention
 from safer_dist.train.models import load_model, load_tokenizer
 
 SEQ_LENS = (7, 13, 5)
@@ -38,7 +39,7 @@ def test_resolve_auto_on_cpu_is_segments():
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
     """Each test sees the warn-once state of a fresh process."""
-    monkeypatch.setattr(attention, "_WARNED", set())
+    monkeypatch.setattr(attention_kernels, "_WARNED", set())
 
 
 @pytest.mark.parametrize(
@@ -53,7 +54,7 @@ def fresh_warnings(monkeypatch):
 )
 def test_resolve_auto_on_cuda(monkeypatch, flash, varlen, sm80, expected):
     monkeypatch.setattr(attention, "flash_attn_available", lambda: flash)
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel_window if varlen else None)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: kernel_window if varlen else None)
     monkeypatch.setattr(attention, "_cuda_supports_flash", lambda: sm80)
     assert resolve_attn_implementation("auto", "cuda") == expected
     assert resolve_attn_implementation("auto", "cuda:1") == expected
@@ -74,10 +75,10 @@ def test_resolve_explicit_choices_and_errors(monkeypatch):
     assert resolve_attn_implementation("flash_attention_2", "cuda") == "flash_attention_2"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_attn_implementation("flash_attention_2", "cpu")
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: None)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: None)
     with pytest.raises(ValueError, match=r"torch .* has no torch.nn.attention.varlen.varlen_attn"):
         resolve_attn_implementation("safer_varlen", "cuda")
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel_no_causal)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: kernel_no_causal)
     with pytest.raises(ValueError, match="neither window_size nor is_causal"):
         resolve_attn_implementation("safer_varlen", "cuda")
 
@@ -85,8 +86,8 @@ def test_resolve_explicit_choices_and_errors(monkeypatch):
 def test_register_is_idempotent():
     register_varlen_attention()
     register_varlen_attention()
-    assert AttentionInterface()["safer_varlen"] is attention.varlen_attention_forward
-    assert AttentionInterface()["safer_segments"] is attention.segments_attention_forward
+    assert AttentionInterface()["safer_varlen"] is attention_kernels.varlen_attention_forward
+    assert AttentionInterface()["safer_segments"] is attention_kernels.segments_attention_forward
     assert "safer_varlen" in AttentionMaskInterface._global_mapping
     assert "safer_segments" in AttentionMaskInterface._global_mapping
 
@@ -198,8 +199,8 @@ def fake_varlen_kernel(monkeypatch):
     """Route safer_varlen through its kernel path on CPU with a reference kernel."""
     calls = []
     kernel = _recording(kernel_window_gqa, calls)
-    monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q: True)
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(attention_kernels, "_use_varlen_kernel", lambda q: True)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: kernel)
     return calls
 
 
@@ -250,13 +251,13 @@ def _gqa_model(num_layers: int):
 
 
 def test_varlen_api_read_from_signature():
-    read = attention._read_varlen_api
-    assert read(kernel_window_gqa) == attention.VarlenApi("window_size", takes_scale=True, takes_gqa=True)
-    assert read(kernel_window) == attention.VarlenApi("window_size", takes_scale=True, takes_gqa=False)
-    assert read(kernel_is_causal) == attention.VarlenApi("is_causal", takes_scale=False, takes_gqa=False)
+    read = attention_kernels._read_varlen_api
+    assert read(kernel_window_gqa) == attention_kernels.VarlenApi("window_size", takes_scale=True, takes_gqa=True)
+    assert read(kernel_window) == attention_kernels.VarlenApi("window_size", takes_scale=True, takes_gqa=False)
+    assert read(kernel_is_causal) == attention_kernels.VarlenApi("is_causal", takes_scale=False, takes_gqa=False)
     assert "neither window_size nor is_causal" in read(kernel_no_causal)
     # the pinned CPU torch (2.13) has the newest signature
-    assert attention.varlen_api() == attention.VarlenApi("window_size", takes_scale=True, takes_gqa=True)
+    assert attention_kernels.varlen_api() == attention_kernels.VarlenApi("window_size", takes_scale=True, takes_gqa=True)
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__)
@@ -274,8 +275,8 @@ def test_varlen_kernel_signatures_gqa_logits_and_grads(monkeypatch, kernel):
         return real_signature(f, *args, **kwargs)
 
     monkeypatch.setattr(inspect, "signature", spy_signature)
-    monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q: True)
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: fresh)
+    monkeypatch.setattr(attention_kernels, "_use_varlen_kernel", lambda q: True)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: fresh)
     model, seqs, input_ids, position_ids = _gqa_model(num_layers=2)
 
     alone = torch.cat([model(input_ids=torch.tensor([s])).logits[0] for s in seqs])
@@ -300,14 +301,14 @@ def test_varlen_kernel_signatures_custom_scale(monkeypatch, kernel):
     """A scaling other than head_dim ** -0.5 (0.3 vs 8 ** -0.5 = 0.354): passed as ``scale`` where
     the kernel takes one, else folded into the query; forward and q/k/v gradients equal
     per-sequence SDPA with scale 0.3 within 1e-5."""
-    monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q: True)
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(attention_kernels, "_use_varlen_kernel", lambda q: True)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: kernel)
     torch.manual_seed(0)
     total = sum(SEQ_LENS)
     q = torch.randn(1, 4, total, 8, requires_grad=True)
     k, v = (torch.randn(1, 2, total, 8, requires_grad=True) for _ in range(2))
     position_ids = _packed([[0] * n for n in SEQ_LENS])[1]
-    out, _ = attention.varlen_attention_forward(
+    out, _ = attention_kernels.varlen_attention_forward(
         torch.nn.Module(), q, k, v, None, scaling=0.3, position_ids=position_ids
     )
     out.square().sum().backward()
@@ -370,7 +371,7 @@ def _warnings(capsys) -> list[str]:
 )
 def test_auto_on_cuda_without_varlen_picks_segments_and_warns_once(monkeypatch, capsys, kernel, reason):
     monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: kernel)
     assert [resolve_attn_implementation("auto", "cuda") for _ in range(3)] == ["safer_segments"] * 3
     (warning,) = _warnings(capsys)
     assert re.search(reason, warning) and "dense" in warning and "safer_segments" in warning
@@ -391,33 +392,33 @@ def test_explicit_dense_backends_on_cuda_warn_once(capsys):
 def test_dense_fallback_of_a_packed_cuda_row_warns_once(monkeypatch, capsys):
     """A packed row with a padding mask takes the explicit-mask SDPA fallback: still correct,
     and on CUDA (simulated) it says so once. An unpacked padded batch does not warn."""
-    monkeypatch.setattr(attention, "_is_cuda", lambda t: True)
+    monkeypatch.setattr(attention_kernels, "_is_cuda", lambda t: True)
     torch.manual_seed(0)
     total = sum(SEQ_LENS)
     q, k, v = (torch.randn(1, 2, total, 8) for _ in range(3))
     position_ids = _packed([[0] * n for n in SEQ_LENS])[1]
     mask = torch.ones(1, total, dtype=torch.bool)
     for _ in range(2):
-        out, _ = attention.segments_attention_forward(torch.nn.Module(), q, k, v, mask, position_ids=position_ids)
+        out, _ = attention_kernels.segments_attention_forward(torch.nn.Module(), q, k, v, mask, position_ids=position_ids)
     cu = torch.tensor([0, 7, 20, 25], dtype=torch.int32)
     want = _per_sequence(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, cu, 13, 13, causal=True)
     torch.testing.assert_close(out[0], want, atol=1e-5, rtol=0)
     (warning,) = _warnings(capsys)
     assert "packed CUDA batch with a padding mask" in warning and "dense" in warning
-    attention._WARNED.clear()
-    attention.segments_attention_forward(torch.nn.Module(), q, k, v, mask, position_ids=torch.arange(total)[None])
+    attention_kernels._WARNED.clear()
+    attention_kernels.segments_attention_forward(torch.nn.Module(), q, k, v, mask, position_ids=torch.arange(total)[None])
     assert _warnings(capsys) == []
 
 
 def test_varlen_without_kernel_on_cuda_runs_segments_and_warns_once(monkeypatch, capsys):
-    monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q: True)
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: None)
+    monkeypatch.setattr(attention_kernels, "_use_varlen_kernel", lambda q: True)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: None)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, sum(SEQ_LENS), 8) for _ in range(3))
     position_ids = _packed([[0] * n for n in SEQ_LENS])[1]
     for _ in range(2):
-        out, _ = attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, position_ids=position_ids)
-    want, _ = attention.segments_attention_forward(torch.nn.Module(), q, k, v, None, position_ids=position_ids)
+        out, _ = attention_kernels.varlen_attention_forward(torch.nn.Module(), q, k, v, None, position_ids=position_ids)
+    want, _ = attention_kernels.segments_attention_forward(torch.nn.Module(), q, k, v, None, position_ids=position_ids)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     (warning,) = _warnings(capsys)
     assert "has no torch.nn.attention.varlen.varlen_attn" in warning
@@ -426,7 +427,7 @@ def test_varlen_without_kernel_on_cuda_runs_segments_and_warns_once(monkeypatch,
 def test_varlen_rejects_dropout():
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(ValueError, match="dropout"):
-        attention.varlen_attention_forward(torch.nn.Module(), q, q, q, None, dropout=0.1)
+        attention_kernels.varlen_attention_forward(torch.nn.Module(), q, q, q, None, dropout=0.1)
 
 
 # ---------------------------------------------------------------- safer_segments (the CPU default)
@@ -485,4 +486,4 @@ def test_segments_padding_and_generation_match_sdpa(tiny_model_dir, sequences):
 def test_segments_rejects_dropout():
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(ValueError, match="dropout"):
-        attention.segments_attention_forward(torch.nn.Module(), q, q, q, None, dropout=0.1)
+        attention_kernels.segments_attention_forward(torch.nn.Module(), q, q, q, None, dropout=0.1)

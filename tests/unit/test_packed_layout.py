@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safer_dist.train import attention, tree_attention
-from safer_dist.train.attention import register_varlen_attention
+from safer_dist.train import attention_kernels, tree_attention
+from safer_dist.train.attention_kernels import register_varlen_attention
 from safer_dist.train.lm_head import LMHead
 from safer_dist.train.tree_attention import LAYOUT_KWARG, Segment, packed_layout
 
@@ -68,9 +68,9 @@ def derivations(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(attention, "tree_segments", counting("segments", attention.tree_segments))
-    monkeypatch.setattr(attention, "packed_cu_seqlens", counting("cu_seqlens", attention.packed_cu_seqlens))
-    monkeypatch.setattr(attention, "_rows_with_drops", counting("trees", attention._rows_with_drops))
+    monkeypatch.setattr(attention_kernels, "tree_segments", counting("segments", attention_kernels.tree_segments))
+    monkeypatch.setattr(attention_kernels, "packed_cu_seqlens", counting("cu_seqlens", attention_kernels.packed_cu_seqlens))
+    monkeypatch.setattr(attention_kernels, "_rows_with_drops", counting("trees", attention_kernels._rows_with_drops))
     return counts
 
 
@@ -121,8 +121,8 @@ def test_varlen_kernel_gets_the_layout_boundaries(monkeypatch, derivations):
     call receives the layout's own cu_seqlens tensor and max length, nothing is derived per layer,
     and logits and gradients equal the per-layer derivation's bit for bit."""
     calls = []
-    monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q: True)
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: _recording_kernel(calls))
+    monkeypatch.setattr(attention_kernels, "_use_varlen_kernel", lambda q: True)
+    monkeypatch.setattr(attention_kernels, "_varlen_kernel", lambda: _recording_kernel(calls))
     model, input_ids, position_ids = _model()
     model.set_attn_implementation("safer_varlen")
     derived = _logits_and_grads(model, input_ids, position_ids)
@@ -145,8 +145,8 @@ def test_varlen_tree_row_goes_to_flex_with_the_layout(monkeypatch, derivations):
         flex_calls.append(layout)
         return tree_attention.sdpa_tree(query, key, value, scaling, list(layout.segments))
 
-    monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q: True)
-    monkeypatch.setattr(attention, "flex_tree", fake_flex)
+    monkeypatch.setattr(attention_kernels, "_use_varlen_kernel", lambda q: True)
+    monkeypatch.setattr(attention_kernels, "flex_tree", fake_flex)
     model, input_ids, _ = _model()
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 3, 4, 5, 0, 1]])
     input_ids = input_ids[:, :11]

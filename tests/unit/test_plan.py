@@ -20,7 +20,7 @@ from transformers import (
 
 from launcher.cli import main
 from safer_dist.config import load_config
-from safer_dist.train.attention import register_varlen_attention
+from safer_dist.train.attention_kernels import register_varlen_attention
 from safer_dist.cluster.gpu_memory import (
     GIB,
     SHAPES,

@@ -13,8 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from safer_dist.erpo.pairs import append_continuations, pack_pairs, packed_length
 from safer_dist.rollout.sampling import continuation_logprobs
-from safer_dist.train import attention, tree_attention
-from safer_dist.train.attention import register_varlen_attention, tree_packing_unsupported
+from safer_dist.train import attention, attention_kernels, tree_attention
+from safer_dist.train.attention import tree_packing_unsupported
+from safer_dist.train.attention_kernels import register_varlen_attention
 from safer_dist.train.lm_head import LMHead
 from safer_dist.train.losses import sum_by_sequence
 from safer_dist.train.tree_attention import Segment, sdpa_tree, tree_mask, tree_segments
@@ -118,7 +119,7 @@ def test_explicit_mask_fallback_takes_trees():
     no_padding = torch.ones(1, pos.shape[1], dtype=torch.bool)
     layer = torch.nn.Module()
     layer.num_key_value_groups = 2  # transformers' SDPA repeats the 2 kv heads to 4 by it
-    got, _ = attention.segments_attention_forward(layer, q, k, v, no_padding, position_ids=pos)
+    got, _ = attention_kernels.segments_attention_forward(layer, q, k, v, no_padding, position_ids=pos)
     want = _dense(q, k, v, tree_mask(tree_segments(pos, 1, pos.shape[1])))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
@@ -204,10 +205,10 @@ def test_shared_logprobs_and_gradients_equal_unshared(model, attn):
 def test_flex_path_forward_equals_unshared(model, monkeypatch, eager_flex):
     """``safer_varlen`` as on CUDA (16-bit rows to the kernel): a tree row goes to flex_attention;
     the forward is run here (CPU flex has no backward), gradients in tests/gpu."""
-    monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q: True)
+    monkeypatch.setattr(attention_kernels, "_use_varlen_kernel", lambda q: True)
     calls = []
     real = tree_attention.flex_tree
-    monkeypatch.setattr(attention, "flex_tree", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(attention_kernels, "flex_tree", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     model.set_attn_implementation("safer_varlen")
     enc = _pairs(seed=2)
     with torch.no_grad():
