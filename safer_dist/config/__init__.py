@@ -7,7 +7,8 @@ A run is a YAML file of sections plus ``section.field=value`` overrides
 Components receive their own section only (``Learner(cfg.learner, ...)``); defaults live
 here and nowhere else.
 
-The schema (sections, defaults, validation) is :mod:`safer_dist.config.schema`; loading,
+The schema (sections, defaults, validation) is :mod:`safer_dist.config.schema` (with its
+:mod:`~safer_dist.config.train_sections` and :mod:`~safer_dist.config.erpo_sections`); loading,
 overrides, deprecated names and paths :mod:`safer_dist.config.loading`; what a resume checks
 :mod:`safer_dist.config.resume`. Everything public is importable from here.
 """
