@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from safer_dist.cluster.slurm import render_template
+from safer_dist.cluster.slurm import environment_values, render_template
 from tests.slurm import cluster
 from tests.slurm.cluster import NODE_IPS, REPO, VENV, read, run, wait_finished
 
@@ -47,6 +47,8 @@ def _submit(run_dir: Path, driver: str, name: str) -> tuple[int, float]:
         repo_dir=REPO,
         venv_dir=VENV,
         command=shlex.join([str(VENV / "bin" / "python"), "-c", driver]),
+        time_note="",
+        **environment_values({}),
     ))
     (run_dir / "job.sh").write_text(script)
     submitted_at = time.time()
