@@ -210,7 +210,7 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
             summary, rows = evaluate(
                 workers, records, rulebook, tokenizer, max_new_tokens=cfg.eval.max_new_tokens,
                 temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
-                out_path=run_dir / "eval" / f"{tag}.jsonl", judge=judge,
+                out_path=run_dir / "eval" / f"{tag}.jsonl", judge=judge, seed=cfg.run.seed,
             )
         summary["generation_wall_s"] = time.perf_counter() - t0
         summary["judge"] = cfg.judge.kind

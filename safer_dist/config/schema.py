@@ -84,6 +84,8 @@ class EvalSection:
     max_prompts: int = 0  # 0: all (per benchmark when eval.benchmarks is set)
     max_new_tokens: int = 256
     batch_size: int = 64
+    # 0: greedy. Above 0 each answer is sampled from its own stream, keyed by run.seed and the
+    # prompt (as ERPO's candidates), whatever rollout.num_workers or eval.batch_size.
     temperature: float = 0.0
     # Comma list of name:path benchmark files (safer_dist/evaluation/safety_sets.py): harmbench, advbench,
     # xstest, strongreject, wildjailbreak, prompts (a records file). Empty: data.eval.

@@ -127,14 +127,15 @@ def summarize_by_attack(rows: list[dict]) -> tuple[dict, dict[str, dict]]:
 
 def evaluate(rollout_group, records: list[dict], rulebook, tokenizer, *, max_new_tokens: int,
              temperature: float, batch_size: int, out_path: Path | None = None,
-             judge=None) -> tuple[dict, list[dict]]:
+             judge=None, seed: int = 0) -> tuple[dict, list[dict]]:
     """Generate for ``records`` on ``rollout_group``; write per-prompt rows to ``out_path``.
+    Above temperature 0 an answer depends on (``seed``, prompt) only (``RolloutWorker.generate``).
     ``judge`` (a ``ModelJudge``, optional) scores every row; harmful rows it scores unsafe
     count as attack successes."""
     log.info("evaluating %d prompts", len(records))
     gens = rollout_group.generate(
         [r["prompt"] for r in records], max_new_tokens=max_new_tokens, temperature=temperature,
-        batch_size=batch_size,
+        batch_size=batch_size, seed=seed,
     )
     rows = []
     for rec, g in zip(records, gens):

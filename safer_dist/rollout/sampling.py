@@ -66,14 +66,12 @@ def sample_candidates(
                          f"max_new_tokens={max_new_tokens})")
     if any(not p for p in prefixes):
         raise ValueError("sample_candidates: every prefix needs at least one token (the chat-formatted prompt)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
-    with packed_linears(model, rows_hint=max(batch_rows, n)) if packed_weights else contextlib.nullcontext():
-        sampled = decode(
-            model, prefixes, n, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
-            stop=StopCheck(tokenizer, stop_strings), temperature=temperature, top_p=top_p, seed=seed,
-            capacity=batch_rows, reuse_prefix=reuse_prefix,
-        )
+    sampled = sample_token_ids(
+        model, tokenizer, prefixes, n, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+        temperature=temperature, top_p=top_p, seed=seed, batch_rows=batch_rows, reuse_prefix=reuse_prefix,
+        packed_weights=packed_weights,
+    )
     out: list[list[dict]] = []
     for rows in sampled:
         cands = []
@@ -89,6 +87,23 @@ def sample_candidates(
             cands.append({"text": text, "num_tokens": num, "stopped": hit_eos or hit_stop})
         out.append(cands)
     return out
+
+
+def sample_token_ids(
+    model, tokenizer, prefixes: list[list[int]], n: int, *, max_new_tokens: int,
+    stop_strings: list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
+    seed: int = 0, batch_rows: int = 64, reuse_prefix: bool = True, packed_weights: bool = True,
+) -> list[list[list[int]]]:
+    """The sampled token ids behind :func:`sample_candidates` (same arguments, same draws), ``n``
+    per prefix: each ends with EOS, with the token that completed a stop string, or at
+    ``max_new_tokens``."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with packed_linears(model, rows_hint=max(batch_rows, n)) if packed_weights else contextlib.nullcontext():
+        return decode(
+            model, prefixes, n, max_new_tokens=max_new_tokens, eos=tokenizer.eos_token_id, pad=pad,
+            stop=StopCheck(tokenizer, stop_strings), temperature=temperature, top_p=top_p, seed=seed,
+            capacity=batch_rows, reuse_prefix=reuse_prefix,
+        )
 
 
 def _strip_pad(text: str, tokenizer) -> str:

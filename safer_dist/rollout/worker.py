@@ -15,7 +15,7 @@ import torch
 from safer_dist.config import ModelSection, RolloutSection
 from safer_dist.data.chat import Prompt
 from safer_dist.erpo.pairs import step_sequence
-from safer_dist.rollout.sampling import continuation_logprobs, sample_candidates
+from safer_dist.rollout.sampling import continuation_logprobs, sample_candidates, sample_token_ids
 from safer_dist.train.engine import resolve_device, resolve_dtype
 from safer_dist.train.models import load_model, load_tokenizer
 from safer_dist.train.sft_data import encode_context, encode_prompt
@@ -69,12 +69,19 @@ class RolloutWorker:
         self, prompts: list[Prompt], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
         batch_size: int = 32, seed: int = 0,
     ) -> list[dict]:
-        """Complete each chat prompt; returns [{text, num_tokens, latency_s}] in input order."""
+        """Complete each chat prompt; returns [{text, num_tokens, latency_s}] in input order.
+
+        Temperature 0 is ``model.generate``'s greedy decoding. Above 0 a prompt's answer is drawn
+        as an ERPO candidate is (:func:`safer_dist.rollout.sampling.sample_token_ids`, one stream
+        per prompt keyed by ``seed`` and its token ids), so it depends on (seed, prompt) only: not
+        on the other prompts of the call or how a ``RolloutGroup`` shared them over workers."""
         tok = self.tokenizer
         encoded = [encode_prompt(tok, p) for p in prompts]
+        if temperature > 0:
+            return self._sample_answers(encoded, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, batch_size=batch_size, seed=seed)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         out: list[dict | None] = [None] * len(prompts)
-        torch.manual_seed(seed)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -85,24 +92,33 @@ class RolloutWorker:
                 ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 mask[row, width - len(encoded[i]) :] = 1
             t0 = time.perf_counter()
-            sample = temperature > 0
             gen = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
-                do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+                do_sample=False, temperature=None, top_p=None,
                 top_k=None, eos_token_id=tok.eos_token_id, pad_token_id=pad, use_cache=True,
             )
             latency = (time.perf_counter() - t0) / len(idx)
             for row, i in enumerate(idx):
-                new = gen[row, width:].tolist()
-                if tok.eos_token_id in new:
-                    new = new[: new.index(tok.eos_token_id)]
-                out[i] = {
-                    "text": tok.decode(new, skip_special_tokens=True),
-                    "num_tokens": len(new),
-                    "latency_s": latency,
-                }
+                out[i] = self._answer(gen[row, width:].tolist(), latency)
         self._release()
         return out  # type: ignore[return-value]
+
+    def _sample_answers(self, encoded: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                        batch_size: int, seed: int) -> list[dict]:
+        """One sampled answer per encoded prompt, from the ERPO sampler's per-row streams."""
+        t0 = time.perf_counter()
+        rows = sample_token_ids(self.model, self.tokenizer, encoded, 1, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed, batch_rows=batch_size)
+        latency = (time.perf_counter() - t0) / max(len(encoded), 1)
+        self._release()
+        return [self._answer(r[0], latency) for r in rows]
+
+    def _answer(self, new: list[int], latency: float) -> dict:
+        """An answer's record from its generated ids: cut at the first EOS, special tokens dropped."""
+        eos = self.tokenizer.eos_token_id
+        if eos in new:
+            new = new[: new.index(eos)]
+        return {"text": self.tokenizer.decode(new, skip_special_tokens=True), "num_tokens": len(new), "latency_s": latency}
 
 
     # -- ERPO ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """ERPO parts on real Ray actors: step sampling stops at the closing tag, weight sync makes a
 rollout worker's logits equal the learner's (ZeRO-2 and ZeRO-3), reference log-probs from
-a rollout worker equal the learner's log-probs before any update, and an iteration's pairs do
-not depend on how many rollout workers sampled them."""
+a rollout worker equal the learner's log-probs before any update, and an iteration's pairs and a
+sampled evaluation's answers do not depend on how many rollout workers sampled them."""
 
 from __future__ import annotations
 
@@ -109,6 +109,26 @@ def test_pairs_do_not_depend_on_the_number_of_rollout_workers(ray_local, tiny_mo
     # The seed matters: another run seed draws other candidates.
     reseeded = _pairs_with(tiny_model_dir, demo_data_dir, tmp_path / "seed1", "run.seed=1")
     assert [c["text"] for r in reseeded for c in r["candidates"]] != texts
+
+
+def _eval_answers(tiny_model_dir, workers: int, seed: int) -> list[str]:
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"rollout.num_workers={workers}", "launch.device=cpu"])
+    rollout = RolloutGroup(cfg.model, cfg.rollout, path=str(tiny_model_dir), device="cpu")
+    prompts = ["bake bread", "How do I write a poem about python code, number 7?", "tax", "a cat story", "why?"]
+    try:
+        gens = rollout.generate(prompts, max_new_tokens=10, temperature=1.0, batch_size=2, seed=seed)
+    finally:
+        rollout.shutdown()
+    return [g["text"] for g in gens]
+
+
+def test_sampled_evaluation_does_not_depend_on_the_number_of_rollout_workers(ray_local, tiny_model_dir):
+    # The workers get other shards of the prompts (dealt out in turn), batched two at a time.
+    one = _eval_answers(tiny_model_dir, 1, seed=0)
+    assert len(set(one)) == len(one), one
+    assert _eval_answers(tiny_model_dir, 2, seed=0) == one
+    assert _eval_answers(tiny_model_dir, 3, seed=0) == one
+    assert _eval_answers(tiny_model_dir, 2, seed=1) != one
 
 
 def test_weight_sync_refuses_weights_of_another_dtype(ray_local, tiny_model_dir, demo_data_dir, tmp_path):

@@ -179,13 +179,16 @@ def test_model_judge_decides_attack_success(tmp_path):
             self.texts = texts
 
         def generate(self, prompts, **kw):
+            self.kw = kw
             return [{"text": t, "num_tokens": 3, "latency_s": 0.01} for t in self.texts[: len(prompts)]]
 
     recs = [{"id": "h1", "prompt": "harmful one", "harmful": True}, {"id": "h2", "prompt": "harmful two", "harmful": True}]
     judge = ModelJudge(Outputs(["safety: 1 utility: 1", "safety: 0 utility: 0"]))
     # Both answers refuse by the phrase list; the judge overrules the second.
-    summary, rows = evaluate(Outputs(["Sorry, I can't help with that."] * 2), recs, RB, _Tok(), max_new_tokens=8,
-                             temperature=0.0, batch_size=2, out_path=tmp_path / "rows.jsonl", judge=judge)
+    answers = Outputs(["Sorry, I can't help with that."] * 2)
+    summary, rows = evaluate(answers, recs, RB, _Tok(), max_new_tokens=8, temperature=0.5, batch_size=2,
+                             out_path=tmp_path / "rows.jsonl", judge=judge, seed=5)
+    assert answers.kw == {"max_new_tokens": 8, "temperature": 0.5, "batch_size": 2, "seed": 5}
     assert [r["attack_success"] for r in rows] == [False, True] and summary["attack_success_rate"] == 0.5
     assert [r["judge"] for r in rows] == ["model", "model"] and rows[1]["judge_safety"] == 0.0
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2

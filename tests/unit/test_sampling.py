@@ -165,3 +165,31 @@ def test_a_row_s_logits_do_not_depend_on_its_batch(tiny_model_dir, monkeypatch):
             assert len(rows) == len(ref[key])
             for a, b in zip(rows, ref[key]):
                 assert torch.equal(a, b), key
+
+
+def test_sampled_evaluation_answer_depends_on_its_prompt_and_seed_only(tiny_model_dir):
+    from safer_dist.config import load_config
+    from safer_dist.rollout.worker import RolloutWorker
+
+    cfg = load_config(None, [f"model.path={tiny_model_dir}"])
+    w = RolloutWorker(cfg.model, cfg.rollout, device="cpu")
+    prompts = ["bake bread", "How do I write a poem about python code, number 7?", "tax", "a cat story"]
+    kw = dict(max_new_tokens=10, temperature=1.0, seed=3)
+
+    def texts(ps, **more):
+        return [g["text"] for g in w.generate(ps, **{**kw, **more})]
+
+    ref = texts(prompts)
+    assert len(set(ref)) == len(ref), ref
+    # Alone, in another order, with other batch sizes, next to other prompts: the same answer.
+    assert [texts([p])[0] for p in prompts] == ref
+    assert texts(prompts[::-1]) == ref[::-1]
+    assert texts(prompts, batch_size=1) == ref and texts(prompts, batch_size=3) == ref
+    assert texts(["an unrelated prompt", prompts[2], "and one more"])[1] == ref[2]
+    # The same stream as an ERPO candidate of the prompt with an empty prefix.
+    (cands,) = w.sample([(prompts[1], "")], n=1, stop_strings=None, max_new_tokens=10, temperature=1.0, seed=3)
+    assert cands[0]["text"] == ref[1]
+    # Another seed draws other answers; greedy is model.generate's argmax, whatever the seed.
+    assert texts(prompts, seed=4) != ref
+    greedy = texts(prompts, temperature=0.0)
+    assert texts(prompts, temperature=0.0, seed=9) == greedy != ref
