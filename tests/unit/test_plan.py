@@ -275,7 +275,7 @@ def test_cli_plan(capsys):
     recipe = "configs/llama3-8b-8xh100.yaml"
     assert main(["plan", str(REPO / recipe), "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--shape", "llama3-8b"]) == 0
     out = capsys.readouterr().out
-    assert "recommendation: ZeRO-3, mb 2" in out
+    assert "recommendation: ZeRO-3, mb 8" in out
     # no --shape and no weights at model.path: a usage error naming the fix
     assert main(["plan", str(REPO / recipe), "--gpus-per-node", "8", "--gpu-mem-gb", "80"]) == 2
     assert "--shape" in capsys.readouterr().err
@@ -297,6 +297,38 @@ def test_recipes_load_and_carry_their_plan(recipe):
     comment = [line[4:] for line in path.read_text().splitlines() if line.startswith("#   ")]
     start = comment.index(printed[0])
     assert comment[start : start + len(printed)] == printed, f"refresh the plan in {recipe}'s comment"
+
+
+ALL_RECIPES = {**{r: v[2] for r, v in RECIPES.items()}, "configs/llama3-8b-qlora-1x24gb.yaml": "llama3-8b"}
+
+
+@pytest.mark.parametrize("recipe", sorted(ALL_RECIPES))
+def test_recipe_budget_and_wall_time_comments_match_the_config(recipe):
+    """The header's token budget names the config's own sizes, and its SFT estimate is the
+    walltime model's arithmetic on them: a recipe edited without its comment fails here."""
+    from safer_dist.cluster.walltime import MEASURED_MFU, PEAK_TFLOPS
+
+    cfg = load_config(REPO / recipe)
+    text = (REPO / recipe).read_text()
+    t = cfg.train
+    assert t.micro_batch_size * cfg.data.max_seq_len <= 4096  # the worst case the header states
+    assert f"#   micro-batch  {t.micro_batch_size} sequences" in text
+    assert f"at most {t.micro_batch_size} x data.max_seq_len {cfg.data.max_seq_len} = {t.micro_batch_size * cfg.data.max_seq_len:,}" in text
+    assert f"#   step         {t.global_batch_size} sequences" in text
+    # 3 epochs of the 4,000 demo traces, rounded to whole steps
+    assert t.max_steps == round(3 * 4000 / t.global_batch_size)
+    m = re.search(r"3 epochs: (\d+) steps x (\d+) = [\d,]+ sequences, ~([\d.]+)M tokens", text)
+    assert m and (int(m[1]), int(m[2])) == (t.max_steps, t.global_batch_size)
+    assert float(m[3]) == pytest.approx(t.max_steps * t.global_batch_size * 201.5 / 1e6, abs=0.005)  # mean 201.5 tokens
+    e = re.search(r"#   SFT   ~([\d.]+) (s|min) of training: (\d) x ([\d.]+)B x ([\d.]+)M tokens / \((\d+) x", text)
+    assert e, "the SFT wall-time estimate is missing"
+    per_token = 8 if cfg.model.gradient_checkpointing else 6
+    assert int(e[3]) == per_token and int(e[6]) == cfg.learner.num_learners and e[5] == m[3]
+    assert float(e[4]) == pytest.approx(SHAPES[ALL_RECIPES[recipe]].num_params() / 1e9, abs=0.005)
+    seconds = float(e[1]) * (60 if e[2] == "min" else 1)
+    expected = per_token * float(e[4]) * 1e9 * float(e[5]) * 1e6 / (cfg.learner.num_learners * PEAK_TFLOPS * 1e12 * MEASURED_MFU)
+    assert seconds == pytest.approx(expected, rel=0.03)
+    assert "an ESTIMATE from safer_dist/cluster/walltime.py" in text and "no GPU has run this shape" in text
 
 
 def test_qlora_sft_recipe_fits_one_24gb_gpu_and_the_run_does_not():
