@@ -84,7 +84,7 @@ class JudgeSection:
     # [user, assistant] conversation rendered by the judge's own chat template.
     prompt_template: str | None = None
     # The classifier's verdict words (its reply's first word, case-insensitive), e.g. yes / no
-    # for HarmBench's classifier.
+    # for a judge prompted to answer Yes or No.
     unsafe_label: str = "unsafe"
     safe_label: str = "safe"
 

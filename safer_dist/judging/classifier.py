@@ -12,8 +12,9 @@ and greedily generates a few tokens; the first word of its reply is its verdict:
 Prompt format: without ``judge.prompt_template`` the judge gets the message list
 ``[user: request, assistant: answer]`` and its own chat template renders the classification
 prompt (Llama Guard's template does: it lists its categories and asks for ``safe``/``unsafe``).
-With a template (``{prompt}`` and ``{response}``, e.g. HarmBench's classifier prompt with
-``judge.unsafe_label=yes judge.safe_label=no``), the rendered text is one user turn.
+With a template (``{prompt}`` and ``{response}``; e.g. a prompt asking for Yes or No, with
+``judge.unsafe_label=yes judge.safe_label=no``), the rendered text is one user turn, which the
+judge's chat template wraps like any prompt (the judge model needs a chat template).
 
 Utility, efficiency and validity are the rule judge's (:class:`~safer_dist.judging.judge.RuleJudge`);
 benign records are not sent to the classifier (their safety is the rule judge's, 1). In
