@@ -228,10 +228,12 @@ def _model_judge(cfg: Config, rulebook, bundles):
     """(judge, its rollout group) for ``judge.kind`` model or classifier: ``judge.model_path`` on
     rollout workers in the phase's ``judge`` slots (placement.py places them for both kinds)."""
     j = cfg.judge
-    workers = RolloutGroup.for_run(cfg, j.model_path, slots=bundles.slots("judge"), name=f"{j.kind}-judge rollout")
+    head = j.classifier_head if j.kind == "classifier" else "causal_lm"
+    workers = RolloutGroup.for_run(cfg, j.model_path, slots=bundles.slots("judge"), name=f"{j.kind}-judge rollout",
+                                   head=head)
     if j.kind == "classifier":
         return ClassifierJudge(workers, rulebook, template=j.prompt_template, unsafe_label=j.unsafe_label,
-                               safe_label=j.safe_label), workers
+                               safe_label=j.safe_label, head=head), workers
     return ModelJudge(workers, j.prompt_template), workers
 
 

@@ -87,6 +87,10 @@ class JudgeSection:
     # for a judge prompted to answer Yes or No.
     unsafe_label: str = "unsafe"
     safe_label: str = "safe"
+    # The classifier's kind: causal_lm generates its verdict (Llama Guard); sequence is an
+    # AutoModelForSequenceClassification model whose predicted label (config.id2label) is
+    # compared with unsafe_label / safe_label (whole label, case-insensitive).
+    classifier_head: str = "causal_lm"  # causal_lm | sequence
 
     def validate(self, key: str) -> None:
         _check(self.kind in ("rule", "model", "classifier"), f"{key}.kind must be one of rule, model, classifier "
@@ -98,6 +102,8 @@ class JudgeSection:
                                              and self.unsafe_label.lower() != self.safe_label.lower()),
                f"{key}.unsafe_label and {key}.safe_label must be two different non-empty words "
                f"(got {self.unsafe_label!r}, {self.safe_label!r})")
+        _check(self.classifier_head in ("causal_lm", "sequence"),
+               f"{key}.classifier_head must be causal_lm or sequence (got {self.classifier_head!r})")
 
 
 @dataclass

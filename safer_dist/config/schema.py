@@ -235,6 +235,10 @@ class Config:
                "(bf16 compute on an NF4 base)")
         _one_of("launch.device", self.launch.device, ("auto", "cpu", "cuda"))
         self.judge.validate("judge")
+        _check(self.judge.kind != "classifier" or self.judge.classifier_head != "sequence"
+               or self.rollout.tensor_parallel == 1,
+               "judge.classifier_head=sequence runs on whole-model workers: set rollout.tensor_parallel=1 or "
+               "judge.classifier_head=causal_lm")
         e = self.erpo
         _one_of("erpo.reference", e.reference, ("iteration", "sft"))
         _check(e.iterations >= 0, "erpo.iterations must be >= 0")
