@@ -22,5 +22,6 @@ def test_a_sequence_classifier_judges_on_rollout_workers(ray_local, tmp_path):
         workers.shutdown()
     # harmful (even) items: the classifier's "unsafe"; benign ones: the rule judge's (an invalid trace)
     assert [s.reason.split(";")[0] for s in scores[::2]] == ["classifier: unsafe"] * 3
-    assert all(s.safety == 0.0 for s in scores) and [s.efficiency for s in scores] == [-10.0, -11.0, -12.0, -13.0, -14.0]
+    assert all(s.safety == 0.0 for s in scores)
+    assert [s.efficiency for s in scores] == [-10.0, -11.0, -12.0, -13.0, -14.0]
     assert not any(s.reason.startswith("classifier") for s in scores[1::2])

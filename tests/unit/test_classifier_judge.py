@@ -120,5 +120,6 @@ def test_a_judge_model_without_a_path_is_a_config_error(override, caplog):
     with pytest.raises(ConfigError, match="judge.classifier_head=sequence"):
         load_config(None, ["judge.kind=classifier", "judge.model_path=/x", "judge.classifier_head=sequence",
                            "rollout.tensor_parallel=2"])
-    assert main(["plan", "configs/tiny.yaml", override, "--gpus-per-node", "1", "--gpu-mem-gb", "80", "--shape", "test"]) == 2
+    args = ["--gpus-per-node", "1", "--gpu-mem-gb", "80", "--shape", "test"]
+    assert main(["plan", "configs/tiny.yaml", override, *args]) == 2
     assert "judge.model_path" in caplog.text
