@@ -21,6 +21,7 @@ from safer_dist.data.chat import prompt_text
 from safer_dist.data.demo import generate_demo
 from safer_dist.data.records import load_records
 from safer_dist.erpo.controller import train_erpo
+from safer_dist.judging.classifier import ClassifierJudge
 from safer_dist.judging.judge import ModelJudge, RuleJudge
 from safer_dist.evaluation.attacks import expand, parse_attacks
 from safer_dist.evaluation.evaluate import evaluate, pick_sample, summarize_by_attack
@@ -183,15 +184,13 @@ def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
 def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = False,
              records: list[dict] | None = None) -> dict:
     """Generate on the held-out set (or ``records``) with ``model_path``; write
-    ``<run>/eval/<tag>.jsonl``. ``judge.kind=model`` also scores every row with the judge model."""
+    ``<run>/eval/<tag>.jsonl``. ``judge.kind`` model or classifier also scores every row with the judge model."""
     tokenizer = check_chat_template(model_path, f"model {model_path}", cfg.model.trust_remote_code)
     rulebook = Rulebook.load(cfg.data.rulebook)
     if records is None:
         records = list(load_records(cfg.data.eval, "prompts"))
         if cfg.eval.max_prompts:
             records = records[: cfg.eval.max_prompts]
-    if cfg.judge.kind == "model" and not cfg.judge.model_path:
-        raise ValueError("judge.kind=model needs judge.model_path")
     start_ray(cfg)
     bundles = _phase_bundles(cfg, "eval")
     run_dir = cfg.run.dir
@@ -201,10 +200,8 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
     try:
         with phase(f"eval_{tag}_setup"):
             workers = RolloutGroup.for_run(cfg, model_path, slots=bundles.slots("rollout"))
-        if cfg.judge.kind == "model":
-            judge_workers = RolloutGroup.for_run(cfg, cfg.judge.model_path, slots=bundles.slots("judge"),
-                                                 name="model-judge rollout")
-            judge = ModelJudge(judge_workers, cfg.judge.prompt_template)
+        if cfg.judge.kind != "rule":
+            judge, judge_workers = _model_judge(cfg, rulebook, bundles)
         t0 = time.perf_counter()
         with phase(f"eval_{tag}"):
             summary, rows = evaluate(
@@ -225,6 +222,19 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
     summary["model"] = str(model_path)
     record_summaries(run_dir, {tag: summary})
     return {"summary": summary, "sample": pick_sample(rows), "rows": rows}
+
+
+def _model_judge(cfg: Config, rulebook, bundles):
+    """(judge, its rollout group) for ``judge.kind`` model or classifier: ``judge.model_path`` on
+    rollout workers in the phase's ``judge`` slots (placement.py places them for both kinds)."""
+    j = cfg.judge
+    head = j.classifier_head if j.kind == "classifier" else "causal_lm"
+    workers = RolloutGroup.for_run(cfg, j.model_path, slots=bundles.slots("judge"), name=f"{j.kind}-judge rollout",
+                                   head=head)
+    if j.kind == "classifier":
+        return ClassifierJudge(workers, rulebook, template=j.prompt_template, unsafe_label=j.unsafe_label,
+                               safe_label=j.safe_label, head=head), workers
+    return ModelJudge(workers, j.prompt_template), workers
 
 
 def record_summaries(run_dir: Path, summaries: dict[str, dict]) -> None:
@@ -261,8 +271,6 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
     if not (init_from / "config.json").is_file():
         raise ValueError(f"erpo.init_from={init_from}: no SFT model there (run `safer sft` first or set erpo.init_from)")
     check_chat_template(init_from, f"erpo.init_from={init_from}", cfg.model.trust_remote_code)
-    if cfg.judge.kind == "model" and not cfg.judge.model_path:
-        raise ValueError("judge.kind=model needs judge.model_path")
     load_records(cfg.data.erpo_prompts, "prompts")  # fail fast on bad prompts
     rulebook = Rulebook.load(cfg.data.rulebook)
     start_ray(cfg)
@@ -277,12 +285,11 @@ def erpo_job(cfg: Config, *, keep_ray: bool = False) -> Path:
             groups.append(learners)
             rollout = RolloutGroup.for_run(cfg, init_from, slots=bundles.slots("rollout"))
             groups.append(rollout)
-        if cfg.judge.kind == "model":
-            groups.append(RolloutGroup.for_run(cfg, cfg.judge.model_path, slots=bundles.slots("judge"),
-                                               name="model-judge rollout"))
-            judge = ModelJudge(groups[-1], cfg.judge.prompt_template)
-        else:
+        if cfg.judge.kind == "rule":
             judge = RuleJudge(rulebook)
+        else:
+            judge, judge_workers = _model_judge(cfg, rulebook, bundles)
+            groups.append(judge_workers)
         reference = None
         if cfg.erpo.reference == "sft" and cfg.model.lora.enabled:
             # The learners' frozen base is the SFT model: adapters off, no second copy.

@@ -5,8 +5,8 @@ A stage runs phases one after another; each places its actors, runs, and release
 
     stage  phases  actors of the phase
     sft    sft     learners
-    eval   eval    policy rollout (+ judge rollout, judge.kind=model)
-    erpo   erpo    learners + policy rollout (+ judge rollout, judge.kind=model)
+    eval   eval    policy rollout (+ judge rollout, judge.kind=model or classifier)
+    erpo   erpo    learners + policy rollout (+ judge rollout, judge.kind=model or classifier)
                    (+ SFT-reference rollout, erpo.reference=sft without LoRA adapters)
     run    sft, eval, erpo (erpo.iterations > 0); the second evaluation places as the first
 
@@ -49,7 +49,7 @@ from typing import Any
 
 from safer_dist.config import Config, ConfigError, RolloutSection
 
-ROLES = {"learner": "learner", "rollout": "policy rollout", "judge": "model-judge rollout",
+ROLES = {"learner": "learner", "rollout": "policy rollout", "judge": "judge-model rollout",
          "reference": "SFT-reference rollout"}
 
 
@@ -212,7 +212,7 @@ def phase_roles(cfg: Config, phase: str) -> list[str]:
         return ["learner"]
     roles = ["learner"] if phase == "erpo" else []
     roles.append("rollout")
-    if cfg.judge.kind == "model":
+    if cfg.judge.kind in ("model", "classifier"):  # a judge model on rollout workers of its own
         roles.append("judge")
     if phase == "erpo" and cfg.erpo.reference == "sft" and not cfg.model.lora.enabled:
         roles.append("reference")  # LoRA learners are the reference themselves, adapters off

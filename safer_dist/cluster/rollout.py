@@ -51,14 +51,16 @@ class RolloutGroup:
     """
 
     @classmethod
-    def for_run(cls, cfg: Config, path: str | Path, slots: Slots | None = None, name: str = "policy rollout") -> RolloutGroup:
+    def for_run(cls, cfg: Config, path: str | Path, slots: Slots | None = None, name: str = "policy rollout",
+                head: str = "causal_lm") -> RolloutGroup:
         """Workers holding the model at ``path``, placed as the run's config says: in ``slots``,
-        or on a GPU each where the learners get GPUs, else ``rollout.cpus_per_worker`` CPUs."""
+        or on a GPU each where the learners get GPUs, else ``rollout.cpus_per_worker`` CPUs.
+        ``head="sequence"``: a sequence-classification model (a classifier judge's), for ``classify``."""
         return cls(cfg.model, cfg.rollout, path=str(path), device=cfg.launch.device,
-                   use_gpu=learner_gpus(cfg, Cluster.from_ray()) > 0, slots=slots, name=name)
+                   use_gpu=learner_gpus(cfg, Cluster.from_ray()) > 0, slots=slots, name=name, head=head)
 
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
-                 use_gpu: bool = False, slots: Slots | None = None, name: str = "rollout"):
+                 use_gpu: bool = False, slots: Slots | None = None, name: str = "rollout", head: str = "causal_lm"):
         import ray
 
         self.own_bundles = None
@@ -69,6 +71,7 @@ class RolloutGroup:
             slots = self.own_bundles.slots("rollout")
         self.cfg = rollout
         self.tp_workers = None
+        assert head == "causal_lm" or rollout.tensor_parallel == 1, "config validation refuses this"
         if rollout.tensor_parallel > 1:  # each worker is K rank actors; its rank 0 stands for it here
             try:
                 self.tp_workers = TensorParallelWorkers(model, rollout, slots, path=path, device=device)
@@ -80,7 +83,7 @@ class RolloutGroup:
         else:
             remote = ray.remote(max_restarts=rollout.max_restarts)(RolloutWorker)
             self.workers = [remote.options(**slots.options(i)).remote(model, rollout, path=path, device=device,
-                                                                       share_gpu=0 < slots.gpus < 1)
+                                                                       share_gpu=0 < slots.gpus < 1, head=head)
                             for i in range(rollout.num_workers)]
         self.expected_version = 0
         self.weight_sync: WeightSync | None = None
@@ -227,6 +230,10 @@ class RolloutGroup:
     def generate(self, prompts: list[Prompt], **kwargs) -> list[dict]:
         """``RolloutWorker.generate`` over all workers; results in the order of ``prompts``."""
         return self._map("generate", lambda w, shard: w.generate.remote(shard, **kwargs), prompts)
+
+    def classify(self, items: list[Prompt], **kwargs) -> list[str]:
+        """``RolloutWorker.classify`` over all workers; labels in the order of ``items``."""
+        return self._map("classify", lambda w, shard: w.classify.remote(shard, **kwargs), items)
 
     def sample(self, items: list[tuple[Prompt, str]], **kwargs) -> list[list[dict]]:
         """``RolloutWorker.sample`` over all workers; results in the order of ``items``."""

@@ -75,9 +75,35 @@ class RolloutSection:
 
 @dataclass
 class JudgeSection:
-    kind: str = "rule"  # rule | model
+    # rule: the prompt's labels (offline); model: an LLM judge replying "safety: x utility: y";
+    # classifier: a Llama-Guard-style model whose first word says whether a harmful prompt's
+    # answer is safe (safer_dist/judging/). model and classifier run on rollout workers.
+    kind: str = "rule"  # rule | model | classifier
     model_path: str | None = None
+    # {prompt} and {response}; None: the model judge's default prompt, or for a classifier the
+    # [user, assistant] conversation rendered by the judge's own chat template.
     prompt_template: str | None = None
+    # The classifier's verdict words (its reply's first word, case-insensitive), e.g. yes / no
+    # for a judge prompted to answer Yes or No.
+    unsafe_label: str = "unsafe"
+    safe_label: str = "safe"
+    # The classifier's kind: causal_lm generates its verdict (Llama Guard); sequence is an
+    # AutoModelForSequenceClassification model whose predicted label (config.id2label) is
+    # compared with unsafe_label / safe_label (whole label, case-insensitive).
+    classifier_head: str = "causal_lm"  # causal_lm | sequence
+
+    def validate(self, key: str) -> None:
+        _check(self.kind in ("rule", "model", "classifier"), f"{key}.kind must be one of rule, model, classifier "
+               f"(got {self.kind!r})")
+        _check(self.kind == "rule" or bool(self.model_path),
+               f"{key}.kind={self.kind} runs a judge model: set {key}.model_path (a local Hugging Face model "
+               f"directory) or {key}.kind=rule")
+        _check(self.kind != "classifier" or (self.unsafe_label.strip() and self.safe_label.strip()
+                                             and self.unsafe_label.lower() != self.safe_label.lower()),
+               f"{key}.unsafe_label and {key}.safe_label must be two different non-empty words "
+               f"(got {self.unsafe_label!r}, {self.safe_label!r})")
+        _check(self.classifier_head in ("causal_lm", "sequence"),
+               f"{key}.classifier_head must be causal_lm or sequence (got {self.classifier_head!r})")
 
 
 @dataclass

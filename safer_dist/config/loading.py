@@ -203,6 +203,8 @@ def apply_override(cfg: Config, item: str) -> str | None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    if isinstance(value, bool) and str in (typ, *typing.get_args(typ)):
+        value = text.strip()  # YAML 1.1 reads yes / no / on / off as booleans; a text field means the word
     setattr(obj, parts[-1], _coerce(value, typ, source, key))
     return key
 
@@ -270,6 +272,9 @@ def _coerce(value: Any, typ: Any, source: str, key: str):
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected str, got {value!r} (YAML reads yes, no, on, off, true and "
+                              f"false as booleans: quote the word, e.g. {key.split('.')[-1]}: \"yes\")")
     else:
         return value
     raise ConfigError(f"{source}: {key}: expected {typ.__name__}, got {value!r}")

@@ -33,8 +33,8 @@ RESUME_KEYS = {
 # a resumed run may change them (and a checkpoint written before they existed lacks them).
 RESUME_IGNORED = frozenset({"erpo.loss.share_prefix"})
 # Resume keys added after checkpoints were first written: a checkpoint without them ran with
-# their default (no adapters, no quantization).
-ADDED_LATER = ("model.lora.", "model.quantization")
+# their default (no adapters, no quantization, the classifier judge's default labels and head).
+ADDED_LATER = ("model.lora.", "model.quantization", "judge.unsafe_label", "judge.safe_label", "judge.classifier_head")
 
 
 def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") -> list[str]:

@@ -236,7 +236,11 @@ class Config:
                "model.quantization=4bit needs learner.zero_stage 0, 1 or 2 and model.dtype auto or bfloat16 "
                "(bf16 compute on an NF4 base)")
         _one_of("launch.device", self.launch.device, ("auto", "cpu", "cuda"))
-        _one_of("judge.kind", self.judge.kind, ("rule", "model"))
+        self.judge.validate("judge")
+        _check(self.judge.kind != "classifier" or self.judge.classifier_head != "sequence"
+               or self.rollout.tensor_parallel == 1,
+               "judge.classifier_head=sequence runs on whole-model workers: set rollout.tensor_parallel=1 or "
+               "judge.classifier_head=causal_lm")
         e = self.erpo
         _one_of("erpo.reference", e.reference, ("iteration", "sft"))
         _check(e.iterations >= 0, "erpo.iterations must be >= 0")

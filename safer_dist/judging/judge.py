@@ -12,7 +12,8 @@
 
 ``ModelJudge`` asks a language model (on rollout workers) with a prompt template and parses
 ``safety: <0..1>`` and ``utility: <0..1>`` from its reply; it scores efficiency like the rule
-judge. Both return :class:`Score` with a short human-readable reason.
+judge. Both return :class:`Score` with a short human-readable reason. A classifier judge
+(safety from a Llama-Guard-style model) is in safer_dist/judging/classifier.py.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Score:
 
 
 class RuleJudge:
+    kind = "rule"
+
     def __init__(self, rulebook):
         self.rulebook = rulebook
 
@@ -116,6 +119,8 @@ def parse_model_verdict(text: str) -> tuple[float, float] | None:
 
 class ModelJudge:
     """An LLM judge run on rollout workers (``RolloutGroup`` over ``judge.model_path``)."""
+
+    kind = "model"
 
     def __init__(self, workers, template: str | None = None, max_new_tokens: int = 24):
         self.workers = workers

@@ -36,7 +36,7 @@ class RolloutWorker:
     tensor_parallel = 1
 
     def __init__(self, model: ModelSection, rollout: RolloutSection, *, path: str | None = None, device: str = "auto",
-                 share_gpu: bool = False):
+                 share_gpu: bool = False, head: str = "causal_lm"):
         quiet_libraries()
         self.cfg = rollout
         self.device = resolve_device(device)
@@ -47,6 +47,7 @@ class RolloutWorker:
         self.model = load_model(
             path, dtype=resolve_dtype(model.dtype, self.device), attn_implementation=model.attn_implementation,
             device=self.device, trust_remote_code=model.trust_remote_code, tensor_parallel=self.tensor_parallel,
+            head=head,
         )
         self.model.eval()
         self.path = path
@@ -120,6 +121,30 @@ class RolloutWorker:
             new = new[: new.index(eos)]
         return {"text": self.tokenizer.decode(new, skip_special_tokens=True), "num_tokens": len(new), "latency_s": latency}
 
+
+    @torch.no_grad()
+    def classify(self, items: list[Prompt], *, batch_size: int = 32) -> list[str]:
+        """The label (``config.id2label``) a sequence-classification model (``head="sequence"``)
+        gives each item: a string as it is, a message list rendered by the tokenizer's chat
+        template (without a generation prompt), or its contents joined by blank lines when the
+        tokenizer has none. Batches are right-padded; the model pools the last non-pad token."""
+        tok, cfg = self.tokenizer, self.model.config
+        if cfg.pad_token_id is None:  # the pooling finds each row's last token by the pad id
+            cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        texts = [x if isinstance(x, str) else tok.apply_chat_template(x, tokenize=False) if tok.chat_template
+                 else "\n\n".join(m["content"] for m in x) for x in items]
+        labels: list[str] = []
+        for start in range(0, len(texts), batch_size):
+            rows = [tok.encode(t, add_special_tokens=False) for t in texts[start : start + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), cfg.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            labels += [cfg.id2label[int(k)] for k in logits.argmax(-1).tolist()]
+        self._release()
+        return labels
 
     # -- ERPO ------------------------------------------------------------------------------
     def sample(

@@ -19,6 +19,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -223,8 +224,10 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     tensor_parallel: int = 1,
+    head: str = "causal_lm",
 ) -> PreTrainedModel:
-    """Load a causal LM from the local directory ``path`` onto ``device``.
+    """Load a causal LM (``head="sequence"``: a sequence-classification model, for a classifier
+    judge) from the local directory ``path`` onto ``device``.
 
     ``attn_implementation`` goes through :func:`resolve_attn_implementation` for ``device``;
     ``config.use_cache`` is set to False because packed training batches are only correct
@@ -250,7 +253,8 @@ def load_model(
     device = torch.device(device)
     attn = resolve_attn_implementation(attn_implementation, device.type)
     register_varlen_attention()
-    model = AutoModelForCausalLM.from_pretrained(
+    auto = AutoModelForSequenceClassification if head == "sequence" else AutoModelForCausalLM
+    model = auto.from_pretrained(
         path,
         local_files_only=True,
         dtype=dtype,

@@ -1,6 +1,6 @@
 import pytest
 
-from safer_dist.config import Config, ConfigError, apply_override, load_config, semantic_diff
+from safer_dist.config import Config, ConfigError, apply_override, config_from_dict, load_config, semantic_diff
 
 
 def write(tmp_path, text):
@@ -81,6 +81,26 @@ def test_semantic_diff_lists_changes():
     b.checkpoint.every_steps = 9  # harmless
     diffs = semantic_diff(a.to_dict(), b)
     assert diffs == ["run.seed: 0 -> 5", "train.global_batch_size: 16 -> 32"]
+
+
+def test_an_erpo_checkpoint_from_before_the_classifier_judge_resumes_unless_it_is_used():
+    saved = Config().to_dict()
+    for key in ("unsafe_label", "safe_label", "classifier_head"):
+        del saved["judge"][key]
+    assert semantic_diff(saved, Config(), "erpo") == []
+    now = load_config(None, ["judge.kind=classifier", "judge.model_path=/x", "judge.unsafe_label=yes"])
+    assert [d.split(":")[0] for d in semantic_diff(saved, now, "erpo")] == ["judge.kind", "judge.model_path",
+                                                                             "judge.unsafe_label"]
+
+
+def test_yes_and_no_are_words_for_text_fields():
+    # YAML 1.1 reads yes / no as booleans; the classifier judge's labels are often those words.
+    cfg = load_config(None, ["judge.unsafe_label=yes", "judge.safe_label=No"])
+    assert (cfg.judge.unsafe_label, cfg.judge.safe_label) == ("yes", "No")
+    with pytest.raises(ConfigError, match="learner.offload_optimizer: expected bool"):
+        load_config(None, ["learner.offload_optimizer=maybe"])
+    with pytest.raises(ConfigError, match='quote the word, e.g. unsafe_label: "yes"'):
+        config_from_dict({"judge": {"unsafe_label": True}}, "test.yaml")
 
 
 # ---------------------------------------------------------------- ERPO sub-sections, old names

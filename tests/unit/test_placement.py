@@ -99,7 +99,7 @@ def test_strategies_place_like_ray():
 # ---------------------------------------------------------------- plan and slurm agree
 
 GRID = list(itertools.product(
-    ("rule", "model"),                           # judge.kind
+    ("rule", "model", "classifier"),             # judge.kind
     ("iteration", "sft"),                        # erpo.reference
     ("colocate", "separate"),                    # rollout.placement
     (1, 2, 8),                                   # GPUs per node
@@ -123,9 +123,9 @@ def test_plan_and_slurm_dry_run_accept_and_refuse_the_same_configs(tmp_path, cap
     assert planned in (0, 3) and submitted in (0, 2)
     assert (planned == 0) == (submitted == 0), capsys.readouterr()
     # and both agree with the rule itself: separate needs learners + groups x workers GPUs, colocate the larger
-    groups = 1 + (judge == "model") + (reference == "sft")
+    groups = 1 + (judge != "rule") + (reference == "sft")  # a model or classifier judge has its own group
     learners, workers = sizes
-    need = max(learners + groups * workers, workers * (1 + (judge == "model"))) if mode == "separate" else \
+    need = max(learners + groups * workers, workers * (1 + (judge != "rule"))) if mode == "separate" else \
         max(learners, workers)
     assert (planned == 0) == (need <= gpus)
 
@@ -157,7 +157,7 @@ def test_slurm_dry_run_exits_2_naming_the_resource(tmp_path, caplog):
 # ---------------------------------------------------------------- tensor-parallel rollout workers
 
 TP_GRID = list(itertools.product(
-    (("rule", "iteration"), ("model", "sft")),   # judge.kind, erpo.reference
+    (("rule", "iteration"), ("model", "sft"), ("classifier", "iteration")),  # judge.kind, erpo.reference
     ("auto", "separate", "colocate"),            # rollout.placement
     (2, 4, 8),                                   # GPUs per node (one node)
     ((1, 1), (2, 2), (4, 1)),                    # learners, workers per group
@@ -180,9 +180,9 @@ def test_plan_and_slurm_agree_on_tensor_parallel_workers(tmp_path, capsys, judge
     assert (planned == 0) == (submitted == 0), out
     # always separate: learners + groups x workers x K GPUs in ERPO, (1 + judge) x workers x K in
     # the evaluation; on one node that is all there is to it
-    groups = 1 + (judged[0] == "model") + (judged[1] == "sft")
+    groups = 1 + (judged[0] != "rule") + (judged[1] == "sft")
     learners, workers = sizes
-    need = max(learners + groups * workers * tp, (1 + (judged[0] == "model")) * workers * tp)
+    need = max(learners + groups * workers * tp, (1 + (judged[0] != "rule")) * workers * tp)
     assert (planned == 0) == (need <= gpus)
 
 
