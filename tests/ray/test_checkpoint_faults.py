@@ -121,28 +121,28 @@ def test_elastic_resume_export_and_learner_death(ray_local, tiny_model_dir, demo
 
 def die_mid_generation(marker: str, batch: int, step: int):
     """A function for ``actor.__ray_call__`` that arms a rollout worker to SIGKILL its own
-    process at forward pass ``step`` (1 = prefill) of the ``batch``-th batch it generates,
-    after writing "<pid> <batch> <step>" to ``marker``. The kill lands there on every run,
-    however busy the machine; Ray's restart loads a fresh, unarmed worker."""
+    process at forward pass ``step`` (1 = prefill) of the ``batch``-th batch it generates (a
+    batch starts at a prefill: a forward of more than one position per row), after writing
+    "<pid> <batch> <step>" to ``marker``. The kill lands there on every run, however busy the
+    machine; Ray's restart loads a fresh, unarmed worker."""
 
     def arm(worker) -> int:
         model = worker.model
-        generate, forward = model.generate, model.forward
+        forward = model.forward
         at = {"batch": 0, "step": 0}
 
-        def counting_generate(*args, **kwargs):
-            at["batch"], at["step"] = at["batch"] + 1, 0
-            return generate(*args, **kwargs)
-
         def dying_forward(*args, **kwargs):
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            if ids.shape[-1] > 1:  # a prefill: the next batch begins
+                at["batch"], at["step"] = at["batch"] + 1, 0
             at["step"] += 1
             if (at["batch"], at["step"]) == (batch, step):
                 Path(marker).write_text(f"{os.getpid()} {batch} {step}")
                 os.kill(os.getpid(), signal.SIGKILL)
             return forward(*args, **kwargs)
 
-        # Instance attributes: HF generate calls the module, whose __call__ runs self.forward.
-        model.generate, model.forward = counting_generate, dying_forward
+        # An instance attribute: the module's __call__ runs self.forward.
+        model.forward = dying_forward
         return os.getpid()
 
     return arm
