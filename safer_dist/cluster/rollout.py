@@ -24,6 +24,7 @@ from safer_dist.rollout.tensor_parallel import TIMEOUT_S, TensorParallelRank
 from safer_dist.rollout.worker import RolloutFailure, RolloutWorker
 from safer_dist.runtime.log import get_logger
 from safer_dist.weights.driver import StaleWeights, WeightSync
+from safer_dist.weights.layout import free_address
 
 log = get_logger("rollout")
 
@@ -257,16 +258,6 @@ class RolloutGroup:
             self.own_bundles.remove()
 
 
-def _free_address() -> tuple[str, int]:
-    import socket
-
-    import ray
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
-
-
 class TensorParallelWorkers:
     """``rollout.num_workers`` tensor-parallel workers of ``rollout.tensor_parallel`` ranks each,
     in ``slots`` (ready placement groups, one STRICT_PACK group of K bundles per worker, from
@@ -282,7 +273,7 @@ class TensorParallelWorkers:
         assert len(slots.worker_pgs) == m and len(slots.bundles) == k, "slots of another placement"
         self.ranks: list[list] = []
         remote = ray.remote(max_restarts=0)(TensorParallelRank)
-        address = ray.remote(_free_address)
+        address = ray.remote(free_address)
         for w in range(m):
             addr, port = ray.get(address.options(**{**slots.options(w, 0), "num_cpus": 0, "num_gpus": 0}).remote(),
                                  timeout=timeout_s)

@@ -22,7 +22,6 @@ and the device's peak FLOP/s (:mod:`safer_dist.train.throughput`).
 from __future__ import annotations
 
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -56,7 +55,7 @@ from safer_dist.train.tree_attention import PackedLayout, packed_layout
 from safer_dist.runtime.log import get_logger, quiet_libraries
 from safer_dist.train.throughput import device_peak_flops, non_embedding_params
 from safer_dist.weights.ends import LearnerEnd
-from safer_dist.weights.layout import Member
+from safer_dist.weights.layout import Member, free_address
 
 log = get_logger("learner")
 
@@ -93,12 +92,7 @@ class Learner(StepDpo):
     # -- set-up ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port, for rank 0 to publish."""
-        import ray  # heavy: imported by the calls that use it (tests and bench import this module)
-
-        ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ip, s.getsockname()[1]
+        return free_address()
 
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int) -> dict:
         import deepspeed  # heavy, and it picks its accelerator when first imported: in the actor, at set-up

@@ -13,6 +13,7 @@ actors.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 
@@ -52,3 +53,13 @@ def layout(keys: list[str | None]) -> list[Member]:
     ipc = tuple(m for m in range(1, n) if keys[0] is not None and keys[m] == keys[0])
     group = [m for m in range(n) if m not in ipc]
     return [Member(m, n, group.index(m) if m in group else None, len(group), ipc if m == 0 else ()) for m in range(n)]
+
+
+def free_address() -> tuple[str, int]:
+    """This node's IP (as Ray sees it) and a free port: where a process group's first member
+    listens (the weight sync's learner rank 0, a tensor-parallel worker's rank 0)."""
+    import ray  # heavy: imported by the calls that use it (this module stays light)
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
