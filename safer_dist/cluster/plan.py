@@ -255,6 +255,9 @@ def format_plan(plan: Plan, config_path: str) -> str:
         )
         if est.cpu_per_node:
             lines.append(f"{'':12s} {'':46s}offloaded to host RAM: {est.cpu_per_node / GIB:.1f} GiB per node")
+    if any(est.step_only for _, est in plan.rows):
+        lines.append("total: the peak of the backward (activations, logits) or of the optimizer step (ZeRO-1/2's fp32 "
+                     "gradients, part of grads), whichever is larger")
     lines.append("")
     if plan.recommended is None:
         shared = (f" with {plan.colocated_copies} colocated rollout worker(s) on each learner's GPU (or use "
