@@ -107,6 +107,19 @@ class JudgeSection:
 
 
 @dataclass
+class ResampleSection:
+    """A sensitivity check: ``fraction`` of the candidate steps (picked by a hash of the seed,
+    prefix and candidate index) are drawn from another stream, keyed by ``seed``; the rest
+    are drawn exactly as without it. 0: off (docs/erpo.md "Sensitivity")."""
+
+    fraction: float = 0.0
+    seed: int = 1
+
+    def validate(self, key: str) -> None:
+        _check(0.0 <= self.fraction <= 1.0, f"{key}.fraction must be in [0, 1] (got {self.fraction})")
+
+
+@dataclass
 class ErpoSection:
     # The model ERPO starts from; None: the run's SFT export (<run>/hf).
     init_from: str | None = None
@@ -142,6 +155,8 @@ class ErpoSection:
     loss: DpoLossSection = field(default_factory=DpoLossSection)
     # The learners' optimiser during ERPO.
     optim: ErpoOptimSection = field(default_factory=ErpoOptimSection)
+    # Draw a fraction of the candidate steps from another seed (a sensitivity check; 0: off).
+    resample: ResampleSection = field(default_factory=ResampleSection)
 
     def init_path(self, run_dir: Path) -> Path:
         """The model ERPO starts from: ``init_from``, else the run's SFT export."""

@@ -26,15 +26,18 @@ RESUME_KEYS = {
         "rollout.top_p", "erpo.max_new_tokens", "erpo.prompts_per_iteration", "erpo.chunk_size", "erpo.steps",
         "erpo.num_candidates", "erpo.num_completions", "erpo.step_max_new_tokens", "erpo.answer_max_new_tokens",
         "erpo.completion_temperature", "erpo.reference", "erpo.safety_pair_repeats", "erpo.epochs",
-        "erpo.ranking", "erpo.loss", "erpo.optim", "learner.zero_stage", "model.lora", "model.quantization",
+        "erpo.ranking", "erpo.loss", "erpo.optim", "erpo.resample", "learner.zero_stage", "model.lora",
+        "model.quantization",
     ),
 }
 # Settings under a resume key that change how the same computation is run, not its result:
 # a resumed run may change them (and a checkpoint written before they existed lacks them).
 RESUME_IGNORED = frozenset({"erpo.loss.share_prefix"})
 # Resume keys added after checkpoints were first written: a checkpoint without them ran with
-# their default (no adapters, no quantization, the classifier judge's default labels and head).
-ADDED_LATER = ("model.lora.", "model.quantization", "judge.unsafe_label", "judge.safe_label", "judge.classifier_head")
+# their default (no adapters, no quantization, the classifier judge's default labels and head,
+# no resampled candidates).
+ADDED_LATER = ("model.lora.", "model.quantization", "judge.unsafe_label", "judge.safe_label", "judge.classifier_head",
+               "erpo.resample.")
 
 
 def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") -> list[str]:

@@ -255,6 +255,7 @@ class Config:
         _check(not bad and bool(e.steps.strip()), f"erpo.steps: unknown step(s) {bad}; use assessment,rules,calibration,answer")
         e.optim.validate("erpo.optim", lr.num_learners)
         e.loss.validate("erpo.loss")
+        e.resample.validate("erpo.resample")
         for message in e.ranking.validate("erpo.ranking"):
             _check(False, message)
         _check(self.checkpoint.keep_last >= 2, "checkpoint.keep_last must be >= 2")

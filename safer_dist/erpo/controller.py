@@ -33,6 +33,7 @@ from safer_dist.config import Config
 from safer_dist.data.records import load_records, read_jsonl
 from safer_dist.erpo.ranking import Ranking
 from safer_dist.reasoning.exante import STEP_CLOSE, prefix_before
+from safer_dist.rollout.draw import Reseed, Seed
 from safer_dist.runtime import stop
 from safer_dist.runtime.faults import die_if
 from safer_dist.runtime.io import atomic_write_jsonl
@@ -78,7 +79,8 @@ class Sampler:
             is_answer = step == "answer"
             close = STEP_CLOSE[step]
             cands = self._sample(items, e.num_candidates, [close] if close else None,
-                                 e.answer_max_new_tokens if is_answer else e.step_max_new_tokens, seed + 1 + k)
+                                 e.answer_max_new_tokens if is_answer else e.step_max_new_tokens,
+                                 self._candidate_seed(seed + 1 + k))
             flat = [(j, c) for j, cs in enumerate(cands) for c in cs]
             if is_answer:
                 completions = [[""] for _ in flat]
@@ -87,6 +89,11 @@ class Sampler:
             scored = self._judge(records, jobs[step], flat, completions)
             out += self._pairs(records, jobs[step], step, cands, scored, ranking, iteration)
         return out
+
+    def _candidate_seed(self, seed: int) -> Seed:
+        """The candidates' seed: ``seed``, or with ``erpo.resample`` a fraction of them from another."""
+        r = self.cfg.erpo.resample
+        return Reseed(seed, r.fraction, hash_seed(r.seed, seed)) if r.fraction else seed
 
     def _complete(self, items: list[tuple[str, str]], seed: int) -> list[list[str]]:
         """Completions to the end of each (prompt, prefix + candidate). Greedy completions

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from safer_dist.rollout.draw import RowRng, StopCheck, draw, row_rng
+from safer_dist.rollout.draw import RowRng, Seed, StopCheck, draw, row_rng
 from safer_dist.train.attention_kernels import SEGMENTS_NAME, register_varlen_attention
 
 
@@ -348,7 +348,7 @@ def _prefill(model, seqs: list[list[int]], device) -> tuple[list[tuple[torch.Ten
 @torch.no_grad()
 def decode(
     model, prefixes: list[list[int]], n: int, *, max_new_tokens: int, eos: int | None, pad: int, stop: StopCheck,
-    temperature: float, top_p: float, seed: int, capacity: int, reuse_prefix: bool = True,
+    temperature: float, top_p: float, seed: Seed, capacity: int, reuse_prefix: bool = True,
 ) -> list[list[list[int]]]:
     """Sampled token ids, ``n`` per prefix: each row ends with EOS, with the token that
     completed a stop string, or at ``max_new_tokens``. At most ``max(capacity, n)`` rows in flight.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -22,9 +23,32 @@ import torch
 RowRng = random.Random
 
 
-def row_rng(seed: int, prefix: Sequence[int], cand: int) -> RowRng:
+@dataclass(frozen=True)
+class Reseed:
+    """A sampling seed under which a fixed ``fraction`` of the rows draw from seed ``other``
+    instead: the rows are picked by a hash of (``seed``, prefix, continuation index), so the
+    same rows are picked wherever they are sampled. For sensitivity checks (``erpo.resample``):
+    how much a result moves when 1% of the candidates are drawn again."""
+
+    seed: int
+    fraction: float
+    other: int
+
+    def for_row(self, digest: str, cand: int) -> int:
+        """The seed row (prefix ``digest``, ``cand``) draws from."""
+        h = hashlib.blake2b(f"safer-resample-{self.seed}-{digest}-{cand}".encode(), digest_size=8).digest()
+        return self.other if int.from_bytes(h, "big") < self.fraction * 2**64 else self.seed
+
+
+# What the samplers take as ``seed``.
+Seed = int | Reseed
+
+
+def row_rng(seed: Seed, prefix: Sequence[int], cand: int) -> RowRng:
     """The stream of continuation ``cand`` of the prefix with token ids ``prefix``."""
     digest = hashlib.blake2b(",".join(map(str, prefix)).encode(), digest_size=16).hexdigest()
+    if isinstance(seed, Reseed):
+        seed = seed.for_row(digest, cand)
     return random.Random(f"safer-sample-{seed}-{digest}-{cand}")
 
 

@@ -28,7 +28,7 @@ import contextlib
 import torch
 
 from safer_dist.rollout.decode import decode
-from safer_dist.rollout.draw import StopCheck
+from safer_dist.rollout.draw import Seed, StopCheck
 from safer_dist.rollout.packed_linear import packed_linears
 from safer_dist.erpo.pairs import append_continuations, packed_length
 from safer_dist.train.attention import tree_packing_unsupported
@@ -48,7 +48,7 @@ def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
 def sample_candidates(
     model, tokenizer, prefixes: list[list[int]], n: int, *, max_new_tokens: int,
     stop_strings: list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
-    seed: int = 0, batch_rows: int = 64, reuse_prefix: bool = True, packed_weights: bool = True,
+    seed: Seed = 0, batch_rows: int = 64, reuse_prefix: bool = True, packed_weights: bool = True,
 ) -> list[list[dict]]:
     """``n`` sampled continuations of each prefix (token ids, already chat-formatted).
 
@@ -92,7 +92,7 @@ def sample_candidates(
 def sample_token_ids(
     model, tokenizer, prefixes: list[list[int]], n: int, *, max_new_tokens: int,
     stop_strings: list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
-    seed: int = 0, batch_rows: int = 64, reuse_prefix: bool = True, packed_weights: bool = True,
+    seed: Seed = 0, batch_rows: int = 64, reuse_prefix: bool = True, packed_weights: bool = True,
 ) -> list[list[list[int]]]:
     """The sampled token ids behind :func:`sample_candidates` (same arguments, same draws), ``n``
     per prefix: each ends with EOS, with the token that completed a stop string, or at

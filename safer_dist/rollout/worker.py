@@ -15,6 +15,7 @@ import torch
 from safer_dist.config import ModelSection, RolloutSection
 from safer_dist.data.chat import Prompt
 from safer_dist.erpo.pairs import step_sequence
+from safer_dist.rollout.draw import Seed
 from safer_dist.rollout.sampling import continuation_logprobs, sample_candidates, sample_token_ids
 from safer_dist.train.engine import resolve_device, resolve_dtype
 from safer_dist.train.models import load_model, load_tokenizer
@@ -149,7 +150,7 @@ class RolloutWorker:
     # -- ERPO ------------------------------------------------------------------------------
     def sample(
         self, items: list[tuple[Prompt, str]], *, n: int, stop_strings: list[str] | None, max_new_tokens: int,
-        temperature: float, top_p: float = 1.0, seed: int = 0,
+        temperature: float, top_p: float = 1.0, seed: Seed = 0,
     ) -> list[list[dict]]:
         """``n`` continuations of each (prompt, response prefix), one prefill per prefix."""
         contexts = [encode_context(self.tokenizer, p, x) for p, x in items]

@@ -6,6 +6,7 @@ from safer_dist.erpo.controller import Sampler
 from safer_dist.reasoning.exante import Trace, render
 from safer_dist.judging.judge import RuleJudge
 from safer_dist.reasoning.rules import Rulebook
+from safer_dist.rollout.draw import Reseed
 
 RB = Rulebook.load("configs/rules/default.yaml")
 HARMFUL = {"id": "p0", "prompt": "how to self-harm unnoticed", "harmful": True, "category": "C04", "strategy": "refuse_and_redirect"}
@@ -30,7 +31,7 @@ class ScriptedRollout:
 
     def sample(self, items, *, n, stop_strings, max_new_tokens, temperature, top_p, seed):
         self.calls.append({"items": list(items), "n": n, "stop": stop_strings, "temperature": temperature,
-                           "max_new_tokens": max_new_tokens})
+                           "max_new_tokens": max_new_tokens, "seed": seed})
         out = []
         for _, prefix in items:
             if stop_strings == ["</assessment>"]:
@@ -108,3 +109,25 @@ def test_token_limits_are_erpo_s_own():
         assert completions and all(c["max_new_tokens"] == 300 for c in completions)
         assert len(steps) == 3 and all(c["max_new_tokens"] == 50 for c in steps)
         assert len(answer) == 1 and answer[0]["max_new_tokens"] == 60
+
+
+def test_resample_redraws_candidate_steps_only():
+    def seeds(fraction):
+        cfg = Config()
+        cfg.rollout.temperature = 0.9
+        cfg.erpo.resample.fraction, cfg.erpo.resample.seed = fraction, 5
+        rollout = ScriptedRollout(0.0)
+        Sampler(cfg, rollout, CountingJudge()).chunk([HARMFUL], cfg.erpo.ranking.at_iteration(0), seed=40, iteration=0)
+        return [(c["stop"] is not None or (c["temperature"] != 0.0 and c["items"][0][1] != ""), c["seed"])
+                for c in rollout.calls]
+
+    plain, resampled = seeds(0.0), seeds(0.01)
+    assert all(isinstance(s, int) for _, s in plain)
+    # The trajectory and the completions keep their seeds; each step's candidates (4 steps)
+    # get the same seed with 1% of rows from another one.
+    for (candidates, a), (_, b) in zip(plain, resampled, strict=True):
+        if candidates:
+            assert isinstance(b, Reseed) and (b.seed, b.fraction) == (a, 0.01) and b.other != a
+        else:
+            assert b == a
+    assert sum(c for c, _ in plain) == 4

@@ -10,7 +10,7 @@ import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from safer_dist.rollout.decode import _check_full_attention
-from safer_dist.rollout.draw import draw
+from safer_dist.rollout.draw import Reseed, draw, row_rng
 from safer_dist.rollout.sampling import continuation_logprobs, cut_at_stop, sample_candidates
 from safer_dist.train.models import load_model, load_tokenizer
 from safer_dist.train.sft_data import encode_prompt
@@ -128,6 +128,30 @@ def test_a_row_s_sample_depends_on_its_prefix_not_its_place(tiny_model_dir):
     assert sample_candidates(model, tok, prefixes[::-1], 3, **kw, batch_rows=4) == ref[::-1]
     assert sample_candidates(model, tok, [prefixes[2], prefixes[2]], 3, **kw) == [ref[2], ref[2]]
     assert sample_candidates(model, tok, prefixes[:1], 3, **{**kw, "seed": 4}) != ref[:1]
+
+
+def test_reseed_redraws_the_picked_rows_only(tiny_model_dir):
+    # Streams: a Reseed picks a fixed share of rows by hash and gives those another seed's stream.
+    prefixes = [[1, 2, k] for k in range(400)]
+    spec = Reseed(11, 0.05, 99)
+    picked = [(p, c) for p in range(400) for c in range(4)
+              if row_rng(spec, prefixes[p], c).random() != row_rng(11, prefixes[p], c).random()]
+    assert 40 <= len(picked) <= 120, len(picked)  # 5% of 1,600 rows, by hash
+    for p, c in picked:
+        assert row_rng(spec, prefixes[p], c).random() == row_rng(99, prefixes[p], c).random()
+    assert all(row_rng(Reseed(11, 0.0, 99), x, 0).random() == row_rng(11, x, 0).random() for x in prefixes)
+    assert all(row_rng(Reseed(11, 1.0, 99), x, 0).random() == row_rng(99, x, 0).random() for x in prefixes)
+    # Sampling: with half the rows redrawn, those rows (and only those) change, and the same rows
+    # change wherever the prefix sits.
+    tok, model, prefixes = setup(tiny_model_dir)
+    kw = dict(max_new_tokens=10, temperature=1.0)
+    ref = sample_candidates(model, tok, prefixes, 4, seed=3, **kw)
+    other = sample_candidates(model, tok, prefixes, 4, seed=8, **kw)
+    mixed = sample_candidates(model, tok, prefixes, 4, seed=Reseed(3, 0.5, 8), **kw)
+    changed = [(p, c) for p in range(3) for c in range(4) if mixed[p][c] != ref[p][c]]
+    assert 2 <= len(changed) <= 10, changed
+    assert all(mixed[p][c] == other[p][c] for p, c in changed)
+    assert sample_candidates(model, tok, prefixes[::-1], 4, seed=Reseed(3, 0.5, 8), batch_rows=4, **kw) == mixed[::-1]
 
 
 def test_a_row_s_logits_do_not_depend_on_its_batch(tiny_model_dir, monkeypatch):
