@@ -57,14 +57,20 @@ def consolidated_state_dict(checkpoint: Path) -> dict:
 def lazy_state_dict(checkpoint: Path) -> dict:
     """``name -> fetch()`` of the fp32 weights of a ZeRO-0/1/2/3 checkpoint: the files are read
     (weights-only, memory-mapped) up front, each tensor consolidated only when fetched. ZeRO-3
-    partitions are gathered per tensor (DeepSpeed's lazy mode); DeepSpeed consolidates a ZeRO-1/2
-    checkpoint's fp32 weights as one vector, so there the whole fp32 model is in memory."""
+    partitions are gathered per tensor (DeepSpeed's lazy mode); ZeRO-1/2 tensors are cut from
+    the ranks' fp32 partitions (:mod:`safer_dist.checkpointing.zero12_lazy`; DeepSpeed itself
+    would concatenate them into one vector, the whole fp32 model in memory)."""
     import torch
+
+    from safer_dist.checkpointing.zero12_lazy import lazy_zero12_state_dict, zero12_stage
 
     checkpoint = Path(checkpoint)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    stage = zero12_stage(checkpoint)
+    if stage is not None and stage <= 2:
+        return lazy_zero12_state_dict(checkpoint)
     with weights_only_torch_load():
-        if any(checkpoint.glob("*optim_states.pt")):
+        if stage is not None:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)

@@ -15,7 +15,7 @@ import torch
 
 from safer_dist.checkpointing.checkpoint import COMPLETE, Checkpointer, TrainerState
 from safer_dist.config import ModelSection, RolloutSection, load_config, save_config
-from safer_dist.checkpointing.export import consolidated_state_dict, export_checkpoint
+from safer_dist.checkpointing.export import consolidated_state_dict, export_checkpoint, lazy_state_dict, resolve_checkpoint
 from safer_dist.cluster.group import LearnerFailure, LearnerGroup
 from safer_dist.runtime.metrics import read_metrics
 from safer_dist.train.sft import train_sft
@@ -67,6 +67,12 @@ def test_elastic_resume_export_and_learner_death(ray_local, tiny_model_dir, demo
     assert counted == overlong_counts(run, 4) and sum(d for _, d in counted) > 0
 
     out = export_checkpoint(run, tmp_path / "export")
+    # the export's tensor-at-a-time ZeRO-1/2 reader equals DeepSpeed's consolidation exactly
+    step4 = resolve_checkpoint(run, "sft")
+    ours, theirs = lazy_state_dict(step4), consolidated_state_dict(step4)
+    assert sorted(ours) == sorted(theirs)
+    for name, get in ours.items():
+        assert torch.equal(get(), theirs[name]), name
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
