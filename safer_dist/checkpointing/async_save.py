@@ -18,7 +18,9 @@ write leaves the step directory incomplete and resume takes the previous complet
 A stop (SIGTERM/SIGUSR1) and the end of a stage wait for the write in flight
 (:meth:`Checkpointer.wait`, :func:`wait_for_writes`); the stop's own checkpoint is written
 synchronously. The host copy costs host memory of one rank's checkpoint files per learner
-(ZeRO-1/2/3 partitions: the checkpoint's size over the ranks), besides what the plan counts.
+(ZeRO-1/2/3 partitions: the checkpoint's size over the ranks; under ZeRO-0/1/2 rank 0 also
+copies the whole module), which `safer slurm submit`'s ``--mem`` counts
+(safer_dist/cluster/host_memory.py).
 """
 
 from __future__ import annotations

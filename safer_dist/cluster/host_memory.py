@@ -23,6 +23,12 @@ per process. For the fullest node (``l`` learners, ``w`` rollout workers)::
     weights and KV cache (transformers reads each rank's slice of the checkpoint, safetensors
     get_slice): 2P/K on a GPU host, gpu_memory.rollout_bytes(tensor_parallel=K) on CPU.
 
+With ``checkpoint.async_save`` each learner also holds a host copy of its checkpoint files
+while they are written (safer_dist/checkpointing/async_save.py): its optimizer partition,
+12P / W (fp32 master weights and Adam moments; W = learner.num_learners, 1 under ZeRO-0), and
+under ZeRO-3 its d·P / W of the weights; under ZeRO-0/1/2 rank 0 alone writes the whole d·P
+module, counted once on the fullest node.
+
 How many learners and rollout workers (of every rollout group) each node holds comes from the
 placement rule (safer_dist/cluster/placement.py), phase by phase; the fullest node of any phase
 is the one asked for. A colocated worker is a process of its own like a separate one, so it
@@ -53,10 +59,12 @@ class HostMemory:
     workers: int
     learner_bytes: float  # each, process allowance included
     worker_bytes: float
+    # once per node: rank 0's host copy of the whole module during an asynchronous checkpoint
+    once_bytes: float = 0.0
 
     @property
     def per_node(self) -> float:
-        return NODE_HOST_BYTES + self.learners * self.learner_bytes + self.workers * self.worker_bytes
+        return NODE_HOST_BYTES + self.learners * self.learner_bytes + self.workers * self.worker_bytes + self.once_bytes
 
     def slurm_mem(self) -> str:
         """``--mem`` value: whole GiB, rounded up."""
@@ -67,6 +75,8 @@ class HostMemory:
                  f"{self.learners} learner(s) x {self.learner_bytes / GIB:.1f}"]
         if self.workers:
             parts.append(f"{self.workers} rollout worker(s) x {self.worker_bytes / GIB:.1f}")
+        if self.once_bytes:
+            parts.append(f"rank 0's asynchronous checkpoint copy of the module {self.once_bytes / GIB:.1f}")
         return " + ".join(parts) + f" = {self.per_node / GIB:.1f} GiB per node"
 
 
@@ -92,6 +102,7 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
         learner = CUDA_PROCESS_HOST_BYTES + (2 if mixed else 4) * p + est.cpu_per_node
         worker = CUDA_PROCESS_HOST_BYTES + 2 * p / k
     else:
+        mixed = False  # CPU learners train in fp32
         setup = Setup(lr.zero_stage, False, False, cfg.model.gradient_checkpointing, cfg.train.micro_batch_size)
         est = estimate(shape, setup, world_size=lr.num_learners, gpus_per_node=1, max_seq_len=seq,
                        mixed_precision=False, loss_chunk_tokens=lr.loss_chunk_tokens)
@@ -99,6 +110,12 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
                    + min(est.buffers, 4 * p))
         worker = PROCESS_HOST_BYTES + 2 * rollout_bytes(shape, rows=ro.batch_size, tokens_per_row=seq,
                                                         tensor_parallel=k)["total"]
+    once = 0.0
+    if cfg.checkpoint.async_save:  # the host copy of each rank's checkpoint files (module docstring)
+        d = 2 if mixed else 4
+        w = lr.num_learners if lr.zero_stage >= 1 else 1
+        learner += 12 * p / w + (d * p / lr.num_learners if lr.zero_stage == 3 else 0.0)
+        once = 0.0 if lr.zero_stage == 3 else d * p
     counts = [(0, 0)]
     for phase in where.phases:
         if phase.nodes is None:  # does not fit (check_fits says why): as if spread evenly
@@ -107,5 +124,5 @@ def host_memory(cfg: Config, *, nodes: int, gpus_per_node: int, cpus_per_node: i
         else:
             loads = phase.nodes
         counts += [(n.get("learner", 0), sum(v for k, v in n.items() if k != "learner")) for n in loads]
-    n_learners, n_workers = max(counts, key=lambda c: c[0] * learner + c[1] * worker)
-    return HostMemory(n_learners, n_workers, learner, worker)
+    n_learners, n_workers = max(counts, key=lambda c: c[0] * learner + c[1] * worker + (once if c[0] else 0.0))
+    return HostMemory(n_learners, n_workers, learner, worker, once if n_learners else 0.0)

@@ -84,3 +84,17 @@ def test_describe_says_how_it_adds_up():
     m = HostMemory(learners=8, workers=0, learner_bytes=18 * GIB, worker_bytes=0)
     assert m.describe() == "Ray + driver 2.0 + 8 learner(s) x 18.0 = 146.0 GiB per node"
     assert m.slurm_mem() == "146G"
+
+
+def test_an_asynchronous_checkpoint_adds_its_host_copy(tmp_path):
+    """Each learner copies its checkpoint files to host memory: 12P / W of optimizer partition
+    (fp32 weights, Adam m and v), and under ZeRO-1/2 rank 0 the whole fp32 module (4P) once."""
+    kw = dict(nodes=1, gpus_per_node=0, cpus_per_node=4, stage="sft")
+    sync = host_memory(_cfg(tmp_path), **kw)
+    z2 = host_memory(_cfg(tmp_path, "checkpoint.async_save=true"), **kw)
+    assert z2.learners == 2 and z2.learner_bytes == sync.learner_bytes + 12 * P / 2
+    assert z2.once_bytes == 4 * P and z2.per_node == sync.per_node + 2 * 12 * P / 2 + 4 * P
+    assert "asynchronous checkpoint copy" in z2.describe()
+    z3 = host_memory(_cfg(tmp_path, "checkpoint.async_save=true", "learner.zero_stage=3"), **kw)
+    sync3 = host_memory(_cfg(tmp_path, "learner.zero_stage=3"), **kw)
+    assert z3.learner_bytes == sync3.learner_bytes + (12 + 4) * P / 2 and z3.once_bytes == 0
