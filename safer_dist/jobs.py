@@ -191,6 +191,9 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
         records = list(load_records(cfg.data.eval, "prompts"))
         if cfg.eval.max_prompts:
             records = records[: cfg.eval.max_prompts]
+    # A stop (SIGTERM, SIGUSR1, Ctrl-C) drops the evaluation in flight (nothing of it is written)
+    # and exits 75 / 130, instead of Ray's own SIGTERM handler killing the driver mid-call.
+    stop.install(cfg.launch.stop_grace_s)
     start_ray(cfg)
     bundles = _phase_bundles(cfg, "eval")
     run_dir = cfg.run.dir
@@ -326,6 +329,7 @@ def run_job(cfg: Config) -> dict:
     evaluation -> ERPO -> evaluation (:func:`heldout_eval`); ``report.md`` side by side."""
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
+    stop.install(cfg.launch.stop_grace_s)  # from the start: the base model's evaluation included
     try:
         start_ray(cfg)
         require_placement(cfg, "run")  # every phase, before the first starts

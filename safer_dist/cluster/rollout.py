@@ -22,9 +22,13 @@ from safer_dist.config import Config, ModelSection, RolloutSection
 from safer_dist.data.chat import Prompt
 from safer_dist.rollout.tensor_parallel import TIMEOUT_S, TensorParallelRank
 from safer_dist.rollout.worker import RolloutFailure, RolloutWorker
+from safer_dist.runtime import stop
 from safer_dist.runtime.log import get_logger
 from safer_dist.weights.driver import StaleWeights, WeightSync
 from safer_dist.weights.layout import free_address
+
+# How often a rollout call in flight checks for a graceful stop (seconds).
+STOP_POLL_S = 0.5
 
 log = get_logger("rollout")
 
@@ -107,6 +111,11 @@ class RolloutGroup:
         its result is placed by position, so no item is lost or duplicated. A shard retried more
         than ``max_restarts`` times, or a worker that cannot be brought to ``expected_version``,
         raises RolloutFailure.
+
+        A graceful stop (SIGTERM, SIGUSR1, Ctrl-C: :mod:`safer_dist.runtime.stop`) is noticed
+        within ``STOP_POLL_S`` and raises :class:`~safer_dist.runtime.stop.Preempted`: the call's
+        results are dropped (the workers' answers are not waited for), so a long evaluation or
+        sampling call does not hold the stop until its grace period runs out.
         """
         import ray
         from ray.exceptions import RayActorError
@@ -135,7 +144,13 @@ class RolloutGroup:
         out: list = [None] * len(items)
         while running:
             first_deadline = min(d for _, _, d in running.values())
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, first_deadline - time.monotonic()))
+            wait_s = min(STOP_POLL_S, max(0.0, first_deadline - time.monotonic()))
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
+            if stop.requested():
+                raise stop.Preempted(f"stopped during {what} on the rollout workers (its results are dropped); "
+                                     "run the same command to resume")
+            if not ready and time.monotonic() < first_deadline:
+                continue
             if not ready:
                 late = sorted(i for i, _, d in running.values() if d <= time.monotonic())
                 if not late:  # ray.wait returned a moment before the deadline

@@ -51,3 +51,34 @@ def test_run_reports_the_base_model_beside_sft(tmp_path):
         assert table["prompts"][col] == "12"
     assert re.search(r"^\| roleplay \| [\d.]+% \| [\d.]+% \|$", (run / "report.md").read_text(), re.M)
     assert re.search(r"^held-out metric\s+base\s+sft$", p.stdout, re.M), p.stdout[-2000:]
+
+
+def test_a_stop_during_evaluation_exits_75_at_once_and_writes_nothing(tmp_path):
+    """SIGTERM while `safer run` evaluates the base model (the first phase; before it ran with
+    Ray's own SIGTERM handler, which killed the driver mid-call): the rollout call in flight is
+    dropped within a second or two, nothing of the evaluation is written, the job exits 75 (what
+    the SLURM script requeues on) and leaves no process behind."""
+    import signal
+    import time
+
+    from tests.e2e.jobctl import assert_session_gone, reap_all, start_job, wait_for
+
+    log = tmp_path / "run.log"
+    # all 300 held-out prompts, the untrained model writing to the token limit: minutes of work
+    job = start_job(["run", *_args(tmp_path), "eval.base=true", "eval.max_new_tokens=200"], log)
+    try:
+        wait_for(lambda: "evaluating 300 prompts" in log.read_text(), 240, "the base evaluation", job, log)
+        time.sleep(1.0)  # the generate call is on the rollout workers (not a readiness wait)
+        t = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        rc = job.wait(timeout=60)
+        stopped_s = time.monotonic() - t
+        text = log.read_text()
+        assert rc == 75, text[-3000:]
+        assert stopped_s < 15, stopped_s  # not the 120 s grace period
+        assert "stopped during generate on the rollout workers" in text, text[-3000:]
+        assert not (tmp_path / "r" / "eval" / "base.jsonl").exists()
+        assert not (tmp_path / "r" / "eval" / "summary.json").exists()
+        assert_session_gone(job.pid)
+    finally:
+        reap_all()
