@@ -81,12 +81,13 @@ def table(sft: dict, rows: dict[int, dict]) -> str:
         return (f"| {label} | {pct(e['format_validity'])} | {pct(e['harmful_refusal_rate'])} ({d_ref:+.1f}) "
                 f"| {pct(e['benign_compliance_rate'])} ({d_comp:+.1f}) | {d_ref + d_comp:+.1f} "
                 f"| {e['mean_reasoning_tokens']:.1f} ({red:+.0f}%) | {pct(e['category_accuracy'])} "
-                f"| {e['fully_correct']} | {target} |")
+                f"| {e['fully_correct']:g} | {target} |")
 
     for seed, e in rows.items():
         lines.append(row(seed, e, meets_target(sft, e)))
     if len(rows) > 1:
         mean = {k: statistics.fmean(e[k] for e in rows.values()) for k in FIELDS}
+        mean["fully_correct"] = round(mean["fully_correct"], 1)
         met = sum(meets_target(sft, e) != "**missed**" for e in rows.values())
         lines.append(row("mean", mean, f"{met} of {len(rows)}"))
         lo = {k: min(e[k] for e in rows.values()) for k in FIELDS}
