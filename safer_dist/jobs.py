@@ -152,10 +152,12 @@ def check_sft_inputs(cfg: Config) -> None:
     Checkpointer(cfg.checkpoint, cfg.run.dir / "checkpoints" / "sft").check_resume(cfg)
 
 
-def sft_job(cfg: Config, *, keep_ray: bool = False) -> Path:
+def sft_job(cfg: Config, *, keep_ray: bool = False, inputs_checked: bool = False) -> Path:
     """Distributed SFT; returns the exported Hugging Face directory ``<run>/hf``. Writes
-    ``<run>/report.md`` with the training curves (``safer run`` rewrites it with its evaluation)."""
-    check_sft_inputs(cfg)
+    ``<run>/report.md`` with the training curves (``safer run`` rewrites it with its evaluation).
+    ``inputs_checked``: the caller ran :func:`check_sft_inputs` already."""
+    if not inputs_checked:
+        check_sft_inputs(cfg)
     start_ray(cfg)
     require_placement(cfg, "sft")  # refused here, before the run dir is written
     run_dir = open_run_dir(cfg)
@@ -330,13 +332,13 @@ def run_job(cfg: Config) -> dict:
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
     stop.install(cfg.launch.stop_grace_s)  # from the start: the base model's evaluation included
+    check_sft_inputs(cfg)  # a mistake fails before Ray starts and before any evaluation
     try:
         start_ray(cfg)
         require_placement(cfg, "run")  # every phase, before the first starts
         if cfg.eval.base:
-            check_sft_inputs(cfg)  # a mistake fails before the base model's evaluation, not after it
             results["base"] = heldout_eval(cfg, cfg.model.path, "base")
-        hf = sft_job(cfg, keep_ray=True)
+        hf = sft_job(cfg, keep_ray=True, inputs_checked=True)
         results["sft"] = heldout_eval(cfg, hf, "sft")
         if cfg.erpo.iterations > 0:
             erpo_hf = erpo_job(cfg, keep_ray=True)

@@ -132,6 +132,20 @@ def test_bad_input_fails_cleanly_and_leaves_the_run_untouched(case, existing_run
     assert digest(existing_run["run"]) == before, "the run directory must be byte-for-byte untouched"
 
 
+@pytest.mark.parametrize("case", ["missing_field", "nonexistent_model_path", "semantic_config_change"])
+def test_run_refuses_bad_input_before_ray_starts(case, existing_run, logs):
+    """`safer run` checks SFT's inputs before it starts Ray (it used to start Ray first, and with
+    eval.base=false the error came only once the SFT phase began)."""
+    prepare, expected = CASES[case]
+    extra = prepare(existing_run)
+    before = digest(existing_run["run"])
+    assert main(["run", "configs/tiny.yaml", *existing_run["args"], *extra]) == 2
+    message = expected.format(data=existing_run["data"], ckpt=existing_run["ckpt"])
+    assert any(message in m for m in logs), (message, logs[-3:])
+    assert not any("started Ray" in m for m in logs)
+    assert digest(existing_run["run"]) == before
+
+
 @pytest.mark.parametrize("command", ["erpo", "eval"])
 def test_model_without_chat_template_is_refused_before_ray(command, existing_run, logs, tmp_path):
     base = _without_chat_template(existing_run["model"], tmp_path / "base-erpo")
