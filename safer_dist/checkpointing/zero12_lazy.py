@@ -111,9 +111,7 @@ def _rank_of(path: Path) -> int:
 
 def _fetch_whole(t: torch.Tensor, *, float_: bool) -> Callable[[], torch.Tensor]:
     def fetch() -> torch.Tensor:
-        out = t.float() if float_ else t.clone()
-        if out.data_ptr() == t.data_ptr():
-            out = out.clone()
+        out = t.to(torch.float32 if float_ else t.dtype, copy=True)
         release_pages(t)
         return out
 

@@ -153,8 +153,6 @@ class RolloutGroup:
                 continue
             if not ready:
                 late = sorted(i for i, _, d in running.values() if d <= time.monotonic())
-                if not late:  # ray.wait returned a moment before the deadline
-                    continue
                 raise RolloutFailure(
                     f"rollout worker(s) {late} did not answer {what} within rollout.call_timeout_s="
                     f"{self.cfg.call_timeout_s:g} s (Ray has {ray_free()} free)"

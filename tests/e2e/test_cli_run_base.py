@@ -68,7 +68,6 @@ def test_a_stop_during_evaluation_exits_75_at_once_and_writes_nothing(tmp_path):
     job = start_job(["run", *_args(tmp_path), "eval.base=true", "eval.max_new_tokens=200"], log)
     try:
         wait_for(lambda: "evaluating 300 prompts" in log.read_text(), 240, "the base evaluation", job, log)
-        time.sleep(1.0)  # the generate call is on the rollout workers (not a readiness wait)
         t = time.monotonic()
         job.send_signal(signal.SIGTERM)
         rc = job.wait(timeout=60)
