@@ -17,7 +17,7 @@ from safer_dist.cluster.group import LearnerGroup, start_ray, stop_ray
 from safer_dist.cluster.placement import PhaseBundles, require_placement
 from safer_dist.cluster.rollout import RolloutGroup
 from safer_dist.config import Config, save_config
-from safer_dist.data.chat import prompt_text
+from safer_dist.data.chat import prompt_text, system_prompt
 from safer_dist.data.demo import generate_demo
 from safer_dist.data.records import load_records
 from safer_dist.erpo.controller import train_erpo
@@ -213,6 +213,7 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
                 workers, records, rulebook, tokenizer, max_new_tokens=cfg.eval.max_new_tokens,
                 temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
                 out_path=run_dir / "eval" / f"{tag}.jsonl", judge=judge, seed=cfg.run.seed,
+                system=system_prompt(cfg.data.system_prompt, cfg.data.rulebook),
             )
         summary["generation_wall_s"] = time.perf_counter() - t0
         summary["judge"] = cfg.judge.kind

@@ -16,9 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class StubServer:
-    def __init__(self, reply=lambda user_text: "ok", plan=(), hold_s: float = 0.0, retry_after: str | None = None):
+    def __init__(self, reply=lambda user_text: "ok", plan=(), hold_s: float = 0.0, retry_after: str | None = None,
+                 hold_until_inflight: int = 0):
         self.reply, self.plan, self.hold_s, self.retry_after = reply, list(plan), hold_s, retry_after
+        # > 0: each request waits (up to 10 s) until this many are in flight, so a client's
+        # concurrency shows however slowly its threads start
+        self.hold_until_inflight = hold_until_inflight
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.requests: list[dict] = []  # every request body received (in arrival order)
         self.headers: list[dict] = []
         self.inflight = self.max_inflight = 0
@@ -37,6 +42,9 @@ class StubServer:
                     action = stub.plan.pop(0) if stub.plan else "ok"
                     stub.inflight += 1
                     stub.max_inflight = max(stub.max_inflight, stub.inflight)
+                    stub.changed.notify_all()
+                    if stub.hold_until_inflight:
+                        stub.changed.wait_for(lambda: stub.inflight >= stub.hold_until_inflight, timeout=10)
                 try:
                     if stub.hold_s:  # keep requests overlapping to observe the concurrency bound
                         stub.release.wait(stub.hold_s)

@@ -40,10 +40,12 @@ class TimeHint:
 def mean_example_tokens(cfg: Config, tokenizer) -> float:
     """Mean tokens of (up to) :data:`SAMPLE_RECORDS` records of data.train, as the learners
     encode them (chat template, response, data.max_seq_len and data.overlong)."""
+    from safer_dist.data.chat import system_prompt, with_system_records
     from safer_dist.data.records import load_records
     from safer_dist.train.sft_data import encode_example
 
-    records = list(load_records(cfg.data.train, "sft"))
+    records = with_system_records(load_records(cfg.data.train, "sft"),
+                                  system_prompt(cfg.data.system_prompt, cfg.data.rulebook))
     sample = random.Random(0).sample(records, min(len(records), SAMPLE_RECORDS))
     lengths = [len(e.input_ids) for r in sample
                if (e := encode_example(tokenizer, r["prompt"], r["response"], max_seq_len=cfg.data.max_seq_len,

@@ -16,14 +16,15 @@ from safer_dist.config.schema import Config
 RESUME_KEYS = {
     "sft": (
         "run.seed", "model.path", "data.train", "data.max_seq_len", "data.overlong", "data.segment_dropout",
-        "data.valid_fraction",
+        "data.valid_fraction", "data.system_prompt",
         "train.global_batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay",
         "train.adam_beta1", "train.adam_beta2", "train.grad_clip", "learner.zero_stage", "model.lora",
         "model.quantization",
     ),
     "erpo": (
-        "run.seed", "erpo.init_from", "data.erpo_prompts", "data.rulebook", "judge", "rollout.temperature",
-        "rollout.top_p", "erpo.max_new_tokens", "erpo.prompts_per_iteration", "erpo.chunk_size", "erpo.steps",
+        "run.seed", "erpo.init_from", "data.erpo_prompts", "data.rulebook", "data.system_prompt", "judge",
+        "rollout.temperature", "rollout.top_p", "erpo.max_new_tokens", "erpo.prompts_per_iteration", "erpo.chunk_size",
+        "erpo.steps",
         "erpo.num_candidates", "erpo.num_completions", "erpo.step_max_new_tokens", "erpo.answer_max_new_tokens",
         "erpo.completion_temperature", "erpo.reference", "erpo.safety_pair_repeats", "erpo.epochs",
         "erpo.ranking", "erpo.loss", "erpo.optim", "erpo.resample", "learner.zero_stage", "model.lora",
@@ -35,9 +36,9 @@ RESUME_KEYS = {
 RESUME_IGNORED = frozenset({"erpo.loss.share_prefix"})
 # Resume keys added after checkpoints were first written: a checkpoint without them ran with
 # their default (no adapters, no quantization, the classifier judge's default labels and head,
-# no resampled candidates).
+# no resampled candidates, no system turn added).
 ADDED_LATER = ("model.lora.", "model.quantization", "judge.unsafe_label", "judge.safe_label", "judge.classifier_head",
-               "erpo.resample.")
+               "erpo.resample.", "data.system_prompt")
 
 
 def semantic_diff(saved: dict[str, Any], current: Config, stage: str = "sft") -> list[str]:

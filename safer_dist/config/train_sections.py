@@ -93,6 +93,11 @@ class DataSection:
     # examples then leave the training set.
     valid: str | None = None
     valid_fraction: float = 0.0
+    # A system turn for every prompt that has none of its own, in SFT, ERPO and evaluation:
+    # "" adds none (the chat template's default, if it has one); "rulebook" lists `rulebook`'s
+    # categories with their names and rule ids, which the traces cite (a model then looks them
+    # up instead of memorising them); any other text is used as written.
+    system_prompt: str = ""
 
 
 @dataclass
@@ -143,6 +148,11 @@ class TrainSection(OptimSection):
     # Validation loss (valid_loss in metrics.jsonl) every this many steps and at the last
     # step, on data.valid or data.valid_fraction; 0: off.
     eval_every_steps: int = 0
+    # Encode the prompt tokens that a micro-batch's examples all begin with (a system prompt, of
+    # 16 tokens or more) once, the examples attending to one copy (safer_dist/train/sft_data.py:
+    # pack). Exact; applies where the attention takes a shared prefix (safer_segments,
+    # safer_varlen), else each example encodes its own copy.
+    share_prefix: bool = True
 
     def lr_factor(self, step: int) -> float:
         warmup = min(self.warmup_steps, self.max_steps)

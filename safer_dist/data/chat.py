@@ -15,7 +15,10 @@ evaluation and reference log-probs tokenize a prompt the same way; a string ``s`
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Union
+
+from safer_dist.reasoning.rules import Rulebook
 
 ROLES = ("system", "user", "assistant")
 Prompt = Union[str, list]  # str, or list[dict] of {"role", "content"}
@@ -80,6 +83,28 @@ def map_last_user(prompt: Prompt, fn: Callable[[str], str]) -> Prompt:
         return fn(prompt)
     last = max(i for i, m in enumerate(prompt) if m["role"] == "user")
     return [{**m, "content": fn(m["content"])} if i == last else dict(m) for i, m in enumerate(prompt)]
+
+
+def with_system(prompt: Prompt, text: str) -> Prompt:
+    """The prompt with a system turn ``text`` first; as given when ``text`` is empty or the
+    prompt has a system turn of its own (``data.system_prompt``)."""
+    if not text:
+        return prompt
+    messages = as_messages(prompt)
+    return prompt if messages[0]["role"] == "system" else [{"role": "system", "content": text}, *messages]
+
+
+def system_prompt(setting: str, rulebook: str | Path) -> str:
+    """The text ``data.system_prompt`` stands for: ``rulebook``, the listing of the rulebook at
+    ``rulebook`` (:meth:`~safer_dist.reasoning.rules.Rulebook.listing`); else the text as written
+    ("" adds no system turn)."""
+    return Rulebook.load(rulebook).listing() if setting == "rulebook" else setting
+
+
+def with_system_records(records, text: str) -> list[dict]:
+    """Copies of ``records`` (mappings with ``prompt``) whose prompts have the system turn
+    ``text`` (:func:`with_system`)."""
+    return [{**r, "prompt": with_system(r["prompt"], text)} for r in records] if text else list(records)
 
 
 def _show(value: Any) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from safer_dist.checkpointing.checkpoint import Checkpointer, TrainerState
 from safer_dist.config import Config
+from safer_dist.data.chat import system_prompt, with_system_records
 from safer_dist.data.records import load_records, read_jsonl
 from safer_dist.erpo.ranking import Ranking
 from safer_dist.reasoning.exante import STEP_CLOSE, prefix_before
@@ -225,6 +226,13 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def prompt_pool(cfg: Config) -> list[dict]:
+    """ERPO's prompt pool (``data.erpo_prompts``), each prompt with ``data.system_prompt``'s system
+    turn when it has none: as the policy sees them in sampling, and the learners in the pairs."""
+    return with_system_records(load_records(cfg.data.erpo_prompts, "prompts"),
+                               system_prompt(cfg.data.system_prompt, cfg.data.rulebook))
+
+
 def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, reference=None) -> TrainerState:
     """Run ERPO iterations from the restored state; returns the final state.
 
@@ -246,7 +254,7 @@ def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, referenc
     if restored is not None:
         with phase("weight_sync"):
             learners.push_weights(rollout, state.extra["iteration"])
-    pool = list(load_records(cfg.data.erpo_prompts, "prompts"))
+    pool = prompt_pool(cfg)
     sampler = Sampler(cfg, rollout, judge, reference)
     throughput = Throughput(learners.infos)
     while state.extra["iteration"] < e.iterations:

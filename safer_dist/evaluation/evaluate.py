@@ -29,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean
 
+from safer_dist.data.chat import with_system
 from safer_dist.judging.classifier import answer_of
 from safer_dist.judging.judge import is_refusal
 from safer_dist.reasoning.exante import validate
@@ -129,14 +130,16 @@ def summarize_by_attack(rows: list[dict]) -> tuple[dict, dict[str, dict]]:
 
 def evaluate(rollout_group, records: list[dict], rulebook, tokenizer, *, max_new_tokens: int,
              temperature: float, batch_size: int, out_path: Path | None = None,
-             judge=None, seed: int = 0) -> tuple[dict, list[dict]]:
+             judge=None, seed: int = 0, system: str = "") -> tuple[dict, list[dict]]:
     """Generate for ``records`` on ``rollout_group``; write per-prompt rows to ``out_path``.
+    ``system``: the system turn of every prompt without one (``data.system_prompt``); rows and
+    judges see the prompts as given.
     Above temperature 0 an answer depends on (``seed``, prompt) only (``RolloutWorker.generate``).
     ``judge`` (a ``ModelJudge`` or ``ClassifierJudge``, optional) scores every row; harmful rows
     it scores unsafe count as attack successes."""
     log.info("evaluating %d prompts", len(records))
     gens = rollout_group.generate(
-        [r["prompt"] for r in records], max_new_tokens=max_new_tokens, temperature=temperature,
+        [with_system(r["prompt"], system) for r in records], max_new_tokens=max_new_tokens, temperature=temperature,
         batch_size=batch_size, seed=seed,
     )
     rows = []

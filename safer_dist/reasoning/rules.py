@@ -127,6 +127,13 @@ class Rulebook:
             categories.append(Category(cid, cname, description, tuple(rules), tuple(allowed), strategy))
         return cls(version, name, guidance, tuple(categories), source)
 
+    def listing(self) -> str:
+        """The categories with their names and rule ids, a line each (``data.system_prompt:
+        rulebook`` puts it in the system turn): what a trace cites, for a model to look up."""
+        lines = ["You follow this safety rulebook. Risk categories, each with its rules:"]
+        lines += [f"{c.id} {c.name}: " + " ".join(f"[{r.id}]" for r in c.rules) for c in self.categories]
+        return "\n".join(lines)
+
     @property
     def category_ids(self) -> tuple[str, ...]:
         return tuple(c.id for c in self.categories)

@@ -35,6 +35,7 @@ from safer_dist.checkpointing.async_save import save_in_background
 from safer_dist.checkpointing.safe_load import weights_only_torch_load
 from safer_dist.checkpointing.streamed_export import export_module
 from safer_dist.config import DataSection, DpoLossSection, LearnerSection, ModelSection, OptimSection
+from safer_dist.data.chat import system_prompt, with_system_records
 from safer_dist.data.records import load_records
 from safer_dist.train.attention import tree_packing_unsupported
 from safer_dist.train.engine import (
@@ -264,7 +265,7 @@ class Learner(StepDpo):
         """
         batches = eval_micro_batches(
             self._valid_examples(), rank=self.rank, world_size=self.world_size,
-            micro_batch_size=self.optim.micro_batch_size,
+            micro_batch_size=self.optim.micro_batch_size, share_prefix=self._share_sft_prefix(),
         )
         nll_sum, n_label = torch.zeros((), dtype=torch.float64, device=self.device), 0
         was_training = self.engine.training
@@ -288,7 +289,8 @@ class Learner(StepDpo):
         train, valid = split_valid(load_records(self.data_cfg.train, "sft"), self.data_cfg.valid_fraction, self.seed)
         if self.data_cfg.valid:
             valid = list(load_records(self.data_cfg.valid, "sft"))
-        return train, valid
+        system = system_prompt(self.data_cfg.system_prompt, self.data_cfg.rulebook)
+        return with_system_records(train, system), with_system_records(valid, system)
 
     def _valid_examples(self) -> list:
         if self._valid is None:
@@ -321,9 +323,14 @@ class Learner(StepDpo):
             self._data = SFTData(
                 train, self.tokenizer, seed=self.seed,
                 max_seq_len=self.data_cfg.max_seq_len, overlong=self.data_cfg.overlong,
-                segment_dropout=self.data_cfg.segment_dropout,
+                segment_dropout=self.data_cfg.segment_dropout, share_prefix=self._share_sft_prefix(),
             )
         return self._data
+
+    def _share_sft_prefix(self) -> bool:
+        """Whether SFT micro-batches encode their examples' common prompt prefix once: SFT only
+        (``optim`` is then ``cfg.train``), with attention that takes a shared prefix."""
+        return self.optim.share_prefix and tree_packing_unsupported(self.attn_implementation, self.device) is None
 
     def reference_logprobs(self, items: list, share_prefix: bool = True) -> list[tuple[float, int]]:
         """ERPO's ``erpo.reference=sft`` on LoRA learners: log p(continuation | prompt, prefix)

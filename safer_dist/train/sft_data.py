@@ -17,6 +17,9 @@ Packed micro-batch (what the learner feeds the model, ``use_cache=False``)::
     position_ids [1, T]   restart at 0 at each sequence start (marks the boundaries)
     labels       [1, T]   token id on assistant tokens (reasoning + answer + EOS), else -100
     seq_ids      [1, T]   index of the sequence each token belongs to
+
+With ``share_prefix`` (``train.share_prefix``) the examples of a micro-batch that begin with the
+same prompt tokens (a system prompt) encode them once, as a tree row (:func:`pack`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from safer_dist.train.losses import IGNORE_INDEX
 log = get_logger("sft_data")
 
 _WORD = re.compile(r"\S{2,}")
+# A micro-batch's common prompt prefix is packed once (``train.share_prefix``) when it is at
+# least this long (the demo tokenizer's two-token turn header is not worth a tree).
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass
@@ -161,16 +167,40 @@ def encode_example(
     return Encoded(ids[:max_seq_len], labels[:max_seq_len], truncated=True)
 
 
-def pack(examples: list[Encoded]) -> dict[str, torch.Tensor]:
-    """Concatenate examples into one padding-free row (see the module docstring)."""
+def shared_prompt_length(examples: list[Encoded]) -> int:
+    """Leading tokens that every example has, none of them labelled: the part of their prompts
+    (a system prompt, the chat template's frame) that :func:`pack` can encode once."""
+    first = examples[0].input_ids
+    n = min(next((t for t, label in enumerate(ex.labels) if label != IGNORE_INDEX), len(ex.labels))
+            for ex in examples)
+    for ex in examples[1:]:
+        n = next((t for t in range(n) if ex.input_ids[t] != first[t]), n)
+    return n
+
+
+def pack(examples: list[Encoded], *, share_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """Concatenate examples into one padding-free row (see the module docstring).
+
+    ``share_prefix``: when the examples start with the same :data:`MIN_SHARED_PREFIX` or more
+    unlabelled tokens (:func:`shared_prompt_length`), the row is a tree
+    (:mod:`safer_dist.train.tree_attention`): the first example whole, then each other one from
+    the shared prefix's last token on, at its own positions, attending to the first example's
+    copy of the prefix. Every labelled token's log-prob and gradient are those of the plain
+    packing, in exact arithmetic. Only for attention that takes trees
+    (:func:`safer_dist.train.attention.tree_packing_unsupported`).
+    """
+    shared = shared_prompt_length(examples) if share_prefix and len(examples) > 1 else 0
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
     ids, pos, labels, seq = [], [], [], []
     for i, ex in enumerate(examples):
+        start = shared - 1 if i and shared else 0  # a branch repeats the prefix's last token
         n = len(ex.input_ids)
-        ids += ex.input_ids
-        pos += range(n)
-        # The first token of a sequence is never predicted from the previous sequence.
-        labels += [IGNORE_INDEX] + ex.labels[1:]
-        seq += [i] * n
+        ids += ex.input_ids[start:]
+        pos += range(start, n)
+        # The first token of a sequence (or branch) is never predicted from the previous one.
+        labels += [IGNORE_INDEX] + ex.labels[start + 1:]
+        seq += [i] * (n - start)
     as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
     return {"input_ids": as_row(ids), "position_ids": as_row(pos), "labels": as_row(labels), "seq_ids": as_row(seq)}
 
@@ -196,7 +226,7 @@ def split_valid(records, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def eval_micro_batches(
-    examples: list[Encoded | None], *, rank: int, world_size: int, micro_batch_size: int
+    examples: list[Encoded | None], *, rank: int, world_size: int, micro_batch_size: int, share_prefix: bool = False,
 ) -> list[dict[str, torch.Tensor] | None]:
     """This rank's packed micro-batches of a validation set (None where a micro-batch has no
     example left). Ranks take contiguous shards of ``ceil(n / world_size)`` examples; every rank
@@ -208,7 +238,7 @@ def eval_micro_batches(
     out = []
     for i in range(num_batches):
         part = [ex for ex in shard[i * micro_batch_size : (i + 1) * micro_batch_size] if ex is not None]
-        out.append(pack(part) if part else None)
+        out.append(pack(part, share_prefix=share_prefix) if part else None)
     return out
 
 
@@ -219,7 +249,8 @@ class SFTData:
     ``response``.
     """
 
-    def __init__(self, records, tokenizer, *, seed: int, max_seq_len: int, overlong: str, segment_dropout: float):
+    def __init__(self, records, tokenizer, *, seed: int, max_seq_len: int, overlong: str, segment_dropout: float,
+                 share_prefix: bool = False):
         self.prompts = [r["prompt"] for r in records]
         self.responses = [r["response"] for r in records]
         if not self.prompts:
@@ -234,6 +265,7 @@ class SFTData:
         self.max_seq_len = max_seq_len
         self.overlong = overlong
         self.segment_dropout = segment_dropout
+        self.share_prefix = share_prefix
         self._perms: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -285,7 +317,7 @@ class SFTData:
                     continue
                 counts["truncated"] += ex.truncated
                 encoded.append(ex)
-            batches.append(pack(encoded) if encoded else None)
+            batches.append(pack(encoded, share_prefix=self.share_prefix) if encoded else None)
         return batches, counts
 
 

@@ -58,3 +58,20 @@ def test_chunked_loss_equals_full_logits_under_zero3(tiny_model_dir, demo_data_d
     ]
     for a, b in zip(*curves):
         assert abs(a - b) < 1e-5, curves
+
+
+def sft_step_tokens(learner, n):
+    return [(m["loss"], m["num_tokens"]) for m in (learner.sft_step(step) for step in range(n))]
+
+
+def test_a_shared_system_prompt_trains_as_unshared_on_fewer_tokens(tiny_model_dir, demo_data_dir):
+    # data.system_prompt=rulebook: every example begins with the rulebook's listing (~200 tokens);
+    # packed once per micro-batch of 4, the losses are those of 4 copies, on far fewer tokens
+    base = ("learner.num_learners=2", "learner.zero_stage=2", "train.global_batch_size=8", "train.micro_batch_size=4",
+            "data.system_prompt=rulebook", "data.max_seq_len=1024", "data.segment_dropout=0")
+    (shared, _) = run_ranks(make_cfg(tiny_model_dir, demo_data_dir, *base), functools.partial(sft_step_tokens, n=3))
+    (plain, _) = run_ranks(make_cfg(tiny_model_dir, demo_data_dir, *base, "train.share_prefix=false"),
+                           functools.partial(sft_step_tokens, n=3))
+    for (a, tokens_shared), (b, tokens_plain) in zip(shared, plain):
+        assert abs(a - b) < 1e-5, (shared, plain)
+        assert tokens_plain - tokens_shared > 2 * 3 * 150  # 3 of each rank's 4 examples repeat 1 token, not ~200

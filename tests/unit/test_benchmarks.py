@@ -173,14 +173,16 @@ def test_report_compares_models_per_benchmark_and_attack(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
 
 
-def test_model_judge_decides_attack_success(tmp_path):
-    class Outputs:  # stands in for a RolloutGroup: fixed generations, in order
-        def __init__(self, texts):
-            self.texts = texts
+class Outputs:  # stands in for a RolloutGroup: fixed generations, in order
+    def __init__(self, texts):
+        self.texts = texts
 
-        def generate(self, prompts, **kw):
-            self.kw = kw
-            return [{"text": t, "num_tokens": 3, "latency_s": 0.01} for t in self.texts[: len(prompts)]]
+    def generate(self, prompts, **kw):
+        self.prompts, self.kw = prompts, kw
+        return [{"text": t, "num_tokens": 3, "latency_s": 0.01} for t in self.texts[: len(prompts)]]
+
+
+def test_model_judge_decides_attack_success(tmp_path):
 
     recs = [{"id": "h1", "prompt": "harmful one", "harmful": True}, {"id": "h2", "prompt": "harmful two", "harmful": True}]
     judge = ModelJudge(Outputs(["safety: 1 utility: 1", "safety: 0 utility: 0"]))
@@ -192,3 +194,17 @@ def test_model_judge_decides_attack_success(tmp_path):
     assert [r["attack_success"] for r in rows] == [False, True] and summary["attack_success_rate"] == 0.5
     assert [r["judge"] for r in rows] == ["model", "model"] and rows[1]["judge_safety"] == 0.0
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_policy_sees_the_system_prompt_and_rows_and_judges_the_prompt_as_given():
+    recs = [{"id": "h1", "prompt": "harmful one", "harmful": True},
+            {"id": "b1", "prompt": [{"role": "system", "content": "own"}, {"role": "user", "content": "hi"}],
+             "harmful": False}]
+    judge_model = Outputs(["safety: 1 utility: 1"] * 2)
+    answers = Outputs(["Sorry, I can't help with that.", "Hello."])
+    _, rows = evaluate(answers, recs, RB, _Tok(), max_new_tokens=8, temperature=0.0, batch_size=2,
+                       judge=ModelJudge(judge_model), system="RULES")
+    assert answers.prompts == [[{"role": "system", "content": "RULES"}, {"role": "user", "content": "harmful one"}],
+                               recs[1]["prompt"]]  # a prompt's own system turn is kept
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in recs]
+    assert "RULES" not in judge_model.prompts[0] and "harmful one" in judge_model.prompts[0]

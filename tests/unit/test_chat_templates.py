@@ -6,15 +6,21 @@ import random
 
 import pytest
 
-from safer_dist.data.chat import ChatError, check_prompt_messages, map_last_user, prompt_text
+from safer_dist.config import load_config
+from safer_dist.data.chat import (
+    ChatError, check_prompt_messages, map_last_user, prompt_text, system_prompt, with_system,
+)
 from safer_dist.data.records import load_records, read_jsonl
+from safer_dist.erpo.controller import prompt_pool
 from safer_dist.erpo.pairs import step_sequence
 from safer_dist.evaluation.attacks import expand
 from safer_dist.reasoning.exante import Trace, render
+from safer_dist.runtime.resources import shipped
 from safer_dist.train.losses import IGNORE_INDEX
 from safer_dist.train.models import load_tokenizer
+from safer_dist.train.learner import Learner
 from safer_dist.train.sft_data import (
-    SFTData, encode_context, encode_example, encode_prompt, end_of_turn_mismatch, split_segments,
+    SFTData, encode_context, encode_example, encode_prompt, end_of_turn_mismatch, shared_prompt_length, split_segments,
 )
 
 RESPONSE = render(Trace("Intent: bake bread. Risk category: none.", "No rule applies; verdict: not violated.",
@@ -209,3 +215,37 @@ def test_prompt_helpers():
     assert attacked["prompt"][3]["content"].startswith("Reply to this message written in leetspeak: ")
     with pytest.raises(ChatError, match="turn 2: a prompt must end with a user turn, got role 'assistant'"):
         check_prompt_messages(CHAT[:3])
+
+
+# --- data.system_prompt ---------------------------------------------------------------------
+
+def test_system_prompt_setting_puts_the_rulebook_before_prompts_without_one(tiny_model_dir, tmp_path):
+    rulebook = shipped("configs/rules/default.yaml")
+    listing = system_prompt("rulebook", rulebook)
+    assert listing.splitlines()[0] == "You follow this safety rulebook. Risk categories, each with its rules:"
+    assert "C07 privacy: [R11]" in listing.splitlines() and "C01 violent_crime: [R01] [R02]" in listing.splitlines()
+    assert system_prompt("Be brief.", rulebook) == "Be brief." and system_prompt("", rulebook) == ""
+    assert with_system("hi", "") == "hi" and with_system(CHAT, "S") == CHAT  # a system turn of its own wins
+    assert with_system("hi", "S") == [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    # the SFT learner's records carry it (data.system_prompt=rulebook), training and validation alike
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": RESPONSE}) + "\n" for i in range(4)))
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.train={path}", "data.valid_fraction=0.25",
+                             "data.system_prompt=rulebook"])
+    learner = Learner(cfg.learner, cfg.train, cfg.model, cfg.data, seed=0)
+    train, valid = learner._train_and_valid_records()
+    assert len(train) == 3 and len(valid) == 1
+    assert all([m["role"] for m in r["prompt"]] == ["system", "user"] and r["prompt"][0]["content"] == listing
+               for r in train + valid)
+    assert {r["prompt"][1]["content"] for r in train + valid} == {f"Question {i}?" for i in range(4)}
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.erpo_prompts={path}", "data.system_prompt=Be safe."])
+    assert [r["prompt"] for r in prompt_pool(cfg)] == [
+        [{"role": "system", "content": "Be safe."}, {"role": "user", "content": f"Question {i}?"}] for i in range(4)]
+    # through ChatML the listing is a common prefix the SFT packer encodes once
+    tok = _chatml(tiny_model_dir)
+    data = SFTData(train, tok, seed=0, max_seq_len=4096, overlong="drop", segment_dropout=0.0, share_prefix=True)
+    batch, _ = data.micro_batches(0, global_batch_size=3, rank=0, world_size=1, micro_batch_size=3)
+    examples = [data.encode(0, i) for i in range(3)]
+    shared = shared_prompt_length(examples)
+    assert shared > len(tok.encode(listing, add_special_tokens=False))
+    assert batch[0]["input_ids"].numel() == sum(len(e.input_ids) for e in examples) - 2 * (shared - 1)

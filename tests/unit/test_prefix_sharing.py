@@ -1,7 +1,7 @@
-"""Prefix-shared (tree) packing: a pair's context encoded once gives the log-probs and gradients
-of the unshared packing, in the learner's loss head, the rollout workers' reference pass and
-every attention path that takes trees (SDPA per segment, the explicit-mask fallback, and
-flex_attention's forward, which is all flex runs on CPU)."""
+"""Prefix-shared (tree) packing: a pair's context (or the system prompt SFT examples share)
+encoded once gives the log-probs and gradients of the unshared packing, in the learner's loss
+head, the rollout workers' reference pass and every attention path that takes trees (SDPA per
+segment, the explicit-mask fallback, and flex_attention's forward, which is all flex runs on CPU)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from safer_dist.train import attention, attention_kernels, tree_attention
 from safer_dist.train.attention import tree_packing_unsupported
 from safer_dist.train.attention_kernels import register_varlen_attention
 from safer_dist.train.lm_head import LMHead
-from safer_dist.train.losses import sum_by_sequence
+from safer_dist.train.losses import IGNORE_INDEX, sft_loss, sum_by_sequence
+from safer_dist.train.sft_data import MIN_SHARED_PREFIX, Encoded, num_label_tokens, pack, shared_prompt_length
 from safer_dist.train.tree_attention import Segment, sdpa_tree, tree_mask, tree_segments
 
 # ---------------------------------------------------------------- structure from position_ids
@@ -185,21 +186,29 @@ def test_shared_logprobs_and_gradients_equal_unshared(model, attn):
     model.set_attn_implementation(attn)
     enc = _pairs()
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5])  # any fixed combination
+    saved = _shared_equals_unshared(model, lambda share: pack_pairs(enc, share_prefix=share),
+                                    lambda batch: weights * _logps(model, batch), atol=1e-5)
+    # each pair's rejected step repeats 1 of its C context tokens instead of all C: C - 1 fewer
+    assert saved == (9 - 1) + (1 - 1) + (17 - 1) + (4 - 1)
+
+
+def _shared_equals_unshared(model, batch_of, outputs_of, *, atol: float) -> int:
+    """Checks that ``outputs_of(batch_of(share))`` and the gradients of their sum are the same
+    (``atol``; gradients 1e-5) unshared and shared; returns the tokens sharing saved."""
     results = {}
     for share in (False, True):
-        batch = pack_pairs(enc, share_prefix=share)
+        batch = batch_of(share)
         model.zero_grad()
-        logp = _logps(model, batch)
-        (weights * logp).sum().backward()
-        results[share] = (logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+        out = outputs_of(batch)
+        out.sum().backward()
+        results[share] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
                           batch["input_ids"].numel())
-    (lp0, g0, n0), (lp1, g1, n1) = results[False], results[True]
-    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    model.zero_grad()
+    (o0, g0, n0), (o1, g1, n1) = results[False], results[True]
+    torch.testing.assert_close(o1, o0, atol=atol, rtol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-5, msg=name)
-    # each pair's rejected step repeats 1 of its C context tokens instead of all C: C - 1 fewer
-    assert n0 - n1 == (9 - 1) + (1 - 1) + (17 - 1) + (4 - 1)
-    model.zero_grad()
+    return n0 - n1
 
 
 def test_flex_path_forward_equals_unshared(model, monkeypatch, eager_flex):
@@ -260,3 +269,52 @@ def test_append_continuations_unshared_is_the_old_layout():
         "input_ids": [1, 2, 3, 1, 2, 4, 5], "position_ids": [0, 1, 2, 0, 1, 2, 3],
         "labels": [-100, -100, 3, -100, -100, 4, 5], "seq_ids": [0, 0, 0, 1, 1, 1, 1],
     }
+
+
+# ---------------------------------------------------------------- SFT rows sharing a system prompt
+
+
+def _sft_examples(shared: int, seed: int = 3) -> list[Encoded]:
+    """Examples that begin with the same ``shared`` prompt tokens, then a prompt and a response of their own."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(0, 50, (n,), generator=g).tolist()  # noqa: E731
+    system = rand(shared)
+    out = []
+    for p, r in ((3, 5), (1, 2), (6, 4)):
+        prompt, response = system + rand(p), rand(r)
+        out.append(Encoded(prompt + response, [IGNORE_INDEX] * len(prompt) + response))
+    return out
+
+
+def test_sft_pack_shares_the_common_prompt_prefix_by_hand():
+    prompt = list(range(1, 17))  # 16 tokens: MIN_SHARED_PREFIX
+    assert MIN_SHARED_PREFIX == 16
+    a = Encoded(prompt + [20, 21], [IGNORE_INDEX] * 16 + [20, 21])
+    b = Encoded(prompt + [30, 31, 32], [IGNORE_INDEX] * 17 + [31, 32])  # one more prompt token
+    row = pack([a, b], share_prefix=True)
+    assert row["input_ids"].tolist() == [prompt + [20, 21] + [16, 30, 31, 32]]
+    assert row["position_ids"].tolist() == [list(range(18)) + [15, 16, 17, 18]]
+    assert row["labels"].tolist() == [[IGNORE_INDEX] * 16 + [20, 21] + [IGNORE_INDEX, IGNORE_INDEX, 31, 32]]
+    assert row["seq_ids"].tolist() == [[0] * 18 + [1] * 4]
+    assert num_label_tokens(row) == num_label_tokens(pack([a, b])) == 4
+    # the shared part stops at the first labelled token of any example, and below 16 tokens nothing is shared
+    c = Encoded(prompt[:15] + [20, 21], [IGNORE_INDEX] * 15 + [20, 21])
+    assert shared_prompt_length([a, c]) == 15
+    assert torch.equal(pack([a, c], share_prefix=True)["input_ids"], pack([a, c])["input_ids"])
+    assert shared_prompt_length([a, b, Encoded([1, 2, 9], [IGNORE_INDEX] * 3)]) == 2
+    assert torch.equal(pack([a], share_prefix=True)["input_ids"], pack([a])["input_ids"])
+
+
+@pytest.mark.parametrize("attn", ["safer_segments", "safer_varlen"])
+def test_sft_shared_prefix_loss_and_gradients_equal_unshared(model, attn):
+    """The SFT loss and every parameter gradient are the same (fp32, 1e-5) with the examples'
+    common 20-token system prompt packed once or three times."""
+    model.set_attn_implementation(attn)
+    examples = _sft_examples(shared=20)
+
+    def loss(batch):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        return sft_loss(logits, batch["labels"], num_label_tokens(batch))
+
+    saved = _shared_equals_unshared(model, lambda share: pack(examples, share_prefix=share), loss, atol=1e-6)
+    assert saved == 2 * (20 - 1)  # the second and third example repeat one prefix token instead of 20

@@ -69,11 +69,12 @@ def test_unreachable_endpoint_is_an_error_per_prompt():
 
 
 def test_concurrency_is_bounded_and_order_kept():
-    with StubServer(reply=lambda u: u.upper(), hold_s=0.05) as s:
+    # every request waits until 3 are in flight (no timing): a bound of 3 shows as exactly 3
+    with StubServer(reply=lambda u: u.upper(), hold_s=0.01, hold_until_inflight=3) as s:
         prompts = [f"p{i}" for i in range(9)]
         outs = teacher(s.base_url, max_concurrency=3).generate(prompts, max_new_tokens=4, temperature=0.0)
         assert [o.text for o in outs] == [p.upper() for p in prompts]
-        assert 2 <= s.max_inflight <= 3
+        assert s.max_inflight == 3
 
 
 def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
