@@ -213,7 +213,7 @@ def eval_job(cfg: Config, model_path: str | Path, tag: str, *, keep_ray: bool = 
                 workers, records, rulebook, tokenizer, max_new_tokens=cfg.eval.max_new_tokens,
                 temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
                 out_path=run_dir / "eval" / f"{tag}.jsonl", judge=judge, seed=cfg.run.seed,
-                system=system_prompt(cfg.data.system_prompt, cfg.data.rulebook),
+                system=system_prompt(cfg.data),
             )
         summary["generation_wall_s"] = time.perf_counter() - t0
         summary["judge"] = cfg.judge.kind

@@ -44,8 +44,7 @@ def mean_example_tokens(cfg: Config, tokenizer) -> float:
     from safer_dist.data.records import load_records
     from safer_dist.train.sft_data import encode_example
 
-    records = with_system_records(load_records(cfg.data.train, "sft"),
-                                  system_prompt(cfg.data.system_prompt, cfg.data.rulebook))
+    records = with_system_records(load_records(cfg.data.train, "sft"), system_prompt(cfg.data))
     sample = random.Random(0).sample(records, min(len(records), SAMPLE_RECORDS))
     lengths = [len(e.input_ids) for r in sample
                if (e := encode_example(tokenizer, r["prompt"], r["response"], max_seq_len=cfg.data.max_seq_len,

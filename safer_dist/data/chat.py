@@ -15,7 +15,6 @@ evaluation and reference log-probs tokenize a prompt the same way; a string ``s`
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Union
 
 from safer_dist.reasoning.rules import Rulebook
@@ -94,11 +93,12 @@ def with_system(prompt: Prompt, text: str) -> Prompt:
     return prompt if messages[0]["role"] == "system" else [{"role": "system", "content": text}, *messages]
 
 
-def system_prompt(setting: str, rulebook: str | Path) -> str:
-    """The text ``data.system_prompt`` stands for: ``rulebook``, the listing of the rulebook at
-    ``rulebook`` (:meth:`~safer_dist.reasoning.rules.Rulebook.listing`); else the text as written
-    ("" adds no system turn)."""
-    return Rulebook.load(rulebook).listing() if setting == "rulebook" else setting
+def system_prompt(data) -> str:
+    """The text ``data.system_prompt`` stands for (``data``: the config's data section):
+    ``rulebook``, the listing of ``data.rulebook``
+    (:meth:`~safer_dist.reasoning.rules.Rulebook.listing`); else the text as written ("" adds no
+    system turn)."""
+    return Rulebook.load(data.rulebook).listing() if data.system_prompt == "rulebook" else data.system_prompt
 
 
 def with_system_records(records, text: str) -> list[dict]:

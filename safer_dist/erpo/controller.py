@@ -229,8 +229,7 @@ def _mean(xs) -> float:
 def prompt_pool(cfg: Config) -> list[dict]:
     """ERPO's prompt pool (``data.erpo_prompts``), each prompt with ``data.system_prompt``'s system
     turn when it has none: as the policy sees them in sampling, and the learners in the pairs."""
-    return with_system_records(load_records(cfg.data.erpo_prompts, "prompts"),
-                               system_prompt(cfg.data.system_prompt, cfg.data.rulebook))
+    return with_system_records(load_records(cfg.data.erpo_prompts, "prompts"), system_prompt(cfg.data))
 
 
 def train_erpo(cfg: Config, learners, rollout, judge, run_dir: Path, *, reference=None) -> TrainerState:

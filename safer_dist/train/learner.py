@@ -289,7 +289,7 @@ class Learner(StepDpo):
         train, valid = split_valid(load_records(self.data_cfg.train, "sft"), self.data_cfg.valid_fraction, self.seed)
         if self.data_cfg.valid:
             valid = list(load_records(self.data_cfg.valid, "sft"))
-        system = system_prompt(self.data_cfg.system_prompt, self.data_cfg.rulebook)
+        system = system_prompt(self.data_cfg)
         return with_system_records(train, system), with_system_records(valid, system)
 
     def _valid_examples(self) -> list:

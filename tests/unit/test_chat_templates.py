@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from safer_dist.config import load_config
+from safer_dist.config import DataSection, load_config
 from safer_dist.data.chat import (
     ChatError, check_prompt_messages, map_last_user, prompt_text, system_prompt, with_system,
 )
@@ -220,11 +220,12 @@ def test_prompt_helpers():
 # --- data.system_prompt ---------------------------------------------------------------------
 
 def test_system_prompt_setting_puts_the_rulebook_before_prompts_without_one(tiny_model_dir, tmp_path):
-    rulebook = shipped("configs/rules/default.yaml")
-    listing = system_prompt("rulebook", rulebook)
+    rulebook = str(shipped("configs/rules/default.yaml"))
+    listing = system_prompt(DataSection(system_prompt="rulebook", rulebook=rulebook))
     assert listing.splitlines()[0] == "You follow this safety rulebook. Risk categories, each with its rules:"
     assert "C07 privacy: [R11]" in listing.splitlines() and "C01 violent_crime: [R01] [R02]" in listing.splitlines()
-    assert system_prompt("Be brief.", rulebook) == "Be brief." and system_prompt("", rulebook) == ""
+    assert system_prompt(DataSection(system_prompt="Be brief.", rulebook=rulebook)) == "Be brief."
+    assert system_prompt(DataSection(system_prompt="", rulebook=rulebook)) == ""
     assert with_system("hi", "") == "hi" and with_system(CHAT, "S") == CHAT  # a system turn of its own wins
     assert with_system("hi", "S") == [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
     # the SFT learner's records carry it (data.system_prompt=rulebook), training and validation alike
