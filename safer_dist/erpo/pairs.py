@@ -14,7 +14,8 @@ Packed, a pair is either two sequences (context + chosen, context + rejected) or
 
 from __future__ import annotations
 
-import random
+import hashlib
+import json
 
 import torch
 
@@ -34,8 +35,22 @@ def step_ids(tokenizer, step_text: str, ends_with_eos: bool) -> list[int]:
     return step + [tokenizer.eos_token_id] if ends_with_eos else step
 
 
+# What makes a pair the pair it is: its place in an epoch is decided by these and nothing else.
+PAIR_IDENTITY = ("prompt_id", "prompt", "step", "prefix", "chosen_text", "rejected_text")
+
+
+def pair_digest(pair: dict) -> bytes:
+    """A digest of a pair's identity (:data:`PAIR_IDENTITY`; fields it lacks count as ``None``)."""
+    return hashlib.blake2b(json.dumps([pair.get(k) for k in PAIR_IDENTITY]).encode(), digest_size=16).digest()
+
+
 class PairData:
     """Pairs of one ERPO iteration as packed micro-batches, in a step-derived order.
+
+    Within an epoch, pairs are ordered by a hash of (seed, epoch, the pair's identity, which
+    repeat it is), not by a shuffle of their indices: adding, removing or changing one pair
+    leaves every other pair's order relative to the rest as it was, so a run whose candidates
+    differ in one place trains on nearly the same batches (docs/erpo.md "Sensitivity").
 
     ``pairs`` are pair records (see :mod:`safer_dist.erpo.controller`) with ``prompt``, ``prefix``, ``step``,
     ``chosen_text``, ``rejected_text``, ``ref_chosen``, ``ref_rejected``. A pair whose ``why``
@@ -50,10 +65,12 @@ class PairData:
     def __init__(self, pairs: list[dict], tokenizer, *, seed: int, safety_repeats: int = 1, share_prefix: bool = False):
         if not pairs:
             raise ValueError("no preference pairs to train on")
-        expanded = [(j, p) for j, p in enumerate(pairs) for _ in range(safety_repeats if p.get("why") == "safety" else 1)]
-        self.pairs = [p for _, p in expanded]
+        expanded = [(j, r, p) for j, p in enumerate(pairs) for r in range(safety_repeats if p.get("why") == "safety" else 1)]
+        self.pairs = [p for _, _, p in expanded]
         self.tokenizer, self.seed, self.share_prefix = tokenizer, seed, share_prefix
-        self._source = [j for j, _ in expanded]  # the given pair each (repeated) pair is
+        self._source = [j for j, _, _ in expanded]  # the given pair each (repeated) pair is
+        digests = [pair_digest(p) for p in pairs]
+        self._identity = [digests[j] + r.to_bytes(4, "little") for j, r, _ in expanded]
         self._encoded: list[dict | None] = [None] * len(pairs)
         self._perm: tuple[int, list[int]] | None = None
 
@@ -62,9 +79,9 @@ class PairData:
 
     def _order(self, epoch: int) -> list[int]:
         if self._perm is None or self._perm[0] != epoch:
-            order = list(range(len(self)))
-            random.Random(f"pairs-{self.seed}-{epoch}").shuffle(order)
-            self._perm = (epoch, order)
+            salt = f"pairs-{self.seed}-{epoch}\0".encode()
+            keys = [hashlib.blake2b(salt + ident, digest_size=16).digest() for ident in self._identity]
+            self._perm = (epoch, sorted(range(len(self)), key=lambda i: (keys[i], i)))
         return self._perm[1]
 
     def global_batch(self, step: int, batch_size: int) -> list[int]:

@@ -136,9 +136,10 @@ def train_dpo(learner, cfg, path, n):
     return [{k: m[k] for k in keys} for m in metrics], weights
 
 
-def run(cfg, path):
-    """Train on ``cfg.learner.num_learners`` ranks; every rank reports the same global metrics."""
-    results = run_ranks(cfg, functools.partial(train_dpo, cfg=cfg, path=path, n=STEPS))
+def run(cfg, path, steps=STEPS):
+    """Train ``steps`` DPO steps on ``cfg.learner.num_learners`` ranks; every rank reports the
+    same global metrics."""
+    results = run_ranks(cfg, functools.partial(train_dpo, cfg=cfg, path=path, n=steps))
     for metrics, _ in results[1:]:
         assert metrics == results[0][0], "every rank must report the same global metrics"
     return results[0]

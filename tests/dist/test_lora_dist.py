@@ -129,7 +129,8 @@ def test_lora_step_dpo_under_zero3_starts_at_log2_and_moves_adapters_only(tiny_m
     rows = write_pairs(path, tiny_model_dir)
     cfg = make_cfg(tiny_model_dir, 2, 4, 2, stage=3)
     cfg.model.lora.rank = 4
-    metrics, weights = run(cfg, path)
+    # 10 pairs, 4 a step: step 5 starts the third epoch, so its pairs have each been trained on twice.
+    metrics, weights = run(cfg, path, steps=6)
     # As for full training (tests/dist/test_dpo_dist.py): before the first update the policy
     # is the reference (B = 0), so each pair adds -log σ(0) = log 2, plus nll_weight times the
     # chosen steps' mean NLL per token under the reference.

@@ -133,6 +133,27 @@ def test_safety_pairs_repeat_within_each_epoch():
     assert len(PairData(pairs, tokenizer=None, seed=3)) == 4
 
 
+def test_a_pairs_place_in_an_epoch_depends_on_the_pair_not_on_the_others():
+    pairs = [{"prompt_id": f"p{i}", "prompt": f"q{i}", "step": "rules", "prefix": "", "chosen_text": f"c{i}",
+              "rejected_text": f"r{i}", "why": "safety" if i % 5 == 0 else "efficiency"} for i in range(40)]
+
+    def epoch_order(ps, epoch=0, seed=3):
+        data = PairData(ps, tokenizer=None, seed=seed, safety_repeats=2)
+        return [data.pairs[i]["prompt_id"] for i in data.global_batch(epoch, len(data))]
+
+    full = epoch_order(pairs)
+    assert sorted(full) == sorted([p["prompt_id"] for p in pairs] + [f"p{i}" for i in range(0, 40, 5)])
+    # Given in another order, the same pairs train in the same order.
+    assert epoch_order(pairs[::-1]) == full
+    # One pair fewer, or one changed: every other pair keeps its place relative to the rest.
+    assert epoch_order(pairs[:17] + pairs[18:]) == [i for i in full if i != "p17"]
+    changed = [dict(p, rejected_text="other") if p["prompt_id"] == "p17" else p for p in pairs]
+    assert [i for i in epoch_order(changed) if i != "p17"] == [i for i in full if i != "p17"]
+    assert epoch_order(changed) != full
+    # Epochs and seeds order differently.
+    assert epoch_order(pairs, epoch=1) != full and epoch_order(pairs, seed=4) != full
+
+
 class _CountingTokenizer:
     """A tokenizer whose ``encode`` and ``apply_chat_template`` calls are counted."""
 
